@@ -1,0 +1,389 @@
+"""CASA attention: text queries attend, per window, to the window's image tokens and causally to its text.
+
+A chunk of text is cut into windows at each image placeholder. Window 0 continues whatever window the cache holds
+(or starts empty); window k starts at the k-th placeholder and sees image k. Windows are gathered into a
+`[num_windows, slots]` layout whose keys are `[prefix (cached window or image) | the window's own text]`, so the
+cost grows with the sum of window sizes, never with text length x all image tokens. That layout is then run through
+Transformers' attention interface: a dense window mask for eager/sdpa, a `BlockMask` for flex_attention, and packed
+windows with `cu_seqlens` for flash-attention style varlen kernels (bottom-right causal alignment is exactly the
+CASA pattern when the text keys come last).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .casa_cache import CasaLayerState
+
+WINDOW_MASK_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+
+
+@dataclass
+class CasaWindows:
+    """Window layout of one forward chunk, shared by every CASA layer."""
+
+    batch_size: int
+    seq_len: int
+    image_mask: torch.Tensor  # [B, T] image placeholders of the chunk
+    chunk_token_valid: torch.Tensor  # [B, T] non-padding tokens of the chunk
+    query_index: torch.Tensor  # [G, Q] flat `b * seq_len + t` of each window slot (clamped where unused)
+    query_valid: torch.Tensor  # [G, Q] slot holds a token of the window
+    token_valid: torch.Tensor  # [G, Q] slot holds a non-padding token (a usable key)
+    prefix_source: torch.Tensor  # [G] bank row: `b` continues sample b's cached window, `B + i` is image i
+    last_window: torch.Tensor  # [B] window holding each sample's last token (becomes its side state)
+    image_token_index: torch.Tensor  # [num_images, max_image_tokens] rows into the flat image features
+    image_token_valid: torch.Tensor  # [num_images, max_image_tokens]
+    image_sizes: list[int]  # tokens per image
+    last_window_image: list[int | None]  # image index that opens each sample's last window (None: continued)
+    has_new_images: bool
+
+
+def build_casa_windows(
+    image_mask: torch.Tensor, token_valid: torch.Tensor, image_sizes: list[int]
+) -> CasaWindows:
+    """Cut a chunk into CASA windows. `image_mask` marks placeholders, images are numbered in reading order."""
+    batch_size, seq_len = image_mask.shape
+    device = image_mask.device
+    spans: list[tuple[int, int, int, int]] = []  # (sample, start, end, prefix source)
+    last_window, last_window_image = [], []
+    next_image = 0
+    for b, row in enumerate(image_mask.tolist()):
+        starts = [t for t, is_image in enumerate(row) if is_image]
+        bounds = [0, *starts, seq_len]
+        opened_by: int | None = None
+        for k in range(len(bounds) - 1):
+            start, end = bounds[k], bounds[k + 1]
+            if end <= start:
+                continue
+            image = None if k == 0 else next_image + k - 1
+            spans.append((b, start, end, b if image is None else batch_size + image))
+            opened_by = image
+        next_image += len(starts)
+        last_window.append(len(spans) - 1)
+        last_window_image.append(opened_by)
+
+    max_len = max(end - start for _, start, end, _ in spans)
+    slot = torch.arange(max_len, device=device)
+    sample = torch.tensor([s[0] for s in spans], device=device)
+    start = torch.tensor([s[1] for s in spans], device=device)
+    length = torch.tensor([s[2] - s[1] for s in spans], device=device)
+    query_valid = slot[None, :] < length[:, None]
+    position = (start[:, None] + slot[None, :]).clamp(max=seq_len - 1)
+    query_index = sample[:, None] * seq_len + position
+    flat_valid = token_valid.reshape(-1)[query_index] & query_valid
+
+    max_image = max(image_sizes, default=0)
+    offsets = torch.tensor([0, *image_sizes], device=device).cumsum(0)[:-1]
+    sizes = torch.tensor(image_sizes, device=device, dtype=torch.long)
+    image_slot = torch.arange(max_image, device=device)
+    image_token_valid = image_slot[None, :] < sizes[:, None]
+    image_token_index = (offsets[:, None] + image_slot[None, :]) * image_token_valid
+
+    return CasaWindows(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        image_mask=image_mask,
+        chunk_token_valid=token_valid,
+        query_index=query_index,
+        query_valid=query_valid,
+        token_valid=flat_valid,
+        prefix_source=torch.tensor([s[3] for s in spans], device=device),
+        last_window=torch.tensor(last_window, device=device),
+        image_token_index=image_token_index,
+        image_token_valid=image_token_valid,
+        image_sizes=list(image_sizes),
+        last_window_image=last_window_image,
+        has_new_images=bool(image_sizes),
+    )
+
+
+@dataclass
+class CasaInputs:
+    """What every CASA layer of one forward needs besides the text hidden states."""
+
+    windows: CasaWindows
+    image_features: torch.Tensor | None  # [num_image_tokens, hidden] merger output, not updated by the LLM
+    image_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # RoPE at each image's insertion point
+
+
+def _pad_slots(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
+def _gather_prefixes(
+    windows: CasaWindows,
+    past: CasaLayerState | None,
+    image_keys: torch.Tensor | None,
+    image_values: torch.Tensor | None,
+    like: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack the cached windows (one row per sample) and the new images into one bank, then pick each window's row."""
+    batch, kv_heads, head_dim = windows.batch_size, like.shape[1], like.shape[-1]
+    past_width = past.keys.shape[2] if past is not None else 0
+    image_width = windows.image_token_valid.shape[1]
+    width = max(past_width, image_width)
+    if past is None:
+        past_keys = like.new_zeros(batch, kv_heads, width, head_dim)
+        past_values, past_valid = past_keys, torch.zeros(batch, width, dtype=torch.bool, device=like.device)
+    else:
+        past_keys, past_values = _pad_slots(past.keys, width, 2), _pad_slots(past.values, width, 2)
+        past_valid = _pad_slots(past.valid, width, 1)
+    bank_keys, bank_values, bank_valid = [past_keys], [past_values], [past_valid]
+    if image_keys is not None:
+        bank_keys.append(_pad_slots(image_keys, width, 2))
+        bank_values.append(_pad_slots(image_values, width, 2))
+        bank_valid.append(_pad_slots(windows.image_token_valid, width, 1))
+    source = windows.prefix_source
+    return (
+        torch.cat(bank_keys)[source],
+        torch.cat(bank_values)[source],
+        torch.cat(bank_valid)[source],
+    )
+
+
+def _to_windows(states: torch.Tensor, windows: CasaWindows) -> torch.Tensor:
+    """`[B, heads, T, D]` -> `[G, heads, Q, D]` following the window slots."""
+    batch, heads, seq_len, head_dim = states.shape
+    flat = states.transpose(1, 2).reshape(batch * seq_len, heads, head_dim)
+    return flat[windows.query_index].transpose(1, 2)
+
+
+def _window_mask(windows: CasaWindows, prefix_valid: torch.Tensor, with_text: bool) -> torch.Tensor:
+    """Boolean `[G, Q, keys]` mask of the window layout. Every row keeps one key so that no softmax is empty."""
+    num_queries = windows.query_valid.shape[1]
+    mask = prefix_valid[:, None, :].expand(-1, num_queries, -1)
+    if with_text:
+        causal = torch.ones(num_queries, num_queries, dtype=torch.bool, device=mask.device).tril()
+        diagonal = torch.eye(num_queries, dtype=torch.bool, device=mask.device)
+        text = causal[None] & (windows.token_valid[:, None, :] | diagonal[None])
+        return torch.cat([mask, text], dim=-1)
+    if mask.shape[-1] == 0:
+        return mask
+    empty_rows = ~mask.any(-1, keepdim=True)
+    first_key = torch.zeros_like(mask)
+    first_key[..., 0] = True
+    return mask | (empty_rows & first_key)
+
+
+class CasaAttention(nn.Module):
+    """CASA sub-layer of one decoder block, shaped like the block's self-attention (same q/k/v/o and GQA).
+
+    With `shared=True` it owns no projections and reuses those of `self_attn` (the "-Shared" variant).
+    """
+
+    def __init__(self, config, self_attn: nn.Module, layer_idx: int, mode: str, shared: bool):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.mode = mode
+        self.shared = shared
+        self.head_dim = self_attn.head_dim
+        self.num_key_value_groups = self_attn.num_key_value_groups
+        self.scaling = self_attn.scaling
+        self.attention_dropout = getattr(self_attn, "attention_dropout", 0.0)
+        self.is_causal = mode == "casa"
+        backbone = sys.modules[type(self_attn).__module__]
+        self._apply_rotary_pos_emb: Callable = backbone.apply_rotary_pos_emb
+        self._eager_attention_forward: Callable = backbone.eager_attention_forward
+        if not shared:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                source: nn.Linear = getattr(self_attn, name)
+                setattr(self, name, nn.Linear(source.in_features, source.out_features, bias=source.bias is not None))
+
+    def projections(self, self_attn: nn.Module) -> nn.Module:
+        return self_attn if self.shared else self
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        image_states: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        casa_inputs: CasaInputs,
+        self_attn: nn.Module,
+        past_state: CasaLayerState | None,
+        return_state: bool,
+    ) -> tuple[torch.Tensor, CasaLayerState | None]:
+        proj = self.projections(self_attn)
+        batch, seq_len = hidden_states.shape[:2]
+        hidden_shape = (batch, seq_len, -1, self.head_dim)
+        query = proj.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = proj.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = proj.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = self._apply_rotary_pos_emb(query, key, cos, sin)
+
+        image_keys = image_values = None
+        if image_states is not None:
+            image_shape = (1, image_states.shape[0], -1, self.head_dim)
+            image_keys = proj.k_proj(image_states).view(image_shape).transpose(1, 2)
+            image_values = proj.v_proj(image_states).view(image_shape).transpose(1, 2)
+            image_cos, image_sin = casa_inputs.image_position_embeddings
+            _, image_keys = self._apply_rotary_pos_emb(image_keys, image_keys, image_cos, image_sin)
+            index = casa_inputs.windows.image_token_index
+            image_keys = image_keys[0][:, index].transpose(0, 1)  # [num_images, kv_heads, max_tokens, head_dim]
+            image_values = image_values[0][:, index].transpose(0, 1)
+
+        attn_output, state = casa_window_attention(
+            self, query, key, value, image_keys, image_values, casa_inputs.windows, past_state, return_state
+        )
+        attn_output = attn_output.reshape(batch, seq_len, -1)
+        return proj.o_proj(attn_output), state
+
+
+def casa_window_attention(
+    module: CasaAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    image_keys: torch.Tensor | None,
+    image_values: torch.Tensor | None,
+    windows: CasaWindows,
+    past_state: CasaLayerState | None,
+    return_state: bool,
+) -> tuple[torch.Tensor, CasaLayerState | None]:
+    """CASA attention of a chunk (`query`/`key`/`value` as `[B, heads, T, D]`, RoPE applied).
+
+    Returns the output `[B, T, heads, D]` and, if asked, the layer's new side state.
+    """
+    with_text = module.mode == "casa"
+    prefix_keys, prefix_values, prefix_valid = _gather_prefixes(windows, past_state, image_keys, image_values, key)
+    window_queries = _to_windows(query, windows)
+    if with_text:
+        window_keys = torch.cat([prefix_keys, _to_windows(key, windows)], dim=2)
+        window_values = torch.cat([prefix_values, _to_windows(value, windows)], dim=2)
+        key_valid = torch.cat([prefix_valid, windows.token_valid], dim=1)
+    else:
+        window_keys, window_values, key_valid = prefix_keys, prefix_values, prefix_valid
+    has_keys = key_valid.any(-1)  # only cross-attention windows before any image have none
+
+    implementation = module.config._attn_implementation or "sdpa"
+    dropout = module.attention_dropout if module.training else 0.0
+    if not bool(has_keys.any()):
+        window_output = window_queries.new_zeros(window_queries.transpose(1, 2).shape)
+    elif implementation in WINDOW_MASK_IMPLEMENTATIONS:
+        mask = _window_mask(windows, prefix_valid, with_text)
+        window_output = _masked_window_attention(
+            module, implementation, window_queries, window_keys, window_values, mask, dropout
+        )
+    else:
+        window_output = _varlen_window_attention(
+            module, implementation, window_queries, window_keys, window_values, windows, key_valid, has_keys, dropout
+        )
+    window_output = window_output * has_keys[:, None, None, None].to(window_output.dtype)
+
+    batch, heads, seq_len, head_dim = query.shape
+    output = window_output.new_zeros(batch * seq_len, heads, head_dim)
+    output[windows.query_index[windows.query_valid]] = window_output[windows.query_valid]
+    output = output.view(batch, seq_len, heads, head_dim)
+
+    state = None
+    if return_state:
+        last = windows.last_window
+        image_tokens = past_state.image_tokens.clone() if past_state is not None else last.new_zeros(len(last))
+        for b, image in enumerate(windows.last_window_image):
+            if image is not None:
+                image_tokens[b] = windows.image_sizes[image]
+        state = CasaLayerState(window_keys[last], window_values[last], key_valid[last], image_tokens)
+        if windows.has_new_images or not bool(state.valid[:, 0].all()):
+            state = state.compacted()
+    return output, state
+
+
+def _masked_window_attention(
+    module: CasaAttention,
+    implementation: str,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    dropout: float,
+) -> torch.Tensor:
+    """Window layout through eager / sdpa (dense window mask) or flex_attention (`BlockMask`)."""
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        # Pad the lookup table to whole blocks: `create_block_mask` evaluates `mask_mod` on the padded grid.
+        block = 128
+        padded = torch.zeros(
+            mask.shape[0], -(-mask.shape[1] // block) * block, -(-mask.shape[2] // block) * block,
+            dtype=torch.bool, device=mask.device,
+        )
+        padded[:, : mask.shape[1], : mask.shape[2]] = mask
+
+        def mask_mod(window, head, q_idx, kv_idx):
+            return padded[window, q_idx, kv_idx]
+
+        attention_mask = create_block_mask(
+            mask_mod, mask.shape[0], None, mask.shape[1], mask.shape[2], device=mask.device
+        )
+        interface = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+    elif implementation == "sdpa":
+        attention_mask = mask[:, None]
+        interface = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    else:
+        attention_mask = torch.zeros(mask.shape, dtype=queries.dtype, device=mask.device)
+        attention_mask = attention_mask.masked_fill(~mask, torch.finfo(queries.dtype).min)[:, None]
+        interface = module._eager_attention_forward
+    output, _ = interface(
+        module, queries, keys, values, attention_mask, dropout=dropout, scaling=module.scaling, is_causal=False
+    )
+    return output
+
+
+def _varlen_window_attention(
+    module: CasaAttention,
+    implementation: str,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    windows: CasaWindows,
+    key_valid: torch.Tensor,
+    has_keys: torch.Tensor,
+    dropout: float,
+) -> torch.Tensor:
+    """Pack the used slots of every window back to back and run a varlen kernel (flash_attention_2 and the like).
+
+    Keys of a window are its valid prefix slots followed by its text, so causal attention with bottom-right
+    alignment (flash-attn >= 2.1) lets query i see the prefix and text up to itself, which is the CASA window.
+    """
+    query_used = windows.token_valid & has_keys[:, None]
+    query_counts = query_used.sum(1)
+    key_used = key_valid & (query_counts > 0)[:, None]
+    key_counts = key_used.sum(1)
+    packed_q = queries.transpose(1, 2)[query_used][None].transpose(1, 2)
+    packed_k = keys.transpose(1, 2)[key_used][None].transpose(1, 2)
+    packed_v = values.transpose(1, 2)[key_used][None].transpose(1, 2)
+    zero = query_counts.new_zeros(1)
+    cu_q = torch.cat([zero, query_counts.cumsum(0)]).to(torch.int32)
+    cu_k = torch.cat([zero, key_counts.cumsum(0)]).to(torch.int32)
+    packed_out, _ = ALL_ATTENTION_FUNCTIONS[implementation](
+        module,
+        packed_q,
+        packed_k,
+        packed_v,
+        None,
+        dropout=dropout,
+        scaling=module.scaling,
+        is_causal=module.mode == "casa",
+        cu_seq_lens_q=cu_q,
+        cu_seq_lens_k=cu_k,
+        max_length_q=int(query_counts.max()),
+        max_length_k=int(key_counts.max()),
+    )
+    output = queries.new_zeros(queries.transpose(1, 2).shape)
+    output[query_used] = packed_out[0].to(output.dtype)
+    return output
+
+
+__all__ = ["CasaAttention", "CasaInputs", "CasaWindows", "build_casa_windows", "casa_window_attention"]

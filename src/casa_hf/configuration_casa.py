@@ -1,0 +1,153 @@
+"""Configuration of CASA vision-language models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.generation import GenerationConfig
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+# Backbones whose decoder layer is `input_layernorm -> self_attn -> post_attention_layernorm -> mlp`, the layout the
+# CASA sub-layer is slotted into. Others need their own wiring before they can be listed here.
+SUPPORTED_TEXT_MODEL_TYPES = ("qwen2", "llama", "helium")
+CASA_ATTENTION_TYPES = ("casa", "cross_attention")
+
+# Keys that `PreTrainedConfig` itself consumes from a config dict; anything else that is not a dataclass field of
+# `CasaConfig` is a typo or a field of another model, and is refused rather than silently stored.
+_BASE_CONFIG_KWARGS = frozenset(
+    {
+        "model_type",
+        "torch_dtype",
+        "num_labels",
+        "name_or_path",
+        "_name_or_path",
+        "_commit_hash",
+        "output_attentions",
+        "attn_implementation",
+        "experts_implementation",
+        "_attn_implementation_internal",
+        "_experts_implementation_internal",
+        "per_layer_config",
+        "use_cache",
+    }
+)
+
+
+@strict
+class CasaConfig(PreTrainedConfig):
+    r"""
+    Configuration of a CASA (Cross-Attention over Self-Attention) vision-language model: a decoder-only text LLM whose
+    blocks get an extra CASA attention sub-layer, fed by a Qwen2.5-VL vision tower. Images never enter the LLM's
+    sequence: each image is one `image_token_id` placeholder at its insertion point.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the text backbone (`model_type` one of `qwen2`, `llama`, `helium`).
+        vision_config (`dict` or `Qwen2_5_VLVisionConfig`, *optional*):
+            Config of the Qwen2.5-VL vision tower; its `out_hidden_size` must equal the text `hidden_size`.
+        casa_layers (`list[int]`, *optional*):
+            Indices of the decoder blocks that get a CASA sub-layer. `None` means every block.
+        casa_attention (`str`, *optional*, defaults to `"casa"`):
+            `"casa"`: text queries attend to the latest image and to the text since it. `"cross_attention"`: the
+            plain cross-attention baseline, queries attend to the latest image only.
+        casa_shared (`bool`, *optional*, defaults to `False`):
+            The "-Shared" variant: CASA sub-layers reuse the q/k/v/o projections of their block's self-attention.
+        image_token_id (`int`, *optional*):
+            The placeholder token marking where an image is inserted in the text.
+        vision_start_token_id / vision_end_token_id (`int`, *optional*):
+            Tokens that chat templates may put around the image placeholder (plain text tokens for the model).
+        tie_word_embeddings (`bool`, *optional*):
+            Tie the LM head to the input embeddings; follows the text backbone when left unset.
+
+    Example:
+
+    ```python
+    >>> import casa_hf
+    >>> from transformers import AutoModel
+    >>> config = casa_hf.CasaConfig(text_config={"model_type": "llama", "num_hidden_layers": 2})
+    >>> model = AutoModel.from_config(config)
+    ```
+    """
+
+    model_type = "casa"
+    sub_configs_defaults = {
+        # Defaults describe Qwen2.5-VL-7B's language model, so that a bare `CasaConfig()` is consistent.
+        "text_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="qwen2",
+            init_kwargs={
+                "vocab_size": 152064,
+                "hidden_size": 3584,
+                "intermediate_size": 18944,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 28,
+                "num_key_value_heads": 4,
+            },
+        ),
+        "vision_config": Qwen2_5_VLVisionConfig,
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    casa_layers: list[int] | None = None
+    casa_attention: Literal["casa", "cross_attention"] = "casa"
+    casa_shared: bool = False
+    image_token_id: int = 151655
+    vision_start_token_id: int | None = 151652
+    vision_end_token_id: int | None = 151653
+    tie_word_embeddings: bool | None = None
+
+    def __post_init__(self, **kwargs):
+        unknown = sorted(set(kwargs) - _BASE_CONFIG_KWARGS - set(GenerationConfig._get_default_generation_params()))
+        if unknown:
+            casa_fields = sorted(set(CasaConfig.__annotations__) - {"model_type", "sub_configs_defaults"})
+            raise ValueError(f"CasaConfig got unknown field(s) {unknown}; CASA fields are {casa_fields}")
+        super().__post_init__(**kwargs)
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        """Refuse combinations that would build a model silently different from the one asked for."""
+        text, vision = self.text_config, self.vision_config
+        if text.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"text_config.model_type={text.model_type!r} is not supported; use one of {SUPPORTED_TEXT_MODEL_TYPES}"
+            )
+        if vision.out_hidden_size != text.hidden_size:
+            raise ValueError(
+                f"vision_config.out_hidden_size ({vision.out_hidden_size}) must equal text_config.hidden_size "
+                f"({text.hidden_size}): the merger projects image features into the text width"
+            )
+        if self.casa_attention not in CASA_ATTENTION_TYPES:
+            raise ValueError(f"casa_attention={self.casa_attention!r} must be one of {CASA_ATTENTION_TYPES}")
+        num_layers = text.num_hidden_layers
+        if self.casa_layers is not None:
+            bad = [i for i in self.casa_layers if not isinstance(i, int) or not 0 <= i < num_layers]
+            if bad or len(set(self.casa_layers)) != len(self.casa_layers):
+                raise ValueError(
+                    f"casa_layers={self.casa_layers} must be distinct block indices in [0, {num_layers}) "
+                    f"(text_config.num_hidden_layers={num_layers})"
+                )
+            self.casa_layers = sorted(self.casa_layers)
+        if not 0 <= self.image_token_id < text.vocab_size:
+            raise ValueError(
+                f"image_token_id={self.image_token_id} is outside the text vocabulary (vocab_size={text.vocab_size})"
+            )
+        for name in ("vision_start_token_id", "vision_end_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < text.vocab_size:
+                raise ValueError(f"{name}={value} is outside the text vocabulary (vocab_size={text.vocab_size})")
+
+    @property
+    def casa_layer_indices(self) -> list[int]:
+        """The decoder blocks that carry a CASA sub-layer."""
+        if self.casa_layers is None:
+            return list(range(self.text_config.num_hidden_layers))
+        return list(self.casa_layers)
+
+
+__all__ = ["CasaConfig"]

@@ -1,0 +1,439 @@
+"""CASA vision-language models: a text LLM whose blocks gain a CASA sub-layer, fed by a Qwen2.5-VL vision tower.
+
+The LLM's own decoder layers, rotary embedding and norms are reused as they are (parameter names stay those of the
+source checkpoints); only the CASA sub-layer and the wiring around it live here and in `casa_attention.py`.
+"""
+
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .casa_attention import CasaAttention, CasaInputs, build_casa_windows
+from .casa_cache import CasaCache
+from .configuration_casa import CasaConfig
+
+BACKBONE_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+class CasaDecoderLayer(GradientCheckpointingLayer):
+    """A backbone decoder block with a CASA sub-layer between self-attention and the MLP.
+
+    `h = h + SA(norm(h)); h = h + CASA(casa_norm(h), casa_image_norm(image)); h = h + MLP(norm(h))`. The block's
+    own modules are adopted under their original names, so `layers.N.self_attn.q_proj` stays where checkpoints put it.
+    """
+
+    def __init__(self, config: CasaConfig, decoder_layer: nn.Module, layer_idx: int):
+        super().__init__()
+        parts = {name for name, _ in decoder_layer.named_children()}
+        if parts != set(BACKBONE_LAYER_PARTS):
+            raise ValueError(
+                f"{type(decoder_layer).__name__} has parts {sorted(parts)}; CASA wiring expects exactly "
+                f"{sorted(BACKBONE_LAYER_PARTS)}"
+            )
+        for name in BACKBONE_LAYER_PARTS:
+            setattr(self, name, getattr(decoder_layer, name))
+        self.attention_type = getattr(decoder_layer, "attention_type", "full_attention")
+        self.layer_idx = layer_idx
+        self.has_casa = layer_idx in config.casa_layer_indices
+        if self.has_casa:
+            self.casa_input_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
+            self.casa_image_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
+            self.casa_attn = CasaAttention(
+                config.text_config, self.self_attn, layer_idx, config.casa_attention, config.casa_shared
+            )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        casa_inputs: CasaInputs | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        if self.has_casa:
+            image_states = None
+            if casa_inputs.image_features is not None:
+                image_states = self.casa_image_layernorm(casa_inputs.image_features)
+            past_state = cache.get_casa_state(self.layer_idx) if cache is not None else None
+            casa_output, state = self.casa_attn(
+                self.casa_input_layernorm(hidden_states),
+                image_states,
+                position_embeddings,
+                casa_inputs,
+                self.self_attn,
+                past_state,
+                return_state=cache is not None,
+            )
+            if state is not None:
+                cache.set_casa_state(self.layer_idx, state)
+            hidden_states = hidden_states + casa_output
+
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class CasaPreTrainedModel(PreTrainedModel):
+    config: CasaConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CasaDecoderLayer", "Qwen2_5_VLVisionBlock"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": CasaDecoderLayer}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.get_text_config().initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class CasaTextModel(CasaPreTrainedModel):
+    """The text LLM of a CASA model: the backbone's embeddings, rotary embedding and norm, with CASA blocks.
+
+    Its `config` is the backbone's text config (so attention-backend selection treats it as the text sub-model);
+    the CASA settings are read from the full `CasaConfig` at construction.
+    """
+
+    input_modalities = ("text",)
+
+    def __init__(self, config: CasaConfig):
+        super().__init__(config.text_config)
+        backbone = AutoModel.from_config(config.text_config)
+        self.embed_tokens = backbone.embed_tokens
+        self.layers = nn.ModuleList(
+            CasaDecoderLayer(config, layer, idx) for idx, layer in enumerate(backbone.layers)
+        )
+        self.norm = backbone.norm
+        self.rotary_emb = backbone.rotary_emb
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _self_attention_masks(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        position_ids: torch.Tensor,
+    ) -> dict[str, Any]:
+        """Causal text-only masks for the SA layers, one per attention type the backbone uses."""
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "position_ids": position_ids,
+        }
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if any(layer.attention_type == "sliding_attention" for layer in self.layers):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        return masks
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        image_mask: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        image_sizes: list[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if use_cache and cache is None:
+            cache = CasaCache(config=self.config)
+        if cache is not None and not isinstance(cache, CasaCache):
+            raise TypeError(
+                f"CASA models keep their per-layer window state in a `CasaCache`, got {type(cache).__name__}; "
+                "pass `casa_hf.CasaCache()` (or no cache) instead"
+            )
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = _text_positions(attention_mask, past_seen, batch_size, seq_len, inputs_embeds.device)
+
+        token_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=inputs_embeds.device)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            token_valid = attention_mask[:, -seq_len:].bool()
+        windows = build_casa_windows(image_mask, token_valid, image_sizes or [])
+        image_position_embeddings = None
+        if image_features is not None:
+            insertion_points = position_ids.expand(batch_size, -1)[image_mask]
+            sizes = torch.tensor(image_sizes, device=insertion_points.device)
+            image_positions = insertion_points.repeat_interleave(sizes)[None]
+            image_position_embeddings = self.rotary_emb(image_features[None], position_ids=image_positions)
+        casa_inputs = CasaInputs(windows, image_features, image_position_embeddings)
+
+        masks = self._self_attention_masks(inputs_embeds, attention_mask, cache, position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=masks[decoder_layer.attention_type],
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                casa_inputs=casa_inputs,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+def _text_positions(
+    attention_mask: torch.Tensor | None, past_seen: int, batch_size: int, seq_len: int, device: torch.device
+) -> torch.Tensor:
+    """Text-only RoPE positions; padding does not count when the mask covers the whole conversation."""
+    if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[-1] == past_seen + seq_len:
+        positions = attention_mask.long().cumsum(-1) - 1
+        return positions.clamp(min=0)[:, -seq_len:]
+    return (torch.arange(seq_len, device=device) + past_seen)[None].expand(batch_size, -1)
+
+
+class CasaModel(CasaPreTrainedModel):
+    """Vision tower + text LLM with CASA sub-layers, without the LM head."""
+
+    def __init__(self, config: CasaConfig):
+        super().__init__(config)
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.language_model = CasaTextModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.embed_tokens = value
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Vision tower + merger. Returns the image tokens of all images back to back and the count per image."""
+        if image_grid_thw is None or image_grid_thw.ndim != 2 or image_grid_thw.shape[-1] != 3:
+            raise ValueError(f"image_grid_thw must have shape (num_images, 3), got {_shape(image_grid_thw)}")
+        patches = int(image_grid_thw.prod(-1).sum())
+        if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_thw describes {patches} patches "
+                f"(expected shape ({patches}, channels * temporal_patch * patch**2))"
+            )
+        pixel_values = pixel_values.type(self.visual.dtype)
+        features = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs).pooler_output
+        sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
+        return features, sizes
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(num_patches, patch_dim)`):
+            Patches of all images of the batch, sample by sample in reading order (Qwen2-VL image processor output).
+        image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`):
+            Temporal, height and width patch grid of each image.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        num_placeholders = int(image_mask.sum())
+        num_images = 0 if pixel_values is None else (image_grid_thw.shape[0] if image_grid_thw is not None else -1)
+        if num_images != num_placeholders:
+            given = "pixel_values without image_grid_thw" if num_images < 0 else f"{num_images} images"
+            raise ValueError(
+                f"Found {num_placeholders} image tokens (id {self.config.image_token_id}) in the input but {given}; "
+                "each image needs exactly one image token at its insertion point"
+            )
+        image_features = image_sizes = None
+        if num_images:
+            image_features, image_sizes = self.get_image_features(pixel_values, image_grid_thw)
+            image_features = image_features.to(inputs_embeds.dtype)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            image_mask=image_mask,
+            image_features=image_features,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+def _shape(tensor: torch.Tensor | None) -> tuple[int, ...] | None:
+    return None if tensor is None else tuple(tensor.shape)
+
+
+class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
+    """CASA model with a language-modeling head; what `AutoModel` loads for CASA checkpoints."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: CasaConfig):
+        super().__init__(config)
+        self.model = CasaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, list[int]]:
+        return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels, `-100` where no loss is wanted (prompt, padding, image tokens).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """`generate()` gets a `CasaCache`: text K/V for the SA layers plus each CASA layer's window state."""
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by CASA "
+                    "models, whose cache is the dynamic, text-only `CasaCache`"
+                )
+            model_kwargs["cache"] = CasaCache(config=self.config.get_text_config(decoder=True))
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
+        """Beams / return sequences repeat whole samples: repeat each sample's patches, not patch rows."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        image_grid_thw = model_kwargs.pop("image_grid_thw", None)
+        if expand_size > 1 and pixel_values is not None and input_ids is not None:
+            images_per_sample = (input_ids == self.config.image_token_id).sum(1).tolist()
+            grids = torch.split(image_grid_thw, images_per_sample)
+            patches = torch.split(pixel_values, [int(g.prod(-1).sum()) for g in grids])
+            pixel_values = torch.cat([p for p in patches for _ in range(expand_size)])
+            image_grid_thw = torch.cat([g for g in grids for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs["pixel_values"] = pixel_values
+        model_kwargs["image_grid_thw"] = image_grid_thw
+        return input_ids, model_kwargs
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        # Images are consumed by the prefill; later steps only carry text (the grid goes with its pixels).
+        if model_inputs.get("pixel_values") is None:
+            model_inputs["image_grid_thw"] = None
+        return model_inputs
+
+
+__all__ = ["CasaForConditionalGeneration", "CasaModel", "CasaPreTrainedModel", "CasaTextModel"]

@@ -1,0 +1,42 @@
+"""A slow, obviously-correct CASA attention: explicit loops over samples, tokens and heads.
+
+It reads only the raw chunk (placeholder positions, padding) and the per-image keys, never the window layout of
+the fast path, and it handles cache-free forwards only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_casa_window_attention(
+    module, query, key, value, image_keys, image_values, windows, past_state, return_state
+):
+    assert past_state is None, "the reference covers full (cache-free) forwards"
+    batch, heads, seq_len, head_dim = query.shape
+    groups = heads // key.shape[1]
+    output = torch.zeros(batch, seq_len, heads, head_dim, dtype=query.dtype)
+    image = -1
+    for b in range(batch):
+        current, window_start = None, 0
+        for t in range(seq_len):
+            if windows.image_mask[b, t]:
+                image += 1
+                current, window_start = image, t
+            for h in range(heads):
+                keys, values = [], []
+                if current is not None:
+                    n = windows.image_sizes[current]
+                    keys.append(image_keys[current, h // groups, :n])
+                    values.append(image_values[current, h // groups, :n])
+                if module.mode == "casa":
+                    for s in range(window_start, t + 1):
+                        if windows.chunk_token_valid[b, s] or s == t:
+                            keys.append(key[b, h // groups, s][None])
+                            values.append(value[b, h // groups, s][None])
+                if not keys:
+                    continue  # cross-attention before any image: no update
+                k, v = torch.cat(keys), torch.cat(values)
+                weights = torch.softmax((k @ query[b, h, t]) * module.scaling, dim=0)
+                output[b, t, h] = weights @ v
+    return output, None
