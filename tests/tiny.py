@@ -25,6 +25,8 @@ def tiny_config(backbone: str = "qwen2", **overrides) -> CasaConfig:
         pad_token_id=0,
         tie_word_embeddings=False,
     )
+    if backbone == "helium":
+        text["head_dim"] = 16  # Helium defaults to 128, and its o_proj assumes heads * head_dim == hidden_size
     vision = dict(
         depth=2,
         hidden_size=32,

@@ -295,7 +295,9 @@ def casa_window_attention(
             if image is not None:
                 image_tokens[b] = windows.image_sizes[image]
         state = CasaLayerState(window_keys[last], window_values[last], key_valid[last], image_tokens)
-        if windows.has_new_images or not bool(state.valid[:, 0].all()):
+        # Unused slots come from images padded to the bank width, or from left padding at the front of a window.
+        leading_gap = state.valid.shape[1] > 0 and not bool(state.valid[:, 0].all())
+        if windows.has_new_images or leading_gap:
             state = state.compacted()
     return output, state
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.generation.logits_process import LogitsProcessorList, SuppressTokensLogitsProcessor
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -299,6 +300,8 @@ class CasaModel(CasaPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"Expected a non-empty (batch, sequence) input, got shape {tuple(inputs_embeds.shape[:-1])}")
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         num_placeholders = int(image_mask.sum())
         num_images = 0 if pixel_values is None else (image_grid_thw.shape[0] if image_grid_thw is not None else -1)
@@ -407,6 +410,12 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
             model_kwargs["cache"] = CasaCache(config=self.config.get_text_config(decoder=True))
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _get_logits_processor(self, generation_config, *args, **kwargs) -> LogitsProcessorList:
+        """Never sample the image placeholder: an image token without its pixels cannot be decoded further."""
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        processors.insert(0, SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
+        return processors
 
     def _expand_inputs_for_generation(
         self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None,

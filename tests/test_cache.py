@@ -1,0 +1,90 @@
+"""Cached and streamed computation against one full forward; the cache holds text only."""
+
+import pytest
+import torch
+from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
+
+from casa_hf import CasaCache
+
+TOLERANCE = 1e-4
+
+
+def conversation(num_images: int, seed: int = 0):
+    """Text with `num_images` images mid-conversation (some windows long, one image right after another)."""
+    tokens, grids = random_text(9, seed), []
+    for i in range(num_images):
+        tokens += [IMAGE_TOKEN] + random_text(1 + (3 * i + seed) % 5, seed + i + 1)
+        grids.append([(4, 4), (2, 4), (4, 6)][i % 3])
+    pixel_values, grid_thw = random_images(grids, seed)
+    return torch.tensor([tokens]), pixel_values, grid_thw
+
+
+def image_slices(input_ids, pixel_values, grid_thw, start, end):
+    """Pixels and grids of the images whose placeholder falls in `input_ids[:, start:end]`."""
+    before = int((input_ids[0, :start] == IMAGE_TOKEN).sum())
+    inside = int((input_ids[0, start:end] == IMAGE_TOKEN).sum())
+    if inside == 0:
+        return None, None
+    patches = grid_thw.prod(-1)
+    first = int(patches[:before].sum())
+    last = first + int(patches[before:before + inside].sum())
+    return pixel_values[first:last], grid_thw[before:before + inside]
+
+
+def incremental_logits(model, input_ids, pixel_values, grid_thw, chunks):
+    """Feed the conversation in chunks of the given sizes through one persistent cache."""
+    cache, logits, start = CasaCache(), [], 0
+    for size in chunks:
+        end = start + size
+        pv, grid = image_slices(input_ids, pixel_values, grid_thw, start, end)
+        out = model(input_ids=input_ids[:, start:end], pixel_values=pv, image_grid_thw=grid, cache=cache,
+                    use_cache=True)
+        logits.append(out.logits)
+        cache, start = out.cache, end
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize(
+    "backbone,mode,shared",
+    [("qwen2", "casa", False), ("llama", "casa", False), ("helium", "casa", False),
+     ("qwen2", "cross_attention", False), ("llama", "casa", True)],
+)
+@pytest.mark.parametrize("num_images", [0, 1, 4])
+def test_incremental_decoding_matches_full_forward(backbone, mode, shared, num_images):
+    model = tiny_model(backbone, attn="sdpa", casa_attention=mode, casa_shared=shared)
+    input_ids, pixel_values, grid_thw = conversation(num_images)
+    with torch.no_grad():
+        full = model(input_ids=input_ids, pixel_values=pixel_values if num_images else None,
+                     image_grid_thw=grid_thw if num_images else None).logits
+        length = input_ids.shape[1]
+        prefill = 6
+        token_by_token, _ = incremental_logits(model, input_ids, pixel_values, grid_thw,
+                                               [prefill] + [1] * (length - prefill))
+        uneven, _ = incremental_logits(model, input_ids, pixel_values, grid_thw, [3, 5, length - 8])
+    assert (full - token_by_token).abs().max() <= TOLERANCE
+    assert (full - uneven).abs().max() <= TOLERANCE
+
+
+def test_cache_holds_text_and_one_image_per_sample():
+    model = tiny_model(attn="sdpa")
+    input_ids, pixel_values, grid_thw = conversation(12, seed=3)
+    length = input_ids.shape[1]
+    with torch.no_grad():
+        _, cache = incremental_logits(model, input_ids, pixel_values, grid_thw, [10, 9, length - 19])
+    assert cache.get_seq_length() == length  # text tokens (placeholders included), no image tokens
+    last_image = max(t for t, token in enumerate(input_ids[0].tolist()) if token == IMAGE_TOKEN)
+    latest_tokens = int(grid_thw[-1].prod()) // 4
+    text_since = length - last_image
+    for layer_idx in range(model.config.text_config.num_hidden_layers):
+        state = cache.get_casa_state(layer_idx)
+        assert state.keys.shape[2] == latest_tokens + text_since
+        assert cache.casa_state_lengths(layer_idx).tolist() == [latest_tokens + text_since]
+        assert state.image_tokens.tolist() == [latest_tokens]
+
+
+def test_passed_back_cache_on_plain_dynamic_cache_is_refused():
+    from transformers import DynamicCache
+
+    model = tiny_model()
+    with pytest.raises(TypeError, match="CasaCache"):
+        model(input_ids=torch.tensor([random_text(4)]), cache=DynamicCache(), use_cache=True)
