@@ -1,0 +1,127 @@
+"""`generate()` with the text-only cache: batching, decoding strategies, conversations continued with new images."""
+
+import torch
+from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
+from transformers import TextStreamer
+
+from casa_hf import CasaCache
+
+
+def left_pad(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def samples():
+    """Three prompts with different images per sample: two images, none, one."""
+    rows = [
+        random_text(3, 1) + [IMAGE_TOKEN] + random_text(4, 2) + [IMAGE_TOKEN] + random_text(2, 3),
+        random_text(5, 4),
+        random_text(2, 5) + [IMAGE_TOKEN] + random_text(6, 6),
+    ]
+    grids = [[(4, 4), (2, 4)], [], [(4, 6)]]
+    images = [random_images(g, seed=i) if g else (None, None) for i, g in enumerate(grids)]
+    return rows, images
+
+
+def test_batched_left_padded_generation_equals_per_sample():
+    model = tiny_model(attn="sdpa")
+    rows, images = samples()
+    ids, mask = left_pad(rows)
+    pixel_values = torch.cat([pv for pv, _ in images if pv is not None])
+    grid_thw = torch.cat([g for _, g in images if g is not None])
+    batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid_thw,
+                             max_new_tokens=8, do_sample=False)
+    for i, row in enumerate(rows):
+        pv, grid = images[i]
+        single = model.generate(input_ids=torch.tensor([row]), pixel_values=pv, image_grid_thw=grid,
+                                max_new_tokens=8, do_sample=False)
+        assert batched[i, ids.shape[1]:].tolist() == single[0, len(row):].tolist()
+
+
+def greedy_without_cache(model, input_ids, pixel_values, grid_thw, steps):
+    """Reference: re-run the whole sequence for every new token."""
+    ids = input_ids
+    for _ in range(steps):
+        logits = model(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid_thw, use_cache=False).logits
+        logits[..., IMAGE_TOKEN] = float("-inf")
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+def test_greedy_generate_equals_uncached_loop():
+    model = tiny_model(attn="eager")
+    rows, images = samples()
+    ids = torch.tensor([rows[0]])
+    pv, grid = images[0]
+    generated = model.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, max_new_tokens=10,
+                               do_sample=False)
+    assert generated.tolist() == greedy_without_cache(model, ids, pv, grid, 10).tolist()
+
+
+def test_conversation_continues_with_new_images_through_passed_back_cache():
+    """Turn 2 brings a new image on top of turn 1's cache: same tokens as generating from the whole history."""
+    model = tiny_model(attn="sdpa")
+    turn1 = torch.tensor([random_text(4, 1) + [IMAGE_TOKEN] + random_text(3, 2)])
+    pv1, grid1 = random_images([(4, 4)], seed=1)
+    cache = CasaCache()
+    out1 = model.generate(input_ids=turn1, pixel_values=pv1, image_grid_thw=grid1, cache=cache, max_new_tokens=5,
+                          do_sample=False)
+    turn2 = torch.tensor([random_text(2, 3) + [IMAGE_TOKEN] + random_text(3, 4)])
+    pv2, grid2 = random_images([(2, 4)], seed=2)
+    history = torch.cat([out1, turn2], dim=1)
+    out2 = model.generate(input_ids=history, pixel_values=pv2, image_grid_thw=grid2, cache=cache, max_new_tokens=5,
+                          do_sample=False)
+
+    full = model.generate(input_ids=history, pixel_values=torch.cat([pv1, pv2]),
+                          image_grid_thw=torch.cat([grid1, grid2]), max_new_tokens=5, do_sample=False)
+    assert out2.tolist() == full.tolist()
+    assert cache.get_seq_length() == out2.shape[1] - 1  # the last sampled token is not fed back
+    assert cache.get_casa_state(0).image_tokens.tolist() == [int(grid2.prod()) // 4]
+
+
+def test_decoding_strategies_and_streamer(capsys):
+    model = tiny_model(attn="sdpa")
+    rows, images = samples()
+    ids = torch.tensor([rows[2]])
+    pv, grid = images[2]
+    kwargs = dict(input_ids=ids, pixel_values=pv, image_grid_thw=grid)
+
+    torch.manual_seed(0)
+    sampled = model.generate(**kwargs, do_sample=True, top_k=20, temperature=0.9, max_new_tokens=6)
+    assert sampled.shape == (1, ids.shape[1] + 6)
+
+    beams = model.generate(**kwargs, num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False)
+    assert beams.shape[0] == 2
+    best = beams[0, ids.shape[1]:]
+    # the best beam is a sequence the model scores at least as high as the greedy one
+    def score(seq):
+        full = torch.cat([ids, seq[None]], dim=1)
+        logp = model(input_ids=full, pixel_values=pv, image_grid_thw=grid).logits.log_softmax(-1)
+        return sum(float(logp[0, ids.shape[1] - 1 + i, t]) for i, t in enumerate(seq.tolist()))
+    greedy = model.generate(**kwargs, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    assert score(best) >= score(greedy) - 1e-4
+
+    eos = int(greedy[2])
+    stopped = model.generate(**kwargs, max_new_tokens=6, do_sample=False, eos_token_id=eos)
+    assert stopped[0, -1].item() == eos and stopped.shape[1] <= ids.shape[1] + 3
+
+    class Collect(TextStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    streamer = Collect()
+    streamed = model.generate(**kwargs, max_new_tokens=4, do_sample=False, streamer=streamer)
+    assert streamer.chunks[0] == ids[0].tolist() and streamer.chunks[-1] == "end"
+    assert [c[0] for c in streamer.chunks[1:-1]] == streamed[0, ids.shape[1]:].tolist()
