@@ -13,9 +13,21 @@ from casa_hf.casa_attention import build_casa_windows
 TOLERANCE = 1e-4
 
 
-def varlen_reference_attention(module, query, key, value, attention_mask, scaling=None, is_causal=None, dropout=0.0,
-                               cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
-                               **kwargs):
+def varlen_reference_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    is_causal=None,
+    dropout=0.0,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    max_length_k=None,
+    **kwargs,
+):
     """CPU stand-in for flash-attention: packed varlen sequences with causal aligned bottom-right; the text
     self-attention layers (no `cu_seq_lens`) go to sdpa."""
     if cu_seq_lens_q is None:
@@ -47,8 +59,8 @@ def batch_inputs():
     ids = torch.zeros(2, width, dtype=torch.long)
     mask = torch.zeros(2, width, dtype=torch.long)
     for row, tokens in enumerate((first, second)):
-        ids[row, width - len(tokens):] = torch.tensor(tokens)
-        mask[row, width - len(tokens):] = 1
+        ids[row, width - len(tokens) :] = torch.tensor(tokens)
+        mask[row, width - len(tokens) :] = 1
     pixel_values, grid = random_images([(4, 4), (4, 6), (2, 4)])
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid)
 

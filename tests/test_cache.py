@@ -27,8 +27,8 @@ def image_slices(input_ids, pixel_values, grid_thw, start, end):
         return None, None
     patches = grid_thw.prod(-1)
     first = int(patches[:before].sum())
-    last = first + int(patches[before:before + inside].sum())
-    return pixel_values[first:last], grid_thw[before:before + inside]
+    last = first + int(patches[before : before + inside].sum())
+    return pixel_values[first:last], grid_thw[before : before + inside]
 
 
 def incremental_logits(model, input_ids, pixel_values, grid_thw, chunks):
@@ -37,8 +37,9 @@ def incremental_logits(model, input_ids, pixel_values, grid_thw, chunks):
     for size in chunks:
         end = start + size
         pv, grid = image_slices(input_ids, pixel_values, grid_thw, start, end)
-        out = model(input_ids=input_ids[:, start:end], pixel_values=pv, image_grid_thw=grid, cache=cache,
-                    use_cache=True)
+        out = model(
+            input_ids=input_ids[:, start:end], pixel_values=pv, image_grid_thw=grid, cache=cache, use_cache=True
+        )
         logits.append(out.logits)
         cache, start = out.cache, end
     return torch.cat(logits, dim=1), cache
@@ -46,20 +47,29 @@ def incremental_logits(model, input_ids, pixel_values, grid_thw, chunks):
 
 @pytest.mark.parametrize(
     "backbone,mode,shared",
-    [("qwen2", "casa", False), ("llama", "casa", False), ("helium", "casa", False),
-     ("qwen2", "cross_attention", False), ("llama", "casa", True)],
+    [
+        ("qwen2", "casa", False),
+        ("llama", "casa", False),
+        ("helium", "casa", False),
+        ("qwen2", "cross_attention", False),
+        ("llama", "casa", True),
+    ],
 )
 @pytest.mark.parametrize("num_images", [0, 1, 4])
 def test_incremental_decoding_matches_full_forward(backbone, mode, shared, num_images):
     model = tiny_model(backbone, attn="sdpa", casa_attention=mode, casa_shared=shared)
     input_ids, pixel_values, grid_thw = conversation(num_images)
     with torch.no_grad():
-        full = model(input_ids=input_ids, pixel_values=pixel_values if num_images else None,
-                     image_grid_thw=grid_thw if num_images else None).logits
+        full = model(
+            input_ids=input_ids,
+            pixel_values=pixel_values if num_images else None,
+            image_grid_thw=grid_thw if num_images else None,
+        ).logits
         length = input_ids.shape[1]
         prefill = 6
-        token_by_token, _ = incremental_logits(model, input_ids, pixel_values, grid_thw,
-                                               [prefill] + [1] * (length - prefill))
+        token_by_token, _ = incremental_logits(
+            model, input_ids, pixel_values, grid_thw, [prefill] + [1] * (length - prefill)
+        )
         uneven, _ = incremental_logits(model, input_ids, pixel_values, grid_thw, [3, 5, length - 8])
     assert (full - token_by_token).abs().max() <= TOLERANCE
     assert (full - uneven).abs().max() <= TOLERANCE

@@ -12,8 +12,8 @@ def left_pad(rows):
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -35,13 +35,20 @@ def test_batched_left_padded_generation_equals_per_sample():
     ids, mask = left_pad(rows)
     pixel_values = torch.cat([pv for pv, _ in images if pv is not None])
     grid_thw = torch.cat([g for _, g in images if g is not None])
-    batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid_thw,
-                             max_new_tokens=8, do_sample=False)
+    batched = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pixel_values,
+        image_grid_thw=grid_thw,
+        max_new_tokens=8,
+        do_sample=False,
+    )
     for i, row in enumerate(rows):
         pv, grid = images[i]
-        single = model.generate(input_ids=torch.tensor([row]), pixel_values=pv, image_grid_thw=grid,
-                                max_new_tokens=8, do_sample=False)
-        assert batched[i, ids.shape[1]:].tolist() == single[0, len(row):].tolist()
+        single = model.generate(
+            input_ids=torch.tensor([row]), pixel_values=pv, image_grid_thw=grid, max_new_tokens=8, do_sample=False
+        )
+        assert batched[i, ids.shape[1] :].tolist() == single[0, len(row) :].tolist()
 
 
 def greedy_without_cache(model, input_ids, pixel_values, grid_thw, steps):
@@ -59,8 +66,7 @@ def test_greedy_generate_equals_uncached_loop():
     rows, images = samples()
     ids = torch.tensor([rows[0]])
     pv, grid = images[0]
-    generated = model.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, max_new_tokens=10,
-                               do_sample=False)
+    generated = model.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, max_new_tokens=10, do_sample=False)
     assert generated.tolist() == greedy_without_cache(model, ids, pv, grid, 10).tolist()
 
 
@@ -70,16 +76,23 @@ def test_conversation_continues_with_new_images_through_passed_back_cache():
     turn1 = torch.tensor([random_text(4, 1) + [IMAGE_TOKEN] + random_text(3, 2)])
     pv1, grid1 = random_images([(4, 4)], seed=1)
     cache = CasaCache()
-    out1 = model.generate(input_ids=turn1, pixel_values=pv1, image_grid_thw=grid1, cache=cache, max_new_tokens=5,
-                          do_sample=False)
+    out1 = model.generate(
+        input_ids=turn1, pixel_values=pv1, image_grid_thw=grid1, cache=cache, max_new_tokens=5, do_sample=False
+    )
     turn2 = torch.tensor([random_text(2, 3) + [IMAGE_TOKEN] + random_text(3, 4)])
     pv2, grid2 = random_images([(2, 4)], seed=2)
     history = torch.cat([out1, turn2], dim=1)
-    out2 = model.generate(input_ids=history, pixel_values=pv2, image_grid_thw=grid2, cache=cache, max_new_tokens=5,
-                          do_sample=False)
+    out2 = model.generate(
+        input_ids=history, pixel_values=pv2, image_grid_thw=grid2, cache=cache, max_new_tokens=5, do_sample=False
+    )
 
-    full = model.generate(input_ids=history, pixel_values=torch.cat([pv1, pv2]),
-                          image_grid_thw=torch.cat([grid1, grid2]), max_new_tokens=5, do_sample=False)
+    full = model.generate(
+        input_ids=history,
+        pixel_values=torch.cat([pv1, pv2]),
+        image_grid_thw=torch.cat([grid1, grid2]),
+        max_new_tokens=5,
+        do_sample=False,
+    )
     assert out2.tolist() == full.tolist()
     assert cache.get_seq_length() == out2.shape[1] - 1  # the last sampled token is not fed back
     assert cache.get_casa_state(0).image_tokens.tolist() == [int(grid2.prod()) // 4]
@@ -98,13 +111,16 @@ def test_decoding_strategies_and_streamer(capsys):
 
     beams = model.generate(**kwargs, num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False)
     assert beams.shape[0] == 2
-    best = beams[0, ids.shape[1]:]
+    best = beams[0, ids.shape[1] :]
+
     # the best beam is a sequence the model scores at least as high as the greedy one
     def score(seq):
         full = torch.cat([ids, seq[None]], dim=1)
-        logp = model(input_ids=full, pixel_values=pv, image_grid_thw=grid).logits.log_softmax(-1)
+        with torch.no_grad():
+            logp = model(input_ids=full, pixel_values=pv, image_grid_thw=grid).logits.log_softmax(-1)
         return sum(float(logp[0, ids.shape[1] - 1 + i, t]) for i, t in enumerate(seq.tolist()))
-    greedy = model.generate(**kwargs, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+
+    greedy = model.generate(**kwargs, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
     assert score(best) >= score(greedy) - 1e-4
 
     eos = int(greedy[2])
@@ -124,4 +140,4 @@ def test_decoding_strategies_and_streamer(capsys):
     streamer = Collect()
     streamed = model.generate(**kwargs, max_new_tokens=4, do_sample=False, streamer=streamer)
     assert streamer.chunks[0] == ids[0].tolist() and streamer.chunks[-1] == "end"
-    assert [c[0] for c in streamer.chunks[1:-1]] == streamed[0, ids.shape[1]:].tolist()
+    assert [c[0] for c in streamer.chunks[1:-1]] == streamed[0, ids.shape[1] :].tolist()

@@ -39,8 +39,13 @@ def tiny_config(backbone: str = "qwen2", **overrides) -> CasaConfig:
         window_size=112,
         fullatt_block_indexes=[1],
     )
-    kwargs = dict(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
-                  vision_start_token_id=151 , vision_end_token_id=152)
+    kwargs = dict(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        vision_start_token_id=151,
+        vision_end_token_id=152,
+    )
     kwargs.update(overrides)
     return CasaConfig(**kwargs)
 
@@ -55,7 +60,7 @@ def tiny_model(backbone: str = "qwen2", attn: str = "eager", seed: int = 0, **ov
 
 
 def random_images(grids: list[tuple[int, int]], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patches for images of `grids` (height, width in 14-px patches, even numbers), as the Qwen2-VL processor gives."""
+    """Patches of images whose grids are (height, width) in 14-px patches (even), as the Qwen2-VL processor gives."""
     g = torch.Generator().manual_seed(seed)
     grid_thw = torch.tensor([[1, h, w] for h, w in grids])
     patches = int(grid_thw.prod(-1).sum())

@@ -44,9 +44,7 @@ class CasaWindows:
     has_new_images: bool
 
 
-def build_casa_windows(
-    image_mask: torch.Tensor, token_valid: torch.Tensor, image_sizes: list[int]
-) -> CasaWindows:
+def build_casa_windows(image_mask: torch.Tensor, token_valid: torch.Tensor, image_sizes: list[int]) -> CasaWindows:
     """Cut a chunk into CASA windows. `image_mask` marks placeholders, images are numbered in reading order."""
     batch_size, seq_len = image_mask.shape
     device = image_mask.device
@@ -318,8 +316,11 @@ def _masked_window_attention(
         # Pad the lookup table to whole blocks: `create_block_mask` evaluates `mask_mod` on the padded grid.
         block = 128
         padded = torch.zeros(
-            mask.shape[0], -(-mask.shape[1] // block) * block, -(-mask.shape[2] // block) * block,
-            dtype=torch.bool, device=mask.device,
+            mask.shape[0],
+            -(-mask.shape[1] // block) * block,
+            -(-mask.shape[2] // block) * block,
+            dtype=torch.bool,
+            device=mask.device,
         )
         padded[:, : mask.shape[1], : mask.shape[2]] = mask
 

@@ -4,7 +4,6 @@ The LLM's own decoder layers, rotary embedding and norms are reused as they are 
 source checkpoints); only the CASA sub-layer and the wiring around it live here and in `casa_attention.py`.
 """
 
-
 import copy
 from typing import Any
 
@@ -141,9 +140,7 @@ class CasaTextModel(CasaPreTrainedModel):
         super().__init__(config.text_config)
         backbone = AutoModel.from_config(config.text_config)
         self.embed_tokens = backbone.embed_tokens
-        self.layers = nn.ModuleList(
-            CasaDecoderLayer(config, layer, idx) for idx, layer in enumerate(backbone.layers)
-        )
+        self.layers = nn.ModuleList(CasaDecoderLayer(config, layer, idx) for idx, layer in enumerate(backbone.layers))
         self.norm = backbone.norm
         self.rotary_emb = backbone.rotary_emb
         self.gradient_checkpointing = False
@@ -255,8 +252,6 @@ class CasaModel(CasaPreTrainedModel):
         self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, list[int]]:
         """Vision tower + merger. Returns the image tokens of all images back to back and the count per image."""
-        if image_grid_thw is None or image_grid_thw.ndim != 2 or image_grid_thw.shape[-1] != 3:
-            raise ValueError(f"image_grid_thw must have shape (num_images, 3), got {_shape(image_grid_thw)}")
         patches = int(image_grid_thw.prod(-1).sum())
         if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
             raise ValueError(
@@ -301,15 +296,18 @@ class CasaModel(CasaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[1] == 0:
-            raise ValueError(f"Expected a non-empty (batch, sequence) input, got shape {tuple(inputs_embeds.shape[:-1])}")
+            shape = tuple(inputs_embeds.shape[:-1])
+            raise ValueError(f"Expected a non-empty (batch, sequence) input, got shape {shape}")
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         num_placeholders = int(image_mask.sum())
-        num_images = 0 if pixel_values is None else (image_grid_thw.shape[0] if image_grid_thw is not None else -1)
+        grid_ok = image_grid_thw is not None and image_grid_thw.ndim == 2 and image_grid_thw.shape[-1] == 3
+        if pixel_values is not None and not grid_ok:
+            raise ValueError(f"image_grid_thw must have shape (num_images, 3), got {_shape(image_grid_thw)}")
+        num_images = 0 if pixel_values is None else image_grid_thw.shape[0]
         if num_images != num_placeholders:
-            given = "pixel_values without image_grid_thw" if num_images < 0 else f"{num_images} images"
             raise ValueError(
-                f"Found {num_placeholders} image tokens (id {self.config.image_token_id}) in the input but {given}; "
-                "each image needs exactly one image token at its insertion point"
+                f"Found {num_placeholders} image tokens (id {self.config.image_token_id}) in the input but "
+                f"{num_images} images; each image needs exactly one image token at its insertion point"
             )
         image_features = image_sizes = None
         if num_images:
@@ -418,7 +416,10 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         return processors
 
     def _expand_inputs_for_generation(
-        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None,
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
         **model_kwargs,
     ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
         """Beams / return sequences repeat whole samples: repeat each sample's patches, not patch rows."""

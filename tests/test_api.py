@@ -1,0 +1,126 @@
+"""Transformers integration: Auto classes, save/load, training hooks, and clear errors on bad input."""
+
+import json
+
+import pytest
+import torch
+from tiny import IMAGE_TOKEN, random_images, random_text, tiny_config, tiny_model
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+import casa_hf
+from casa_hf import CasaConfig, CasaForConditionalGeneration
+
+
+def image_inputs():
+    ids = torch.tensor([random_text(3) + [IMAGE_TOKEN] + random_text(4, 1)])
+    pixel_values, grid = random_images([(4, 4)])
+    return dict(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid)
+
+
+@pytest.mark.parametrize("auto_class", [AutoModel, AutoModelForImageTextToText, AutoModelForCausalLM])
+def test_save_load_round_trip_through_auto_classes(tmp_path, auto_class):
+    model = tiny_model(attn="sdpa")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "casa" and "auto_map" not in config
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), CasaConfig)
+
+    loaded = auto_class.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, CasaForConditionalGeneration)
+    inputs = image_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+    generated = loaded.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_parameter_names_keep_the_backbone_layout():
+    names = set(dict(tiny_model().named_parameters()))
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in names
+    assert "model.language_model.layers.1.casa_attn.o_proj.weight" in names
+    assert "model.visual.merger.mlp.0.weight" in names
+    casa = {n for n in names if "casa" in n}
+    assert casa and all(".layers." in n for n in casa)
+
+    shared = set(dict(tiny_model(casa_shared=True).named_parameters()))
+    assert not any("casa_attn" in n for n in shared)
+    partial = set(dict(tiny_model(casa_layers=[1]).named_parameters()))
+    assert not any("layers.0.casa" in n for n in partial) and any("layers.1.casa" in n for n in partial)
+
+
+def test_tied_embeddings_follow_the_backbone():
+    tied = tiny_model(text_config={**tiny_config().text_config.to_dict(), "tie_word_embeddings": True})
+    assert tied.config.tie_word_embeddings
+    assert tied.lm_head.weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+    untied = tiny_model()
+    assert untied.lm_head.weight.data_ptr() != untied.get_input_embeddings().weight.data_ptr()
+
+
+def test_labels_give_the_loss_and_logits_to_keep_slices():
+    model = tiny_model()
+    inputs = image_inputs()
+    labels = inputs["input_ids"].clone()
+    labels[:, :4] = -100
+    out = model(**inputs, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    last = model(**inputs, logits_to_keep=1).logits
+    assert last.shape[1] == 1 and torch.allclose(last[:, 0], out.logits[:, -1], atol=1e-6)
+
+
+def test_gradient_checkpointing_trains_casa_and_backbone():
+    model = tiny_model(attn="sdpa").train()
+    model.activation_checkpointing_enable()  # the Transformers 5 name of gradient_checkpointing_enable
+    assert all(layer.gradient_checkpointing for layer in model.model.language_model.layers)
+    inputs = image_inputs()
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["model.language_model.layers.0.casa_attn.q_proj.weight"].abs().sum() > 0
+    assert grads["model.language_model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+    assert grads["model.visual.blocks.0.attn.qkv.weight"].abs().sum() > 0
+
+
+def test_past_key_values_alias_still_accepted():
+    model = tiny_model()
+    ids = torch.tensor([random_text(5)])
+    out = model(input_ids=ids, past_key_values=casa_hf.CasaCache(), use_cache=True)
+    assert out.cache.get_seq_length() == 5
+
+
+def test_image_token_count_mismatch_names_both_counts():
+    model = tiny_model()
+    inputs = image_inputs()
+    inputs["input_ids"] = torch.tensor([random_text(3) + [IMAGE_TOKEN, IMAGE_TOKEN] + random_text(2)])
+    with pytest.raises(ValueError, match="Found 2 image tokens .* but 1 images"):
+        model(**inputs)
+    with pytest.raises(ValueError, match="Found 1 image tokens .* but 0 images"):
+        model(input_ids=torch.tensor([[5, IMAGE_TOKEN, 6]]))
+
+
+def test_bad_pixel_shapes_are_refused():
+    model = tiny_model()
+    inputs = image_inputs()
+    with pytest.raises(ValueError, match="pixel_values has shape"):
+        model(**{**inputs, "pixel_values": inputs["pixel_values"][:10]})
+    with pytest.raises(ValueError, match="image_grid_thw must have shape"):
+        model(**{**inputs, "image_grid_thw": inputs["image_grid_thw"][0]})
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(casa_attenton="casa"), "casa_attenton"),
+        (dict(casa_attention="gated"), "casa_attention"),
+        (dict(casa_layers=[0, 5]), "casa_layers"),
+        (dict(casa_layers=[1, 1]), "casa_layers"),
+        (dict(image_token_id=999), "image_token_id"),
+        (dict(vision_config=dict(out_hidden_size=32)), "out_hidden_size"),
+        (dict(text_config=dict(model_type="gpt2")), "text_config.model_type"),
+    ],
+)
+def test_bad_config_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
