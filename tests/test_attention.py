@@ -8,7 +8,6 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import casa_hf.casa_attention as casa_attention
-from casa_hf.casa_attention import build_casa_windows
 
 TOLERANCE = 1e-4
 
@@ -68,15 +67,14 @@ def batch_inputs():
 @pytest.mark.parametrize("mode", ["casa", "cross_attention"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention", "varlen_reference"])
 def test_backend_matches_reference(monkeypatch, mode, attn):
-    if attn == "flex_attention":
-        # torch 2.13's CPU flex template miscompiles once dynamo turns dynamic (C++ "cur_kvSplitSize5" error), which
-        # happens as soon as the SA and CASA shapes differ; static recompiles avoid that torch bug.
-        monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
     inputs = batch_inputs()
     model = tiny_model(attn=attn, casa_attention=mode)
-    with torch.no_grad():
+    # torch 2.13's CPU flex template miscompiles once dynamo turns dynamic (C++ "cur_kvSplitSize5" error), which
+    # happens as soon as the SA and CASA shapes differ; static recompiles avoid that torch bug.
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=attn != "flex_attention"):
         fast = model(**inputs).logits
-        monkeypatch.setattr(casa_attention, "casa_window_attention", reference_casa_window_attention)
+    monkeypatch.setattr(casa_attention, "casa_window_attention", reference_casa_window_attention)
+    with torch.no_grad():
         slow = model(**inputs).logits
     valid = inputs["attention_mask"].bool()
     assert (fast[valid] - slow[valid]).abs().max() <= TOLERANCE
@@ -102,16 +100,29 @@ def test_reference_sees_only_latest_image(monkeypatch):
     assert (ref - moved).abs().max() <= TOLERANCE
 
 
-def test_window_layout_grows_with_windows_not_with_all_images():
-    """A long video prefill: the window batch is (num windows x longest window), never text x all image tokens."""
-    frames, text_per_frame, tokens_per_image = 40, 5, 16
-    row = []
+def test_prefill_cost_follows_window_sizes(monkeypatch):
+    """A long prompt then a long video: CASA scores cost about the sum of per-window sizes, never text x all images,
+    and the long prompt window does not make every short frame window pay its size."""
+    frames, text_per_frame, prompt = 24, 4, 120
+    row = random_text(prompt)
     for i in range(frames):
         row += [IMAGE_TOKEN] + random_text(text_per_frame - 1, i)
-    image_mask = torch.tensor([row]) == IMAGE_TOKEN
-    windows = build_casa_windows(image_mask, torch.ones_like(image_mask), [tokens_per_image] * frames)
-    num_windows, slots = windows.query_index.shape
-    assert num_windows == frames and slots == text_per_frame
-    keys_per_window = windows.image_token_valid.shape[1] + slots
+    pixel_values, grid = random_images([(4, 4)] * frames)
+    tokens_per_image = 4
+
+    scored = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(module, query, key, *args, **kwargs):
+        if isinstance(module, casa_attention.CasaAttention):
+            scored.append(query.shape[0] * query.shape[2] * key.shape[2])
+        return sdpa(module, query, key, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+    model = tiny_model(attn="sdpa", casa_layers=[0])
+    with torch.no_grad():
+        model(input_ids=torch.tensor([row]), pixel_values=pixel_values, image_grid_thw=grid)
+    windows = [prompt * prompt] + [text_per_frame * (tokens_per_image + text_per_frame)] * frames
     dense = len(row) * (len(row) + frames * tokens_per_image)
-    assert num_windows * slots * keys_per_window * 20 < dense
+    assert sum(scored) <= 4 * sum(windows)
+    assert sum(scored) * 4 < dense

@@ -41,6 +41,8 @@ class CasaWindows:
     image_token_valid: torch.Tensor  # [num_images, max_image_tokens]
     image_sizes: list[int]  # tokens per image
     last_window_image: list[int | None]  # image index that opens each sample's last window (None: continued)
+    lengths: list[int]  # tokens per window
+    sources: list[int]  # `prefix_source` as a list
     has_new_images: bool
 
 
@@ -97,6 +99,8 @@ def build_casa_windows(image_mask: torch.Tensor, token_valid: torch.Tensor, imag
         image_token_valid=image_token_valid,
         image_sizes=list(image_sizes),
         last_window_image=last_window_image,
+        lengths=[end - start for _, start, end, _ in spans],
+        sources=[s[3] for s in spans],
         has_new_images=bool(image_sizes),
     )
 
@@ -119,55 +123,73 @@ def _pad_slots(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
-def _gather_prefixes(
+@dataclass
+class _PrefixBank:
+    """Cached windows (rows `0..B-1`) and new images (rows `B + i`) stacked, padded to a common width."""
+
+    keys: torch.Tensor  # [B + num_images, kv_heads, width, head_dim]
+    values: torch.Tensor
+    valid: torch.Tensor  # [B + num_images, width]
+    extents: list[int]  # slots in use at most, per row
+
+
+def _prefix_bank(
     windows: CasaWindows,
     past: CasaLayerState | None,
     image_keys: torch.Tensor | None,
     image_values: torch.Tensor | None,
     like: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack the cached windows (one row per sample) and the new images into one bank, then pick each window's row."""
+) -> _PrefixBank:
     batch, kv_heads, head_dim = windows.batch_size, like.shape[1], like.shape[-1]
     past_width = past.keys.shape[2] if past is not None else 0
-    image_width = windows.image_token_valid.shape[1]
-    width = max(past_width, image_width)
+    width = max(past_width, windows.image_token_valid.shape[1])
     if past is None:
         past_keys = like.new_zeros(batch, kv_heads, width, head_dim)
         past_values, past_valid = past_keys, torch.zeros(batch, width, dtype=torch.bool, device=like.device)
     else:
         past_keys, past_values = _pad_slots(past.keys, width, 2), _pad_slots(past.values, width, 2)
         past_valid = _pad_slots(past.valid, width, 1)
-    bank_keys, bank_values, bank_valid = [past_keys], [past_values], [past_valid]
+    keys, values, valid = [past_keys], [past_values], [past_valid]
     if image_keys is not None:
-        bank_keys.append(_pad_slots(image_keys, width, 2))
-        bank_values.append(_pad_slots(image_values, width, 2))
-        bank_valid.append(_pad_slots(windows.image_token_valid, width, 1))
-    source = windows.prefix_source
-    return (
-        torch.cat(bank_keys)[source],
-        torch.cat(bank_values)[source],
-        torch.cat(bank_valid)[source],
-    )
+        keys.append(_pad_slots(image_keys, width, 2))
+        values.append(_pad_slots(image_values, width, 2))
+        valid.append(_pad_slots(windows.image_token_valid, width, 1))
+    extents = [past_width] * batch + windows.image_sizes
+    return _PrefixBank(torch.cat(keys), torch.cat(values), torch.cat(valid), extents)
 
 
-def _to_windows(states: torch.Tensor, windows: CasaWindows) -> torch.Tensor:
-    """`[B, heads, T, D]` -> `[G, heads, Q, D]` following the window slots."""
+def _window_groups(windows: CasaWindows, bank: _PrefixBank) -> list[list[int]]:
+    """Group windows of similar size (within 2x), so padding each group to its longest window stays cheap.
+
+    One long window (a system prompt, a long cached window) must not make every short video window pay its size.
+    """
+    sizes = [length + bank.extents[source] for length, source in zip(windows.lengths, windows.sources, strict=True)]
+    groups: list[list[int]] = []
+    base = 0
+    for window in sorted(range(len(sizes)), key=sizes.__getitem__):
+        if not groups or sizes[window] > 2 * base:
+            groups.append([])
+            base = max(sizes[window], 1)
+        groups[-1].append(window)
+    return groups
+
+
+def _to_windows(states: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    """`[B, heads, T, D]` -> `[windows, heads, slots, D]` following the window slots."""
     batch, heads, seq_len, head_dim = states.shape
     flat = states.transpose(1, 2).reshape(batch * seq_len, heads, head_dim)
-    return flat[windows.query_index].transpose(1, 2)
+    return flat[query_index].transpose(1, 2)
 
 
-def _window_mask(windows: CasaWindows, prefix_valid: torch.Tensor, with_text: bool) -> torch.Tensor:
+def _window_mask(token_valid: torch.Tensor, prefix_valid: torch.Tensor, with_text: bool) -> torch.Tensor:
     """Boolean `[G, Q, keys]` mask of the window layout. Every row keeps one key so that no softmax is empty."""
-    num_queries = windows.query_valid.shape[1]
+    num_queries = token_valid.shape[1]
     mask = prefix_valid[:, None, :].expand(-1, num_queries, -1)
     if with_text:
         causal = torch.ones(num_queries, num_queries, dtype=torch.bool, device=mask.device).tril()
         diagonal = torch.eye(num_queries, dtype=torch.bool, device=mask.device)
-        text = causal[None] & (windows.token_valid[:, None, :] | diagonal[None])
+        text = causal[None] & (token_valid[:, None, :] | diagonal[None])
         return torch.cat([mask, text], dim=-1)
-    if mask.shape[-1] == 0:
-        return mask
     empty_rows = ~mask.any(-1, keepdim=True)
     first_key = torch.zeros_like(mask)
     first_key[..., 0] = True
@@ -255,49 +277,70 @@ def casa_window_attention(
     Returns the output `[B, T, heads, D]` and, if asked, the layer's new side state.
     """
     with_text = module.mode == "casa"
-    prefix_keys, prefix_values, prefix_valid = _gather_prefixes(windows, past_state, image_keys, image_values, key)
-    window_queries = _to_windows(query, windows)
-    if with_text:
-        window_keys = torch.cat([prefix_keys, _to_windows(key, windows)], dim=2)
-        window_values = torch.cat([prefix_values, _to_windows(value, windows)], dim=2)
-        key_valid = torch.cat([prefix_valid, windows.token_valid], dim=1)
-    else:
-        window_keys, window_values, key_valid = prefix_keys, prefix_values, prefix_valid
-    has_keys = key_valid.any(-1)  # only cross-attention windows before any image have none
-
     implementation = module.config._attn_implementation or "sdpa"
     dropout = module.attention_dropout if module.training else 0.0
-    if not bool(has_keys.any()):
-        window_output = window_queries.new_zeros(window_queries.transpose(1, 2).shape)
-    elif implementation in WINDOW_MASK_IMPLEMENTATIONS:
-        mask = _window_mask(windows, prefix_valid, with_text)
-        window_output = _masked_window_attention(
-            module, implementation, window_queries, window_keys, window_values, mask, dropout
-        )
-    else:
-        window_output = _varlen_window_attention(
-            module, implementation, window_queries, window_keys, window_values, windows, key_valid, has_keys, dropout
-        )
-    window_output = window_output * has_keys[:, None, None, None].to(window_output.dtype)
-
+    bank = _prefix_bank(windows, past_state, image_keys, image_values, key)
     batch, heads, seq_len, head_dim = query.shape
-    output = window_output.new_zeros(batch * seq_len, heads, head_dim)
-    output[windows.query_index[windows.query_valid]] = window_output[windows.query_valid]
+    output = query.new_zeros(batch * seq_len, heads, head_dim)
+    for group in _window_groups(windows, bank):
+        rows = torch.tensor(group, device=query.device)
+        num_queries = max(windows.lengths[g] for g in group)
+        width = max(bank.extents[windows.sources[g]] for g in group)
+        query_index = windows.query_index[rows, :num_queries]
+        query_valid = windows.query_valid[rows, :num_queries]
+        token_valid = windows.token_valid[rows, :num_queries]
+        source = windows.prefix_source[rows]
+        keys, values = bank.keys[source, :, :width], bank.values[source, :, :width]
+        prefix_valid = key_valid = bank.valid[source, :width]
+        if with_text:
+            keys = torch.cat([keys, _to_windows(key, query_index)], dim=2)
+            values = torch.cat([values, _to_windows(value, query_index)], dim=2)
+            key_valid = torch.cat([key_valid, token_valid], dim=1)
+        has_keys = key_valid.any(-1)  # only cross-attention windows before any image have none
+        if not bool(has_keys.any()):
+            continue
+        queries = _to_windows(query, query_index)
+        if implementation in WINDOW_MASK_IMPLEMENTATIONS:
+            mask = _window_mask(token_valid, prefix_valid, with_text)
+            group_output = _masked_window_attention(module, implementation, queries, keys, values, mask, dropout)
+        else:
+            group_output = _varlen_window_attention(
+                module, implementation, queries, keys, values, token_valid & has_keys[:, None], key_valid, dropout
+            )
+        group_output = group_output * has_keys[:, None, None, None].to(group_output.dtype)
+        output[query_index[query_valid]] = group_output[query_valid]
     output = output.view(batch, seq_len, heads, head_dim)
-
-    state = None
-    if return_state:
-        last = windows.last_window
-        image_tokens = past_state.image_tokens.clone() if past_state is not None else last.new_zeros(len(last))
-        for b, image in enumerate(windows.last_window_image):
-            if image is not None:
-                image_tokens[b] = windows.image_sizes[image]
-        state = CasaLayerState(window_keys[last], window_values[last], key_valid[last], image_tokens)
-        # Unused slots come from images padded to the bank width, or from left padding at the front of a window.
-        leading_gap = state.valid.shape[1] > 0 and not bool(state.valid[:, 0].all())
-        if windows.has_new_images or leading_gap:
-            state = state.compacted()
+    state = _next_state(windows, bank, key, value, past_state, with_text) if return_state else None
     return output, state
+
+
+def _next_state(
+    windows: CasaWindows,
+    bank: _PrefixBank,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_state: CasaLayerState | None,
+    with_text: bool,
+) -> CasaLayerState:
+    """Each sample's last window (its image, or the continued cached window, plus its text) becomes its state."""
+    last = windows.last_window
+    source = windows.prefix_source[last]
+    keys, values, valid = bank.keys[source], bank.values[source], bank.valid[source]
+    if with_text:
+        query_index = windows.query_index[last]
+        keys = torch.cat([keys, _to_windows(key, query_index)], dim=2)
+        values = torch.cat([values, _to_windows(value, query_index)], dim=2)
+        valid = torch.cat([valid, windows.token_valid[last]], dim=1)
+    image_tokens = past_state.image_tokens.clone() if past_state is not None else last.new_zeros(len(last))
+    for b, image in enumerate(windows.last_window_image):
+        if image is not None:
+            image_tokens[b] = windows.image_sizes[image]
+    state = CasaLayerState(keys, values, valid, image_tokens)
+    # Unused slots come from images padded to the bank width, or from left padding at the front of a window.
+    leading_gap = valid.shape[1] > 0 and not bool(valid[:, 0].all())
+    if windows.has_new_images or leading_gap:
+        state = state.compacted()
+    return state
 
 
 def _masked_window_attention(
@@ -350,9 +393,8 @@ def _varlen_window_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    windows: CasaWindows,
+    query_used: torch.Tensor,
     key_valid: torch.Tensor,
-    has_keys: torch.Tensor,
     dropout: float,
 ) -> torch.Tensor:
     """Pack the used slots of every window back to back and run a varlen kernel (flash_attention_2 and the like).
@@ -360,7 +402,6 @@ def _varlen_window_attention(
     Keys of a window are its valid prefix slots followed by its text, so causal attention with bottom-right
     alignment (flash-attn >= 2.1) lets query i see the prefix and text up to itself, which is the CASA window.
     """
-    query_used = windows.token_valid & has_keys[:, None]
     query_counts = query_used.sum(1)
     key_used = key_valid & (query_counts > 0)[:, None]
     key_counts = key_used.sum(1)
