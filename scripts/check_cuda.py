@@ -1,0 +1,147 @@
+"""GPU correctness check of the CASA attention backends (run by hand on a CUDA machine; CI has none).
+
+For each backend: a padded multi-image batch against the slow reference (fp32), and cached token-by-token
+decoding against one full forward (fp32 and bf16). `torch_varlen` drives the packed-window (flash-style) path
+through PyTorch's own flash varlen kernel, so the `cu_seqlens` packing is checked on a real flash kernel even where
+the flash-attn package is not installed; `flash_attention_2` runs too when flash-attn is importable.
+
+    python scripts/check_cuda.py --out results.json
+"""
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from reference import reference_casa_window_attention  # noqa: E402
+from test_attention import batch_inputs  # noqa: E402
+from test_cache import conversation, incremental_logits  # noqa: E402
+from tiny import tiny_model  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+
+import casa_hf.casa_attention as casa_attention  # noqa: E402
+
+
+def torch_varlen_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    is_causal=None,
+    dropout=0.0,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    max_length_k=None,
+    **kwargs,
+):
+    """PyTorch's flash varlen kernel behind Transformers' attention-function signature."""
+    if cu_seq_lens_q is None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    from torch.nn.attention.varlen import varlen_attn
+
+    groups = query.shape[1] // key.shape[1]
+    q = query[0].transpose(0, 1).contiguous()
+    k = key[0].transpose(0, 1).repeat_interleave(groups, 1).contiguous()
+    v = value[0].transpose(0, 1).repeat_interleave(groups, 1).contiguous()
+    params = inspect.signature(varlen_attn).parameters
+    extra = {"scale": scaling}
+    if "window_size" in params:
+        extra["window_size"] = (-1, 0) if is_causal else (-1, -1)
+    else:
+        extra["is_causal"] = bool(is_causal)
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **extra)
+    return out[None], None
+
+
+AttentionInterface.register("torch_varlen", torch_varlen_attention)
+
+
+def to_device(inputs, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def check(attn, mode, device, dtype):
+    model = tiny_model(attn=attn, casa_attention=mode).to(device=device, dtype=dtype)
+    inputs = to_device(batch_inputs(), device)
+    with torch.no_grad():
+        fast = model(**inputs).logits.float()
+        original = casa_attention.casa_window_attention
+        casa_attention.casa_window_attention = reference_casa_window_attention
+        try:
+            reference_model = tiny_model(attn="eager", casa_attention=mode).to(device)
+            slow = reference_model(**inputs).logits.float()
+        finally:
+            casa_attention.casa_window_attention = original
+        valid = inputs["attention_mask"].bool()
+        vs_reference = (fast[valid] - slow[valid]).abs().max().item()
+
+        input_ids, pixel_values, grid = conversation(4)
+        input_ids, pixel_values, grid = input_ids.to(device), pixel_values.to(device), grid.to(device)
+        full = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid).logits.float()
+        steps = [6] + [1] * (input_ids.shape[1] - 6)
+        cached, _ = incremental_logits(model, input_ids, pixel_values, grid, steps)
+        vs_full = (full - cached.float()).abs().max().item()
+    return vs_reference, vs_full, full.abs().max().item()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="cuda_check.json")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    backends = ["eager", "sdpa", "flex_attention"]
+    if device == "cuda":
+        backends.append("torch_varlen")
+        try:
+            import flash_attn  # noqa: F401
+
+            backends.append("flash_attention_2")
+        except ImportError:
+            print("flash-attn not installed: flash_attention_2 not run")
+    rows = []
+    for attn in backends:
+        for dtype in (torch.float32, torch.bfloat16):
+            if attn in ("torch_varlen", "flash_attention_2") and dtype == torch.float32:
+                continue  # flash kernels are half-precision only
+            for mode in ("casa", "cross_attention"):
+                # CPU dry runs only: torch's CPU flex template breaks under dynamic shapes (see README).
+                static = device == "cpu" and attn == "flex_attention"
+                try:
+                    with torch._dynamo.config.patch(automatic_dynamic_shapes=not static):
+                        vs_reference, vs_full, scale = check(attn, mode, device, dtype)
+                    rows.append(
+                        dict(
+                            attn=attn,
+                            dtype=str(dtype),
+                            mode=mode,
+                            vs_reference=vs_reference,
+                            cached_vs_full=vs_full,
+                            logit_scale=scale,
+                        )
+                    )
+                except Exception as error:  # report and go on: one broken backend must not hide the others
+                    rows.append(dict(attn=attn, dtype=str(dtype), mode=mode, error=repr(error)[:300]))
+                print(rows[-1], flush=True)
+    Path(args.out).write_text(
+        json.dumps(
+            dict(
+                device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__, rows=rows
+            ),
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
