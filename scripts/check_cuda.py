@@ -23,6 +23,7 @@ from test_attention import batch_inputs  # noqa: E402
 from test_cache import conversation, incremental_logits  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 import casa_hf.casa_attention as casa_attention  # noqa: E402
@@ -63,6 +64,7 @@ def torch_varlen_attention(
 
 
 AttentionInterface.register("torch_varlen", torch_varlen_attention)
+AttentionMaskInterface.register("torch_varlen", sdpa_mask)  # its text SA layers run on sdpa
 
 
 def to_device(inputs, device):
@@ -78,6 +80,7 @@ def check(attn, mode, device, dtype):
         casa_attention.casa_window_attention = reference_casa_window_attention
         try:
             reference_model = tiny_model(attn="eager", casa_attention=mode).to(device)
+            reference_model.load_state_dict(model.state_dict())
             slow = reference_model(**inputs).logits.float()
         finally:
             casa_attention.casa_window_attention = original

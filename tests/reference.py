@@ -15,7 +15,7 @@ def reference_casa_window_attention(
     assert past_state is None, "the reference covers full (cache-free) forwards"
     batch, heads, seq_len, head_dim = query.shape
     groups = heads // key.shape[1]
-    output = torch.zeros(batch, seq_len, heads, head_dim, dtype=query.dtype)
+    output = torch.zeros(batch, seq_len, heads, head_dim, dtype=query.dtype, device=query.device)
     image = -1
     for b in range(batch):
         current, window_start = None, 0

@@ -5,6 +5,7 @@ import torch
 from reference import reference_casa_window_attention
 from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import casa_hf.casa_attention as casa_attention
@@ -48,6 +49,7 @@ def varlen_reference_attention(
 
 
 AttentionInterface.register("varlen_reference", varlen_reference_attention)
+AttentionMaskInterface.register("varlen_reference", sdpa_mask)  # its text SA layers run on sdpa
 
 
 def batch_inputs():
@@ -67,15 +69,18 @@ def batch_inputs():
 @pytest.mark.parametrize("mode", ["casa", "cross_attention"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention", "varlen_reference"])
 def test_backend_matches_reference(monkeypatch, mode, attn):
+    """Fast path on `attn` against eager text attention + the loop reference for CASA, on the same weights."""
     inputs = batch_inputs()
     model = tiny_model(attn=attn, casa_attention=mode)
+    reference = tiny_model(attn="eager", casa_attention=mode)
+    reference.load_state_dict(model.state_dict())
     # torch 2.13's CPU flex template miscompiles once dynamo turns dynamic (C++ "cur_kvSplitSize5" error), which
     # happens as soon as the SA and CASA shapes differ; static recompiles avoid that torch bug.
     with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=attn != "flex_attention"):
         fast = model(**inputs).logits
     monkeypatch.setattr(casa_attention, "casa_window_attention", reference_casa_window_attention)
     with torch.no_grad():
-        slow = model(**inputs).logits
+        slow = reference(**inputs).logits
     valid = inputs["attention_mask"].bool()
     assert (fast[valid] - slow[valid]).abs().max() <= TOLERANCE
 
