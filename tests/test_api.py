@@ -124,3 +124,15 @@ def test_bad_pixel_shapes_are_refused():
 def test_bad_config_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+def test_inputs_embeds_find_the_image_placeholders():
+    model = tiny_model()
+    inputs = image_inputs()
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        from_ids = model(**inputs).logits
+        from_embeds = model(
+            inputs_embeds=embeds, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+        ).logits
+    assert torch.equal(from_ids, from_embeds)
