@@ -70,3 +70,53 @@ def random_images(grids: list[tuple[int, int]], seed: int = 0) -> tuple[torch.Te
 def random_text(length: int, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 140, (length,), generator=g).tolist()
+
+
+SPECIAL_TOKENS = {
+    "<pad>": 0,
+    "<bos>": 1,
+    "<|im_end|>": 2,
+    "<|im_start|>": 3,
+    "<unk>": 4,
+    "<|image_pad|>": IMAGE_TOKEN,
+    "<|vision_start|>": 151,
+    "<|vision_end|>": 152,
+}
+WORDS = (
+    "user assistant system what colour color is the a an of in on this that image picture photo frame video "
+    "red green blue yellow square circle triangle left right top bottom how many there are one two three "
+    "describe it shows and between changed ? . , !"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer built in code, ids consistent with `tiny_config` (image token = 150)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(SPECIAL_TOKENS)
+    for index, word in enumerate(WORDS):
+        vocab[word] = 5 + index
+    free = [i for i in range(VOCAB) if i not in vocab.values()]
+    vocab.update({f"w{i}": i for i in free})  # every id the tiny model can emit decodes to a word
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"],
+    )
+    return tokenizer
+
+
+def tiny_processor(**kwargs):
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    from casa_hf import CasaProcessor
+
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    return CasaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), **kwargs)

@@ -1,0 +1,198 @@
+"""Processor of CASA models: the Qwen2-VL image processor (PIL backend) + a tokenizer, one token per image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers.image_utils import load_image
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+
+# Qwen-style chat format. Each image (and each frame of a video, expanded by `CasaProcessor.apply_chat_template`)
+# becomes `<|vision_start|><|image_pad|><|vision_end|>` at its place; `{% generation %}` marks what the assistant
+# says, so `return_assistant_tokens_mask=True` recovers training labels.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class CasaProcessorKwargs(ProcessingKwargs, total=False):
+    _defaults = {"text_kwargs": {"padding": True}}
+
+
+class CasaProcessor(ProcessorMixin):
+    r"""
+    Pairs a Qwen2-VL image processor with a tokenizer. Unlike token-insertion VLMs, each image stays **one**
+    `image_token` at its place in the text: the model reads the image's features through its CASA layers.
+
+    Args:
+        image_processor (`Qwen2VLImageProcessorPil`): turns images into patches and `image_grid_thw`.
+        tokenizer (`PreTrainedTokenizerBase`): must know `image_token` as a single token.
+        chat_template (`str`, *optional*): Jinja chat template; defaults to a Qwen-style one.
+        image_token (`str`, *optional*, defaults to `"<|image_pad|>"`): the per-image placeholder.
+        image_size (`int`, *optional*): resize every image to `image_size x image_size` pixels first (CASA's
+            released models use fixed 448/896-px frames); otherwise `min_pixels`/`max_pixels` of the image processor
+            bound the resolution, aspect ratio kept.
+    """
+
+    valid_processor_kwargs = CasaProcessorKwargs
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        image_token: str = "<|image_pad|>",
+        image_size: int | None = None,
+        **kwargs,
+    ):
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        token_ids = tokenizer.encode(self.image_token, add_special_tokens=False)
+        if len(token_ids) != 1:
+            raise ValueError(
+                f"The tokenizer must encode image_token {self.image_token!r} as one token, got {token_ids}"
+            )
+        self.image_token_id = token_ids[0]
+        self.image_size = image_size
+        tokenizer.padding_side = "left"  # batched generation appends to the right
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE, **kwargs)
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        videos=None,
+        audio=None,
+        image_size: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        **kwargs,
+    ):
+        """Tokenize `text` (one `image_token` per image, in order) and process `images` (flat or one list per
+        sample: PIL, numpy, torch, file paths, URLs when online). Returns `input_ids`, `attention_mask`,
+        `pixel_values`, `image_grid_thw`. `image_size` (square resize) or `min_pixels` / `max_pixels` (area bounds,
+        aspect kept) override the resolution for this call."""
+        if min_pixels is not None or max_pixels is not None:
+            size = dict(kwargs.pop("size", None) or self.image_processor.size)
+            size["shortest_edge"] = min_pixels or size["shortest_edge"]
+            size["longest_edge"] = max_pixels or size["longest_edge"]
+            kwargs["size"] = size
+        if videos is not None or audio is not None:
+            raise ValueError(
+                "CasaProcessor takes videos as lists of frames passed to `images` (or as chat content "
+                '{"type": "video", "video": [frames]}); it has no audio input'
+            )
+        if text is None:
+            raise ValueError("CasaProcessor needs `text`: every image must be placed by an image token in the text")
+        texts = [text] if isinstance(text, str) else list(text)
+        for index, sample in enumerate(texts):
+            if not isinstance(sample, str):
+                raise TypeError(f"text[{index}] must be a string, got {type(sample).__name__}")
+            if not sample.strip():
+                raise ValueError(f"text[{index}] is an empty prompt")
+        if images is not None:
+            images = self._load_images(images, image_size or self.image_size)
+        return super().__call__(images=images, text=texts, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token  # CASA: the placeholder stays a single token
+
+    def _load_images(self, images: Any, image_size: int | None) -> Any:
+        """Load paths and URLs, check every item is an image, and apply `image_size`; nested lists keep their shape."""
+        if isinstance(images, (list, tuple)):
+            return [self._load_images(item, image_size) for item in images]
+        image = _load_one(images)
+        if image_size is not None:
+            if not isinstance(image, PIL.Image.Image):
+                image = PIL.Image.fromarray(_to_uint8_hwc(image))
+            image = image.convert("RGB").resize((image_size, image_size), PIL.Image.BICUBIC)
+        return image
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """Chat template with `{"type": "video", "video": [frames]}` support: a video is its frames, one image each."""
+        return super().apply_chat_template(_expand_videos(conversation), *args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
+
+
+def _load_one(item: Any) -> PIL.Image.Image | np.ndarray | torch.Tensor:
+    if isinstance(item, PIL.Image.Image):
+        return item
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        if item.ndim != 3 or (item.shape[0] not in (1, 3, 4) and item.shape[-1] not in (1, 3, 4)):
+            raise ValueError(f"An image array must be (H, W, C) or (C, H, W), got shape {tuple(item.shape)}")
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        location = str(item)
+        if location.startswith(("http://", "https://")):
+            return load_image(location)
+        if not Path(location).is_file():
+            raise FileNotFoundError(f"Image file not found: {location}")
+        try:
+            with PIL.Image.open(location) as opened:
+                opened.load()  # decode now: a truncated or corrupt file fails here, not deep in preprocessing
+                return opened.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"Cannot read image file {location}: {error}") from error
+    raise TypeError(
+        f"Unsupported image type {type(item).__name__}: use a PIL image, a numpy array, a torch tensor, a file path "
+        "or a URL"
+    )
+
+
+def _to_uint8_hwc(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    array = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8) if array.max() <= 1 else array.astype(np.uint8)
+    return array[..., 0] if array.shape[-1] == 1 else array
+
+
+def _expand_videos(conversation: Any) -> Any:
+    """Replace video items (a list of frames) by one image item per frame, in order."""
+    if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
+        return [_expand_videos(chat) for chat in conversation]
+    expanded = []
+    for message in conversation:
+        content = message.get("content")
+        if not isinstance(content, list):
+            expanded.append(message)
+            continue
+        items = []
+        for item in content:
+            if item.get("type") != "video":
+                items.append(item)
+                continue
+            frames = item.get("video", item.get("frames"))
+            if not isinstance(frames, (list, tuple)) or not frames:
+                raise ValueError(
+                    "A video item must carry its frames as a non-empty list: "
+                    '{"type": "video", "video": [frame, frame, ...]}'
+                )
+            items.extend({"type": "image", "image": frame} for frame in frames)
+        expanded.append({**message, "content": items})
+    return expanded
+
+
+__all__ = ["CasaProcessor", "DEFAULT_CHAT_TEMPLATE"]
