@@ -163,6 +163,16 @@ def test_pipeline_equals_generate(saved_model):
     expected = generate([image, other], chat_prompt, 5)[0]
     assert chat[0]["generated_text"].strip() == processor.decode(expected, skip_special_tokens=True)
 
+    # Images in several turns: each turn's text sees the image(s) of that turn only, as CASA defines.
+    multi_turn = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is it ?"}]},
+        {"role": "assistant", "content": "a square ."},
+        {"role": "user", "content": [{"type": "image", "image": other}, {"type": "text", "text": "and this ?"}]},
+    ]
+    turns = pipe(text=multi_turn, max_new_tokens=4, return_full_text=False)
+    expected = generate([image, other], processor.apply_chat_template(multi_turn, add_generation_prompt=True), 4)
+    assert turns[0]["generated_text"].strip() == processor.post_process_image_text_to_text(expected)[0]
+
     texts = [prompt, f"describe {PROMPT_IMAGE}"]
     batch = pipe(images=[[image], [other]], text=texts, max_new_tokens=4, return_full_text=False, batch_size=2)
     expected = generate([[image], [other]], texts, 4)
