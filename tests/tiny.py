@@ -120,3 +120,90 @@ def tiny_processor(**kwargs):
 
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     return CasaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), **kwargs)
+
+
+TINY_VISION = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[1],
+)
+
+
+def save_tiny_qwen2_5_vl(folder, max_shard_size="300KB", seed=0, tie=False):
+    """A tiny random Qwen2.5-VL checkpoint as on the Hub: sharded weights, tokenizer, image processor, template."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=TINY_VISION,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=153,
+        vision_start_token_id=151,
+        vision_end_token_id=152,
+        tie_word_embeddings=tie,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+        "{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+        "{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(folder)
+    return model
+
+
+def save_tiny_llm(folder, backbone="llama", seed=0, tie=False, vocab_size=120):
+    """A tiny random text LLM checkpoint with a tokenizer lacking the image and chat tokens
+    (`vocab_size=None`: embeddings exactly as large as the tokenizer, so added tokens must grow them)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {w: 4 + i for i, w in enumerate(WORDS)}
+    text = dict(
+        model_type=backbone,
+        vocab_size=vocab_size or len(vocab),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=tie,
+    )
+    if backbone == "helium":
+        text["head_dim"] = 12
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**text)).eval()
+    model.save_pretrained(folder)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    return model

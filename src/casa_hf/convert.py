@@ -1,0 +1,506 @@
+"""Convert insertion VLMs (Qwen2.5-VL) and text LLMs (+ a Qwen2.5-VL vision tower) into CASA checkpoints.
+
+The LLM, vision tower and projector carry over by renaming; CASA sub-layers are added and initialised so that the
+converted model computes exactly what the source LLM computes on text (q/k/v copied from the block's SA, output
+projection zero). Tensors are streamed one at a time into sharded safetensors in a staging folder that becomes the
+output only when everything (weights, config, processor, model card, optional verification) is written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedConfig
+from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+from . import __version__
+from .checkpoint_io import CheckpointReader, ShardedWriter, parse_size, staged_output
+from .configuration_casa import SUPPORTED_TEXT_MODEL_TYPES, CasaConfig
+from .modeling_casa import CasaForConditionalGeneration
+from .processing_casa import DEFAULT_CHAT_TEMPLATE, CasaProcessor
+
+CASA_INIT_CHOICES = ("copy", "random")
+IMAGE_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# On-disk names of the sources -> names in a CASA checkpoint. Both the legacy layout of Hub checkpoints
+# (`model.layers`, `visual`) and the Transformers 5 in-memory layout (`model.language_model`, `model.visual`) are read.
+TEXT_RENAMES = (
+    (r"^model\.language_model\.", "model.language_model."),
+    (r"^model\.(embed_tokens|layers|norm)\.", r"model.language_model.\1."),
+    (r"^lm_head\.weight$", "lm_head.weight"),
+)
+VISION_RENAMES = ((r"^model\.visual\.", "model.visual."), (r"^visual\.", "model.visual."))
+
+
+@dataclass
+class ConversionReport:
+    """Where every tensor went: carried over (renamed), deliberately dropped (with the reason), or created."""
+
+    source: str
+    output: str
+    options: dict
+    carried: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    created: dict[str, str] = field(default_factory=dict)
+    shards: int = 0
+    total_bytes: int = 0
+    verification: dict | None = None
+
+    def summary(self) -> str:
+        lines = [
+            f"CASA conversion of {self.source} -> {self.output}",
+            f"  carried over: {len(self.carried)} tensors, created: {len(self.created)}, dropped: {len(self.dropped)}",
+            f"  written: {self.total_bytes / 2**20:.1f} MiB in {self.shards} shard(s)",
+        ]
+        lines += [f"  dropped {name}: {reason}" for name, reason in self.dropped.items()]
+        if self.verification:
+            lines += [f"  verify {key}: {value}" for key, value in self.verification.items()]
+        return "\n".join(lines)
+
+
+def _rename(name: str, tables) -> str | None:
+    for pattern, replacement in tables:
+        if re.match(pattern, name):
+            return re.sub(pattern, replacement, name)
+    return None
+
+
+def _expected_shapes(config: CasaConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the target model's tensors, from a weightless (meta) instance."""
+    with torch.device("meta"):
+        model = CasaForConditionalGeneration(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+@dataclass
+class _Plan:
+    """Sources of every output tensor, checked against the target's names and shapes before anything is written."""
+
+    carried: dict[str, tuple[CheckpointReader, str]] = field(default_factory=dict)  # output -> (reader, source)
+    derived: dict[str, tuple[str, str]] = field(default_factory=dict)  # output -> ("copy", output it copies)
+    made: dict[str, Callable[[tuple[int, ...]], torch.Tensor]] = field(default_factory=dict)  # output -> maker
+    recipes: dict[str, str] = field(default_factory=dict)  # output -> how it was created (for the report)
+    dropped: dict[str, str] = field(default_factory=dict)  # source -> reason
+    resized: dict[str, int] = field(default_factory=dict)  # output -> new first dimension (vocabulary growth)
+
+    def carry(self, reader: CheckpointReader, tables, tied: bool, drop: dict[str, str] | None = None):
+        """Map every tensor of `reader` through `tables`; names in `drop` go away with their reason."""
+        unknown = []
+        for name in reader.names():
+            if drop and name in drop:
+                self.dropped[name] = drop[name]
+                continue
+            target = _rename(name, tables)
+            if target is None:
+                unknown.append(name)
+            elif target == "lm_head.weight" and tied:
+                self.dropped[name] = "tied to model.language_model.embed_tokens.weight"
+            else:
+                self.carried[target] = (reader, name)
+        return unknown
+
+    def check(self, expected: dict[str, tuple[int, ...]], unknown: list[str]) -> None:
+        unexpected = unknown + [self.carried[t][1] for t in self.carried if t not in expected]
+        planned = set(self.carried) | set(self.derived) | set(self.made)
+        missing = sorted(set(expected) - planned)
+        mismatched = []
+        for target, (reader, name) in self.carried.items():
+            if target not in expected:
+                continue
+            shape = reader.shape(name)
+            if target in self.resized:
+                shape = (self.resized[target], *shape[1:])
+            if shape != expected[target]:
+                mismatched.append(f"{name} {list(shape)} (expected {list(expected[target])} for {target})")
+        problems = []
+        if unexpected:
+            problems.append(f"unexpected tensors {sorted(unexpected)}")
+        if missing:
+            problems.append(f"missing tensors {missing}")
+        if mismatched:
+            problems.append(f"shape mismatches {mismatched}")
+        if problems:
+            raise ValueError("The checkpoint does not match the CASA model it should become: " + "; ".join(problems))
+
+
+def _casa_init_plan(plan: _Plan, config: CasaConfig, expected: dict, casa_init: str, seed: int) -> None:
+    """CASA sub-layer tensors: norms copied from the block's input norm, q/k/v copied from its SA (or random),
+    output projection zero, so the converted model starts as the source on text."""
+    if casa_init not in CASA_INIT_CHOICES:
+        raise ValueError(f"casa_init={casa_init!r} must be one of {CASA_INIT_CHOICES}")
+    generator = torch.Generator().manual_seed(seed)
+    std = config.text_config.initializer_range
+    for target in expected:
+        match = re.match(r"^(model\.language_model\.layers\.\d+)\.(casa_\w+)\.(.+)$", target)
+        if not match:
+            continue
+        block, part, rest = match.groups()
+        if part in ("casa_input_layernorm", "casa_image_layernorm"):
+            plan.derived[target] = ("copy", f"{block}.input_layernorm.{rest}")
+        elif rest.startswith("o_proj."):
+            plan.made[target] = torch.zeros
+            plan.recipes[target] = "zeros (CASA output starts silent)"
+        elif casa_init == "copy":
+            plan.derived[target] = ("copy", f"{block}.self_attn.{rest}")
+        elif rest.endswith("bias"):
+            plan.made[target] = torch.zeros
+            plan.recipes[target] = "zeros"
+        else:
+            plan.made[target] = lambda shape: torch.randn(shape, generator=generator) * std
+            plan.recipes[target] = f"normal(0, {std})"
+
+
+def _write(
+    plan: _Plan,
+    expected: dict,
+    folder: Path,
+    max_shard_size: str | int,
+    dtype,
+    report: ConversionReport,
+    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> None:
+    """Stream every planned tensor into the shards: carried ones in source order, each followed by its copies."""
+    writer = ShardedWriter(folder, parse_size(max_shard_size), dtype)
+    copies: dict[str, list[str]] = {}
+    for target, (_, of) in plan.derived.items():
+        copies.setdefault(of, []).append(target)
+    transforms = transforms or {}
+    reference_dtype = None
+    for target in tqdm([t for t in plan.carried if t in expected], desc="Converting tensors", unit="tensor"):
+        reader, name = plan.carried[target]
+        tensor = reader.get(name)
+        tensor = transforms[target](tensor) if target in transforms else tensor
+        reference_dtype = reference_dtype or (tensor.dtype if tensor.is_floating_point() else None)
+        writer.add(target, tensor)
+        report.carried[name] = target
+        for copy in copies.get(target, []):
+            writer.add(copy, tensor.clone())
+            report.created[copy] = f"copy of {target}"
+    for target, make in plan.made.items():
+        writer.add(target, make(expected[target]).to(dtype or reference_dtype or torch.float32))
+        report.created[target] = plan.recipes[target]
+    report.shards = writer.close()
+    report.total_bytes = writer.total_bytes
+    report.dropped.update(plan.dropped)
+
+
+def _text_config_from_qwen2_5_vl(source: PreTrainedConfig) -> dict:
+    """The Qwen2 text config equivalent to Qwen2.5-VL's language model on text-only input.
+
+    M-RoPE with identical position rows (what text-only tokens get) is plain 1-D RoPE with the same base.
+    """
+    text = source.text_config
+    rope = dict(text.rope_parameters or {})
+    if rope.get("rope_type", "default") not in ("default", "mrope"):
+        raise ValueError(f"Qwen2.5-VL text rope_type={rope.get('rope_type')!r} has no plain-RoPE equivalent")
+    keep = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_act",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "attention_dropout",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
+    config = {key: getattr(text, key) for key in keep if getattr(text, key, None) is not None}
+    config.update(
+        model_type="qwen2",
+        rope_parameters={"rope_type": "default", "rope_theta": rope["rope_theta"]},
+        tie_word_embeddings=bool(source.tie_word_embeddings),
+    )
+    return config
+
+
+def _load_config(folder: Path, what: str) -> PreTrainedConfig:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{what} folder {folder} has no config.json")
+    return AutoConfig.from_pretrained(folder)
+
+
+def _chat_template(folder: Path, tokenizer) -> str | None:
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = folder / name
+        if path.is_file():
+            text = path.read_text()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return getattr(tokenizer, "chat_template", None)
+
+
+def _image_processor(folder: Path) -> Qwen2VLImageProcessorPil:
+    if not (folder / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no preprocessor_config.json (the Qwen2.5-VL image processor settings)")
+    return Qwen2VLImageProcessorPil.from_pretrained(folder)
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}; use e.g. float32, bfloat16, float16")
+    return getattr(torch, dtype)
+
+
+def convert_qwen2_5_vl_to_casa(
+    source: str | Path,
+    output: str | Path,
+    *,
+    casa_layers: list[int] | None = None,
+    casa_init: str = "copy",
+    shared: bool = False,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    verify: bool = False,
+    seed: int = 0,
+) -> ConversionReport:
+    """Qwen2.5-VL checkpoint folder -> CASA folder (loadable with `AutoModel` after `import casa_hf`)."""
+    source, output = Path(source), Path(output)
+    source_config = _load_config(source, "Source")
+    if source_config.model_type != "qwen2_5_vl":
+        raise ValueError(f"{source} is a {source_config.model_type!r} checkpoint, not 'qwen2_5_vl'")
+    config = CasaConfig(
+        text_config=_text_config_from_qwen2_5_vl(source_config),
+        vision_config=source_config.vision_config.to_dict(),
+        casa_layers=casa_layers,
+        casa_shared=shared,
+        image_token_id=source_config.image_token_id,
+        vision_start_token_id=source_config.vision_start_token_id,
+        vision_end_token_id=source_config.vision_end_token_id,
+        tie_word_embeddings=bool(source_config.tie_word_embeddings),
+    )
+    options = dict(
+        casa_layers=config.casa_layers,
+        casa_init=casa_init,
+        shared=shared,
+        dtype=str(dtype),
+        max_shard_size=max_shard_size,
+        seed=seed,
+    )
+    report = ConversionReport(str(source), str(output), options)
+    expected = _expected_shapes(config)
+    with CheckpointReader(source) as reader, staged_output(output, overwrite) as staging:
+        plan = _Plan()
+        unknown = plan.carry(reader, TEXT_RENAMES + VISION_RENAMES, tied=config.tie_word_embeddings)
+        _casa_init_plan(plan, config, expected, casa_init, seed)
+        plan.check(expected, unknown)
+        _write(plan, expected, staging, max_shard_size, _parse_dtype(dtype), report)
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        processor = CasaProcessor(_image_processor(source), tokenizer, chat_template=_chat_template(source, tokenizer))
+        _save_companions(staging, config, processor, _generation_config(source, config), report, "Qwen2.5-VL")
+        if verify:
+            from .verify_conversion import verify_against_qwen2_5_vl
+
+            report.verification = verify_against_qwen2_5_vl(source, staging, exact=not shared)
+            _write_report_files(staging, report, "Qwen2.5-VL")
+    return report
+
+
+def convert_llm_to_casa(
+    llm: str | Path,
+    vision: str | Path,
+    output: str | Path,
+    *,
+    casa_layers: list[int] | None = None,
+    casa_init: str = "copy",
+    shared: bool = False,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    verify: bool = False,
+    seed: int = 0,
+) -> ConversionReport:
+    """Text LLM folder (Qwen2, Llama, Helium) + the vision tower of a Qwen2.5-VL folder -> CASA (the Helium recipe).
+
+    The image placeholder and chat tokens are added to the tokenizer when missing (embedding rows: the mean of the
+    existing ones); the projector's last layer is re-initialised when the LLM width differs from the source's.
+    """
+    llm, vision, output = Path(llm), Path(vision), Path(output)
+    llm_config = _load_config(llm, "LLM")
+    if llm_config.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+        raise ValueError(f"{llm} is a {llm_config.model_type!r} model; supported LLMs: {SUPPORTED_TEXT_MODEL_TYPES}")
+    vision_config = _load_config(vision, "Vision source")
+    if vision_config.model_type != "qwen2_5_vl":
+        raise ValueError(f"{vision} is a {vision_config.model_type!r} checkpoint, not 'qwen2_5_vl'")
+
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    missing_tokens = [t for t in IMAGE_TOKENS + CHAT_TOKENS if t not in tokenizer.get_vocab()]
+    if missing_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing_tokens})
+    old_vocab = llm_config.vocab_size
+    new_vocab = max(old_vocab, len(tokenizer))
+    text_config = {**llm_config.to_dict(), "vocab_size": new_vocab}
+    hidden = llm_config.hidden_size
+    vision_dict = {**vision_config.vision_config.to_dict(), "out_hidden_size": hidden}
+    config = CasaConfig(
+        text_config=text_config,
+        vision_config=vision_dict,
+        casa_layers=casa_layers,
+        casa_shared=shared,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=bool(llm_config.tie_word_embeddings),
+    )
+    options = dict(
+        casa_layers=config.casa_layers,
+        casa_init=casa_init,
+        shared=shared,
+        dtype=str(dtype),
+        max_shard_size=max_shard_size,
+        seed=seed,
+        vision_source=str(vision),
+        added_tokens=missing_tokens,
+    )
+    report = ConversionReport(str(llm), str(output), options)
+    expected = _expected_shapes(config)
+    resize = _grow_rows(new_vocab) if new_vocab > old_vocab else None
+    with (
+        CheckpointReader(llm) as llm_reader,
+        CheckpointReader(vision) as vision_reader,
+        staged_output(output, overwrite) as staging,
+    ):
+        plan = _Plan()
+        unknown = plan.carry(llm_reader, TEXT_RENAMES, tied=config.tie_word_embeddings)
+        source_width = vision_config.vision_config.out_hidden_size
+        drop = {
+            name: "language model of the vision source"
+            for name in vision_reader.names()
+            if _rename(name, VISION_RENAMES) is None
+        }
+        if source_width != hidden:
+            merger_out = [n for n in vision_reader.names() if re.search(r"merger\.mlp\.2\.(weight|bias)$", n)]
+            drop.update(dict.fromkeys(merger_out, f"projector output sized for width {source_width}, not {hidden}"))
+            generator = torch.Generator().manual_seed(seed + 1)
+            for target in ("model.visual.merger.mlp.2.weight", "model.visual.merger.mlp.2.bias"):
+                if target.endswith("bias"):
+                    plan.made[target] = torch.zeros
+                    plan.recipes[target] = "zeros (projector resized to the LLM width)"
+                else:
+                    std = config.text_config.initializer_range
+                    plan.made[target] = lambda shape: torch.randn(shape, generator=generator) * std
+                    plan.recipes[target] = f"normal(0, {std}) (projector resized to the LLM width)"
+        unknown += plan.carry(vision_reader, VISION_RENAMES, tied=False, drop=drop)
+        transforms = {}
+        if resize is not None:
+            for target in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+                if target in plan.carried:
+                    plan.resized[target] = new_vocab
+                    transforms[target] = resize
+        _casa_init_plan(plan, config, expected, casa_init, seed)
+        plan.check(expected, unknown)
+        _write(plan, expected, staging, max_shard_size, _parse_dtype(dtype), report, transforms)
+        for target in transforms:
+            report.created[f"{target}[{old_vocab}:{new_vocab}]"] = "mean of the existing rows (added tokens)"
+
+        chat_template = DEFAULT_CHAT_TEMPLATE
+        processor = CasaProcessor(_image_processor(vision), tokenizer, chat_template=chat_template)
+        generation = _generation_config(llm, config)
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+        generation.eos_token_id = [e for e in eos if e is not None] + [im_end]
+        _save_companions(staging, config, processor, generation, report, config.text_config.model_type)
+        if verify:
+            from .verify_conversion import verify_against_llm
+
+            report.verification = verify_against_llm(llm, staging, old_vocab, exact=not shared)
+            _write_report_files(staging, report, config.text_config.model_type)
+    return report
+
+
+def _grow_rows(rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Embedding / LM-head rows for added tokens: the mean of the existing rows (a neutral start)."""
+
+    def grow(tensor: torch.Tensor) -> torch.Tensor:
+        extra = tensor.float().mean(0, keepdim=True).to(tensor.dtype).expand(rows - tensor.shape[0], -1)
+        return torch.cat([tensor, extra])
+
+    return grow
+
+
+def _generation_config(source: Path, config: CasaConfig) -> GenerationConfig:
+    if (source / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(source)
+    return GenerationConfig.from_model_config(config)
+
+
+def _save_companions(
+    staging: Path,
+    config: CasaConfig,
+    processor: CasaProcessor,
+    generation: GenerationConfig,
+    report: ConversionReport,
+    source_kind: str,
+) -> None:
+    config.architectures = ["CasaForConditionalGeneration"]
+    config.save_pretrained(staging)
+    generation.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    _write_report_files(staging, report, source_kind)
+
+
+def _write_report_files(folder: Path, report: ConversionReport, source_kind: str) -> None:
+    """`conversion_report.json` (every tensor's fate) and the Hub model card."""
+    (folder / "conversion_report.json").write_text(json.dumps(report.__dict__, indent=1, default=str) + "\n")
+    verification = ""
+    if report.verification:
+        verification = "\n## Verification\n\n" + "\n".join(f"- {k}: {v}" for k, v in report.verification.items())
+    (folder / "README.md").write_text(f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [casa, vision-language, cross-attention]
+---
+
+# CASA model converted from {source_kind}
+
+A CASA (Cross-Attention over Self-Attention, arXiv 2512.19535) vision-language model in the `casa_hf` format:
+images enter through CASA sub-layers, never as tokens in the LLM sequence, so the KV cache holds text only.
+The CASA sub-layers were **added by conversion** (output projections start at zero: on text the model computes
+what its source computes); they need training before the model uses images well.
+
+## Usage
+
+```python
+import casa_hf  # registers the CASA classes with the Auto classes
+from transformers import AutoModel, AutoProcessor
+from PIL import Image
+
+model = AutoModel.from_pretrained("{report.output}")
+processor = AutoProcessor.from_pretrained("{report.output}")
+messages = [{{"role": "user", "content": [{{"type": "image", "image": Image.new("RGB", (448, 448))}},
+                                         {{"type": "text", "text": "Describe the image."}}]}}]
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt")
+print(processor.batch_decode(model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True))
+```
+
+## Provenance
+
+- source: `{report.source}` ({source_kind})
+- converted on {datetime.date.today().isoformat()} with casa_hf {__version__}
+- options: `{json.dumps(report.options, default=str)}`
+- tensors: {len(report.carried)} carried over, {len(report.created)} created, {len(report.dropped)} dropped
+  (details in `conversion_report.json`)
+{verification}
+""")
+
+
+__all__ = ["ConversionReport", "convert_llm_to_casa", "convert_qwen2_5_vl_to_casa"]
