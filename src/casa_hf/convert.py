@@ -157,8 +157,12 @@ def _casa_init_plan(plan: _Plan, config: CasaConfig, expected: dict, casa_init: 
             plan.made[target] = torch.zeros
             plan.recipes[target] = "zeros"
         else:
-            plan.made[target] = lambda shape: torch.randn(shape, generator=generator) * std
+            plan.made[target] = _normal(generator, std)
             plan.recipes[target] = f"normal(0, {std})"
+
+
+def _normal(generator: torch.Generator, std: float) -> Callable[[tuple[int, ...]], torch.Tensor]:
+    return lambda shape: torch.randn(shape, generator=generator) * std
 
 
 def _write(
@@ -389,15 +393,11 @@ def convert_llm_to_casa(
         if source_width != hidden:
             merger_out = [n for n in vision_reader.names() if re.search(r"merger\.mlp\.2\.(weight|bias)$", n)]
             drop.update(dict.fromkeys(merger_out, f"projector output sized for width {source_width}, not {hidden}"))
-            generator = torch.Generator().manual_seed(seed + 1)
-            for target in ("model.visual.merger.mlp.2.weight", "model.visual.merger.mlp.2.bias"):
-                if target.endswith("bias"):
-                    plan.made[target] = torch.zeros
-                    plan.recipes[target] = "zeros (projector resized to the LLM width)"
-                else:
-                    std = config.text_config.initializer_range
-                    plan.made[target] = lambda shape: torch.randn(shape, generator=generator) * std
-                    plan.recipes[target] = f"normal(0, {std}) (projector resized to the LLM width)"
+            std = config.text_config.initializer_range
+            plan.made["model.visual.merger.mlp.2.weight"] = _normal(torch.Generator().manual_seed(seed + 1), std)
+            plan.recipes["model.visual.merger.mlp.2.weight"] = f"normal(0, {std}) (projector resized to the LLM)"
+            plan.made["model.visual.merger.mlp.2.bias"] = torch.zeros
+            plan.recipes["model.visual.merger.mlp.2.bias"] = "zeros (projector resized to the LLM)"
         unknown += plan.carry(vision_reader, VISION_RENAMES, tied=False, drop=drop)
         transforms = {}
         if resize is not None:
