@@ -209,3 +209,22 @@ def test_bad_sources_raise_listed_errors(qwen_source, tmp_path):
     with pytest.raises(ValueError, match="shape mismatches"):
         convert_qwen2_5_vl_to_casa(reshaped, out)
     assert not out.exists()
+
+
+def test_command_line_and_script(qwen_source, tmp_path):
+    import subprocess
+    import sys
+
+    from casa_hf.cli import main
+
+    source, _ = qwen_source
+    main(["convert", "qwen2_5_vl", str(source), str(tmp_path / "a"), "--casa-layers", "0", "--dtype", "float16"])
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["casa_layers"] == [0] and config["dtype"] == "float16"
+    assert AutoModel.from_pretrained(tmp_path / "a").dtype == torch.float16
+    result = subprocess.run(
+        [sys.executable, "conversion/convert_qwen2_5_vl_to_casa.py", str(source), str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "already exists" in result.stderr

@@ -44,17 +44,18 @@ class CheckpointReader:
             raise FileNotFoundError(f"Shard file(s) listed in {SAFE_INDEX} are missing from {self.folder}: {missing}")
         self.weight_map: dict[str, str] = weight_map
         self._handles: dict[str, object] = {}
-        self._stack = contextlib.ExitStack()
 
     def _handle(self, file: str):
         if file not in self._handles:
             try:
-                self._handles[file] = self._stack.enter_context(
-                    safe_open(self.folder / file, framework="pt", device="cpu")
-                )
+                self._handles[file] = safe_open(self.folder / file, framework="pt", device="cpu")
             except Exception as error:  # safetensors raises its own error types for corrupt headers
                 raise ValueError(f"Cannot read shard {self.folder / file}: {error}") from error
         return self._handles[file]
+
+    def release(self, file: str) -> None:
+        """Unmap a shard once its tensors are read, so its pages do not stay resident."""
+        self._handles.pop(file, None)
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -69,7 +70,6 @@ class CheckpointReader:
             raise ValueError(f"Cannot read tensor {name!r} from {self.weight_map[name]}: {error}") from error
 
     def close(self) -> None:
-        self._stack.close()
         self._handles.clear()
 
     def __enter__(self) -> CheckpointReader:

@@ -107,16 +107,73 @@ def run_demo(frames: int, new_tokens: int, seed: int) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def _layer_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", help="folder to write (appears only when complete)")
+    parser.add_argument("--casa-layers", type=_layer_list, default=None, help="e.g. 0,4,8 (default: every block)")
+    parser.add_argument(
+        "--casa-init",
+        choices=("copy", "random"),
+        default="copy",
+        help="CASA q/k/v: copied from the block's self-attention, or random (output proj. is zero)",
+    )
+    parser.add_argument("--shared", action="store_true", help="the -Shared variant: CASA reuses SA projections")
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: keep the source dtype)")
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--verify", action="store_true", help="compare with the source and run an image prompt")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from .convert import convert_llm_to_casa, convert_qwen2_5_vl_to_casa
+
+    options = dict(
+        casa_layers=args.casa_layers,
+        casa_init=args.casa_init,
+        shared=args.shared,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        verify=args.verify,
+        seed=args.seed,
+    )
+    if args.source_kind == "qwen2_5_vl":
+        report = convert_qwen2_5_vl_to_casa(args.source, args.output, **options)
+    else:
+        report = convert_llm_to_casa(args.llm, args.vision, args.output, **options)
+    print(report.summary())
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casa-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="stream synthetic frames through a tiny CASA model (offline)")
     demo.add_argument("--frames", type=int, default=8)
     demo.add_argument("--new-tokens", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+
+    convert = commands.add_parser("convert", help="convert a checkpoint folder into a CASA checkpoint folder")
+    sources = convert.add_subparsers(dest="source_kind", required=True)
+    qwen = sources.add_parser("qwen2_5_vl", help="a Qwen2.5-VL (token insertion) checkpoint -> CASA")
+    qwen.add_argument("source", help="local Qwen2.5-VL checkpoint folder")
+    _add_conversion_options(qwen)
+    llm = sources.add_parser("llm", help="a text LLM (Qwen2, Llama, Helium) + a Qwen2.5-VL vision tower -> CASA")
+    llm.add_argument("llm", help="local text LLM checkpoint folder")
+    llm.add_argument("vision", help="local Qwen2.5-VL checkpoint folder whose vision tower is used")
+    _add_conversion_options(llm)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         run_demo(args.frames, args.new_tokens, args.seed)
+    elif args.command == "convert":
+        run_convert(args)
 
 
 if __name__ == "__main__":

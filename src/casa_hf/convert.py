@@ -161,6 +161,11 @@ def _casa_init_plan(plan: _Plan, config: CasaConfig, expected: dict, casa_init: 
             plan.recipes[target] = f"normal(0, {std})"
 
 
+def _source_file(plan: _Plan, target: str) -> tuple[str, str]:
+    reader, name = plan.carried[target]
+    return str(reader.folder), reader.weight_map[name]
+
+
 def _normal(generator: torch.Generator, std: float) -> Callable[[tuple[int, ...]], torch.Tensor]:
     return lambda shape: torch.randn(shape, generator=generator) * std
 
@@ -181,7 +186,9 @@ def _write(
         copies.setdefault(of, []).append(target)
     transforms = transforms or {}
     reference_dtype = None
-    for target in tqdm([t for t in plan.carried if t in expected], desc="Converting tensors", unit="tensor"):
+    # Read shard by shard (each source file once, released after), so only one shard's pages are ever resident.
+    targets = sorted((t for t in plan.carried if t in expected), key=lambda t: _source_file(plan, t))
+    for position, target in enumerate(tqdm(targets, desc="Converting tensors", unit="tensor")):
         reader, name = plan.carried[target]
         tensor = reader.get(name)
         tensor = transforms[target](tensor) if target in transforms else tensor
@@ -191,6 +198,9 @@ def _write(
         for copy in copies.get(target, []):
             writer.add(copy, tensor.clone())
             report.created[copy] = f"copy of {target}"
+        del tensor
+        if position + 1 == len(targets) or _source_file(plan, targets[position + 1]) != _source_file(plan, target):
+            reader.release(reader.weight_map[name])
     for target, make in plan.made.items():
         writer.add(target, make(expected[target]).to(dtype or reference_dtype or torch.float32))
         report.created[target] = plan.recipes[target]
@@ -298,6 +308,7 @@ def convert_qwen2_5_vl_to_casa(
         max_shard_size=max_shard_size,
         seed=seed,
     )
+    config.dtype = _parse_dtype(dtype) or source_config.dtype  # what `from_pretrained` loads by default
     report = ConversionReport(str(source), str(output), options)
     expected = _expected_shapes(config)
     with CheckpointReader(source) as reader, staged_output(output, overwrite) as staging:
@@ -374,6 +385,7 @@ def convert_llm_to_casa(
         vision_source=str(vision),
         added_tokens=missing_tokens,
     )
+    config.dtype = _parse_dtype(dtype) or llm_config.dtype
     report = ConversionReport(str(llm), str(output), options)
     expected = _expected_shapes(config)
     resize = _grow_rows(new_vocab) if new_vocab > old_vocab else None
