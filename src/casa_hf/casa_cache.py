@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,29 @@ class CasaCache(DynamicCache):
     def casa_state_lengths(self, layer_idx: int) -> torch.Tensor:
         """Used slots per sample of one CASA layer's side state (image tokens + text since that image)."""
         return self.casa_states[layer_idx].valid.sum(1)
+
+    def evict_text(
+        self, sink_tokens: int, window_tokens: int, shift: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> int:
+        """Keep the first `sink_tokens` and the last `window_tokens` text tokens of every SA layer; drop the middle.
+
+        Kept window keys and every CASA side state move back by the number of dropped tokens (`shift` rotates RoPE'd
+        keys), so positions stay contiguous and the next token's position is the cache length again. Returns the
+        number of dropped tokens.
+        """
+        excess = self.get_seq_length() - sink_tokens - window_tokens
+        if excess <= 0:
+            return 0
+        for layer in self.layers:
+            if getattr(layer, "is_sliding", False):
+                raise ValueError("A text budget cannot be applied to sliding-window cache layers")
+            keys, values = layer.keys, layer.values
+            recent = slice(sink_tokens + excess, None)
+            layer.keys = torch.cat([keys[..., :sink_tokens, :], shift(keys[..., recent, :], -excess)], dim=-2)
+            layer.values = torch.cat([values[..., :sink_tokens, :], values[..., recent, :]], dim=-2)
+        for state in self.casa_states.values():
+            state.keys = shift(state.keys, -excess)
+        return excess
 
     def _select_states(self, index: torch.Tensor) -> None:
         self.casa_states = {idx: state.select(index) for idx, state in self.casa_states.items()}

@@ -5,6 +5,7 @@ source checkpoints); only the CASA sub-layer and the wiring around it live here 
 """
 
 import copy
+import sys
 from typing import Any
 
 import torch
@@ -145,6 +146,20 @@ class CasaTextModel(CasaPreTrainedModel):
         self.rotary_emb = backbone.rotary_emb
         self.gradient_checkpointing = False
         self.post_init()
+
+    def shift_key_positions(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Move RoPE'd keys (`[..., slots, head_dim]`) by `delta` positions: RoPE rotations compose, so a key
+        rotated at position p becomes the key at p + delta without its pre-RoPE value. Used to keep positions
+        contiguous when a bounded text cache drops old tokens."""
+        rope_type = self.config.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(f"Shifting cached keys needs plain RoPE; this backbone uses rope_type={rope_type!r}")
+        position = torch.full((1, 1), delta, device=keys.device)
+        cos, sin = self.rotary_emb(keys, position_ids=position)
+        apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        shape = (1,) * (keys.ndim - 2) + cos.shape[-1:]
+        shifted, _ = apply_rotary(keys, keys, cos.reshape(shape), sin.reshape(shape), unsqueeze_dim=0)
+        return shifted
 
     def _self_attention_masks(
         self,

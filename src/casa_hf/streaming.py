@@ -1,0 +1,199 @@
+"""Streaming images and video through a CASA model: one persistent text-only cache, each frame fed once.
+
+A frame's features live only in the CASA layers' side state until the next frame replaces them, so memory does not
+grow with the number of frames. The text keeps growing unless a `TextBudget` bounds it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .casa_cache import CasaCache
+from .processing_casa import _load_one
+
+
+@dataclass
+class TextBudget:
+    """Bound the text cache to `sink_tokens + window_tokens` tokens, StreamingLLM style.
+
+    The first tokens (the attention sinks: system prompt start) and the most recent window stay; the middle is
+    dropped and the kept keys are re-positioned so positions stay contiguous (no growth past the trained context).
+    Trade-off: the model forgets text older than the window (it never sees old frames anyway: CASA keeps only the
+    latest image); memory and per-token cost become truly constant over hours of video.
+    """
+
+    sink_tokens: int = 4
+    window_tokens: int = 1024
+
+    def __post_init__(self):
+        if self.sink_tokens < 0 or self.window_tokens < 1:
+            raise ValueError(f"TextBudget needs sink_tokens >= 0 and window_tokens >= 1, got {self}")
+
+
+@dataclass
+class StreamStep:
+    """What one fed frame (or text) produced."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    cache_tokens: int
+    cache_bytes: int
+
+
+def cache_nbytes(cache: CasaCache) -> int:
+    """Bytes held by the cache: text K/V of the SA layers plus every CASA side state."""
+    total = 0
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.numel():
+            total += (
+                layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            )
+    for state in cache.casa_states.values():
+        total += (state.keys.numel() + state.values.numel()) * state.keys.element_size()
+    return total
+
+
+class CasaStream:
+    """Feed frames (with optional text) one at a time and get the model's text for each.
+
+    ```python
+    stream = CasaStream(model, processor, prompt="Describe what happens.", max_new_tokens=16)
+    for step in stream.run(frames):
+        print(step.index, step.text)
+    ```
+
+    Decoding is greedy unless `do_sample=True`. The last generated token of a turn is fed at the start of the
+    next one, exactly as `generate()` with a passed-back cache and the growing history would do.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        prompt: str | None = None,
+        frame_text: str = "",
+        max_new_tokens: int = 16,
+        text_budget: TextBudget | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+    ):
+        self.model = model
+        self.processor = processor
+        self.prompt = prompt
+        self.frame_text = frame_text
+        self.max_new_tokens = max_new_tokens
+        self.text_budget = text_budget
+        self.do_sample = do_sample
+        self.temperature = temperature
+        eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        tokenizer = processor.tokenizer
+        vocab = tokenizer.get_vocab()
+        wrapped = "<|vision_start|>" in vocab and "<|vision_end|>" in vocab
+        self.image_text = (
+            f"<|vision_start|>{processor.image_token}<|vision_end|>" if wrapped else processor.image_token
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: a fresh cache, no pending token, frame counter at zero."""
+        self.cache = CasaCache()
+        self._pending: list[int] = []
+        self._steps = 0
+        self.evicted_tokens = 0
+
+    def feed(self, frame=None, text: str | None = None, max_new_tokens: int | None = None) -> StreamStep:
+        """Feed one frame (PIL / numpy / tensor / path) and/or text, then generate up to `max_new_tokens`."""
+        pieces = []
+        if self._steps == 0 and self.prompt:
+            pieces.append(self.prompt)
+        images = None
+        if frame is not None:
+            images = [_load_one(frame)]
+            pieces.append(self.image_text)
+            if self.frame_text:
+                pieces.append(self.frame_text)
+        if text:
+            pieces.append(text)
+        if not pieces:
+            raise ValueError("feed() needs a frame or some text")
+        turn = "".join(pieces)
+        if images is not None:
+            encoded = self.processor(images=images, text=turn, add_special_tokens=False, return_tensors="pt")
+        else:
+            encoded = self.processor.tokenizer(turn, add_special_tokens=False, return_tensors="pt")
+        input_ids = torch.cat([torch.tensor([self._pending], dtype=torch.long), encoded["input_ids"]], dim=1)
+        pixel_values, grid = encoded.get("pixel_values"), encoded.get("image_grid_thw")
+        step = self._generate(input_ids, pixel_values, grid, max_new_tokens or self.max_new_tokens)
+        self._steps += 1
+        return step
+
+    def run(self, frames: Iterable, text: str | None = None) -> Iterator[StreamStep]:
+        """`feed` every frame of `frames` in turn (with the same `text` after each), yielding each step."""
+        for frame in frames:
+            yield self.feed(frame, text)
+
+    @torch.no_grad()
+    def _generate(self, input_ids, pixel_values, grid, max_new_tokens: int) -> StreamStep:
+        device = self.model.device
+        if self.text_budget is not None:
+            shift = self.model.model.language_model.shift_key_positions
+            budget = self.text_budget
+            self.evicted_tokens += self.cache.evict_text(budget.sink_tokens, budget.window_tokens, shift)
+        start = time.perf_counter()
+        logits = self._forward(input_ids.to(device), pixel_values, grid)
+        generated: list[int] = []
+        first_token_at = decode_start = time.perf_counter()
+        for _ in range(max_new_tokens):
+            token = self._pick(logits)
+            generated.append(token)
+            if len(generated) == 1:
+                first_token_at = decode_start = time.perf_counter()
+            if token in self.eos_token_ids or len(generated) == max_new_tokens:
+                break
+            logits = self._forward(torch.tensor([[token]], device=device), None, None)
+        decode_time = time.perf_counter() - decode_start
+        self._pending = generated[-1:]
+        return StreamStep(
+            index=self._steps,
+            text=self.processor.tokenizer.decode(generated, skip_special_tokens=True),
+            token_ids=generated,
+            time_to_first_token_s=first_token_at - start,
+            decode_tokens_per_s=(len(generated) - 1) / decode_time if len(generated) > 1 and decode_time else 0.0,
+            cache_tokens=self.cache.get_seq_length(),
+            cache_bytes=cache_nbytes(self.cache),
+        )
+
+    def _forward(self, input_ids, pixel_values, grid) -> torch.Tensor:
+        if pixel_values is not None:
+            pixel_values, grid = pixel_values.to(self.model.device), grid.to(self.model.device)
+        out = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.cache
+        logits = out.logits[0, -1].float()
+        logits[self.model.config.image_token_id] = float("-inf")  # an image token cannot be generated
+        return logits
+
+    def _pick(self, logits: torch.Tensor) -> int:
+        if not self.do_sample:
+            return int(logits.argmax())
+        probabilities = torch.softmax(logits / self.temperature, dim=-1)
+        return int(torch.multinomial(probabilities, 1))
+
+
+__all__ = ["CasaStream", "StreamStep", "TextBudget", "cache_nbytes"]

@@ -1,0 +1,163 @@
+"""Streaming frames through one persistent cache: same text as a full forward and as `generate()`, bounded memory."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny import tiny_model, tiny_processor
+
+from casa_hf import CasaCache
+from casa_hf.streaming import CasaStream, TextBudget
+from casa_hf.video import read_video_frames
+
+
+def frames(count: int, size: int = 56):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    return tiny_model(attn="sdpa"), tiny_processor()
+
+
+def test_stream_equals_full_forward_and_generate(model_and_processor):
+    model, processor = model_and_processor
+    video = frames(6)
+    stream = CasaStream(model, processor, prompt="describe the video .", frame_text="what changed ?", max_new_tokens=3)
+    steps = list(stream.run(video))
+
+    # plain generate() with a passed-back cache and the growing history
+    cache, history = CasaCache(), torch.empty(1, 0, dtype=torch.long)
+    turn_ids = []
+    for index, frame in enumerate(video):
+        text = ("describe the video ." if index == 0 else "") + stream.image_text + "what changed ?"
+        inputs = processor(images=[frame], text=text, add_special_tokens=False, return_tensors="pt")
+        history = torch.cat([history, inputs["input_ids"]], dim=1)
+        turn_ids.append((history.shape[1], inputs))
+        out = model.generate(
+            input_ids=history,
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+            cache=cache,
+            max_new_tokens=3,
+            do_sample=False,
+        )
+        assert out[0, history.shape[1] :].tolist() == steps[index].token_ids
+        history = out
+
+    # one full forward over the whole interleaved sequence: every streamed token is its greedy choice
+    pixel_values = torch.cat([inputs["pixel_values"] for _, inputs in turn_ids])
+    grid = torch.cat([inputs["image_grid_thw"] for _, inputs in turn_ids])
+    with torch.no_grad():
+        logits = model(input_ids=history, pixel_values=pixel_values, image_grid_thw=grid).logits[0]
+    logits[:, model.config.image_token_id] = float("-inf")
+    for (end, _), step in zip(turn_ids, steps, strict=True):
+        predicted = logits[end - 1 : end - 1 + len(step.token_ids)].argmax(-1).tolist()
+        assert predicted == step.token_ids
+    assert "".join(s.text for s in steps)  # the tiny vocabulary decodes every id
+
+
+def test_hundred_frames_keep_text_and_one_image(model_and_processor):
+    model, processor = model_and_processor
+    stream = CasaStream(model, processor, frame_text="what ?", max_new_tokens=2)
+    steps = list(stream.run(frames(100)))
+    per_turn = len(processor.tokenizer(stream.image_text + "what ?", add_special_tokens=False)["input_ids"])
+    generated = sum(len(step.token_ids) for step in steps)
+    # every fed token is text (placeholders included); the last generated token is pending, not yet fed
+    assert stream.cache.get_seq_length() == 100 * per_turn + generated - 1
+    image_tokens = 4  # a 56 x 56 frame: a 4 x 4 patch grid merged 2 x 2
+    since_last_image = per_turn - 1 + len(steps[-1].token_ids) - 1  # placeholder onwards: end, text, decoded
+    for layer_idx in range(model.config.text_config.num_hidden_layers):
+        state = stream.cache.get_casa_state(layer_idx)
+        assert state.image_tokens.tolist() == [image_tokens]
+        assert state.keys.shape[2] == image_tokens + since_last_image
+    bytes_per_slot = 2 * 2 * 16 * 4  # keys + values, 2 kv heads, head_dim 16, fp32; per layer
+    layers = model.config.text_config.num_hidden_layers
+    text_bytes = layers * bytes_per_slot * stream.cache.get_seq_length()
+    assert steps[-1].cache_bytes == text_bytes + layers * bytes_per_slot * (image_tokens + since_last_image)
+
+
+def test_text_budget_keeps_the_cache_bounded(model_and_processor):
+    model, processor = model_and_processor
+    budget = TextBudget(sink_tokens=4, window_tokens=24)
+    stream = CasaStream(
+        model, processor, prompt="describe the video .", frame_text="what ?", max_new_tokens=3, text_budget=budget
+    )
+    steps = list(stream.run(frames(30)))
+    per_turn_max = (
+        1 + len(processor.tokenizer(stream.image_text + "what ?", add_special_tokens=False)["input_ids"]) + 2
+    )
+    assert stream.evicted_tokens > 0
+    assert all(step.cache_tokens <= 4 + 24 + per_turn_max for step in steps)
+    assert len({step.cache_bytes for step in steps[-10:]}) <= 3  # flat once the budget is reached
+    assert all(step.token_ids for step in steps)
+    # without eviction the same stream is the unbudgeted one
+    roomy = CasaStream(
+        model,
+        processor,
+        prompt="describe the video .",
+        frame_text="what ?",
+        max_new_tokens=3,
+        text_budget=TextBudget(4, 10_000),
+    )
+    plain = CasaStream(model, processor, prompt="describe the video .", frame_text="what ?", max_new_tokens=3)
+    assert [s.token_ids for s in roomy.run(frames(5))] == [s.token_ids for s in plain.run(frames(5))]
+
+
+def test_key_shift_moves_rope_positions(model_and_processor):
+    model, _ = model_and_processor
+    language_model = model.model.language_model
+    apply_rotary = sys.modules[type(language_model.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    keys = torch.randn(1, 2, 6, 16)
+    positions = torch.arange(6)[None] + 40
+
+    def rope(at):
+        cos, sin = language_model.rotary_emb(keys, position_ids=at)
+        return apply_rotary(keys, keys, cos, sin)[1]
+
+    assert (language_model.shift_key_positions(rope(positions), -25) - rope(positions - 25)).abs().max() < 1e-5
+
+
+def test_reset_starts_over(model_and_processor):
+    model, processor = model_and_processor
+    stream = CasaStream(model, processor, frame_text="what ?", max_new_tokens=2)
+    first = [s.token_ids for s in stream.run(frames(3))]
+    stream.reset()
+    assert stream.cache.get_seq_length() == 0
+    assert [s.token_ids for s in stream.run(frames(3))] == first
+
+
+def test_bad_frames_and_videos(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    stream = CasaStream(model, processor)
+    with pytest.raises(TypeError, match="Unsupported image type int"):
+        stream.feed(42)
+    with pytest.raises(ValueError, match="shape"):
+        stream.feed(np.zeros((5, 5)))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"this is not a video")
+    with pytest.raises(ValueError, match="Cannot read video file .*broken.mp4"):
+        list(read_video_frames(broken))
+    with pytest.raises(FileNotFoundError, match="nowhere.mp4"):
+        list(read_video_frames(tmp_path / "nowhere.mp4"))
+
+
+def test_video_file_frames_at_fps(tmp_path):
+    import av
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=8)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        for i in range(16):
+            pixels = np.full((48, 64, 3), i * 15, dtype=np.uint8)
+            for packet in video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+    assert len(list(read_video_frames(path))) == 16
+    sampled = list(read_video_frames(path, fps=2))
+    assert len(sampled) == 4 and sampled[0].size == (64, 48)
