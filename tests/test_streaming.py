@@ -161,3 +161,41 @@ def test_video_file_frames_at_fps(tmp_path):
     assert len(list(read_video_frames(path))) == 16
     sampled = list(read_video_frames(path, fps=2))
     assert len(sampled) == 4 and sampled[0].size == (64, 48)
+
+
+def test_eviction_keeps_casa_attention_unchanged(model_and_processor, monkeypatch):
+    """RoPE is relative: after dropping text and moving every position back, each CASA layer must compute exactly
+    what it computes at the original positions from the unmoved state."""
+    import copy
+    import dataclasses
+
+    model, processor = model_and_processor
+    stream = CasaStream(model, processor, frame_text="what ?", max_new_tokens=2, text_budget=TextBudget(2, 12))
+    list(stream.run(frames(4)))
+    saved, calls = {}, []
+    evict = CasaCache.evict_text
+
+    def remember(self, *args):
+        saved["state"] = copy.deepcopy(self.get_casa_state(1))
+        saved["excess"] = evict(self, *args)
+        return saved["excess"]
+
+    monkeypatch.setattr(CasaCache, "evict_text", remember)
+    casa = model.model.language_model.layers[1].casa_attn
+    handle = casa.register_forward_hook(lambda module, args, output: calls.append((args, output)), with_kwargs=False)
+    try:
+        stream.feed(frames(1)[0], max_new_tokens=1)
+    finally:
+        handle.remove()
+    assert saved["excess"] > 0
+    (hidden, images, _, casa_inputs, self_attn, _), (output, _) = calls[0]
+
+    delta = saved["excess"]
+    rotary = model.model.language_model.rotary_emb
+    positions = stream.cache.get_seq_length() - hidden.shape[1] + torch.arange(hidden.shape[1])[None]
+    original = rotary(hidden, position_ids=positions + delta)
+    image_positions = positions[0][casa_inputs.windows.image_mask[0]].repeat_interleave(4)[None] + delta
+    moved_inputs = dataclasses.replace(casa_inputs, image_position_embeddings=rotary(images[None], image_positions))
+    with torch.no_grad():
+        expected, _ = casa(hidden, images, original, moved_inputs, self_attn, saved["state"], False)
+    assert (output - expected).abs().max() < 1e-5
