@@ -47,15 +47,15 @@ class StreamStep:
     cache_bytes: int
 
 
-def cache_nbytes(cache: CasaCache) -> int:
-    """Bytes held by the cache: text K/V of the SA layers plus every CASA side state."""
+def cache_nbytes(cache) -> int:
+    """Bytes held by a cache: K/V of its attention layers plus, for a `CasaCache`, every CASA side state."""
     total = 0
     for layer in cache.layers:
         if layer.keys is not None and layer.keys.numel():
             total += (
                 layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
             )
-    for state in cache.casa_states.values():
+    for state in getattr(cache, "casa_states", {}).values():
         total += (state.keys.numel() + state.values.numel()) * state.keys.element_size()
     return total
 
@@ -106,13 +106,24 @@ class CasaStream:
 
     def reset(self) -> None:
         """Forget everything: a fresh cache, no pending token, frame counter at zero."""
-        self.cache = CasaCache()
+        self.cache = self._new_cache()
         self._pending: list[int] = []
         self._steps = 0
         self.evicted_tokens = 0
 
+    def _new_cache(self) -> CasaCache:
+        return CasaCache()
+
     def feed(self, frame=None, text: str | None = None, max_new_tokens: int | None = None) -> StreamStep:
         """Feed one frame (PIL / numpy / tensor / path) and/or text, then generate up to `max_new_tokens`."""
+        input_ids, pixel_values, grid = self._encode_turn(frame, text)
+        input_ids = torch.cat([torch.tensor([self._pending], dtype=torch.long), input_ids], dim=1)
+        step = self._generate(input_ids, pixel_values, grid, max_new_tokens or self.max_new_tokens)
+        self._steps += 1
+        return step
+
+    def _encode_turn(self, frame, text: str | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Token ids (one image token per frame) and pixels of one turn."""
         pieces = []
         if self._steps == 0 and self.prompt:
             pieces.append(self.prompt)
@@ -127,15 +138,14 @@ class CasaStream:
         if not pieces:
             raise ValueError("feed() needs a frame or some text")
         turn = "".join(pieces)
-        if images is not None:
-            encoded = self.processor(images=images, text=turn, add_special_tokens=False, return_tensors="pt")
-        else:
-            encoded = self.processor.tokenizer(turn, add_special_tokens=False, return_tensors="pt")
-        input_ids = torch.cat([torch.tensor([self._pending], dtype=torch.long), encoded["input_ids"]], dim=1)
-        pixel_values, grid = encoded.get("pixel_values"), encoded.get("image_grid_thw")
-        step = self._generate(input_ids, pixel_values, grid, max_new_tokens or self.max_new_tokens)
-        self._steps += 1
-        return step
+        if images is None:
+            return (
+                self.processor.tokenizer(turn, add_special_tokens=False, return_tensors="pt")["input_ids"],
+                None,
+                None,
+            )
+        encoded = self.processor(images=images, text=turn, add_special_tokens=False, return_tensors="pt")
+        return encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"]
 
     def run(self, frames: Iterable, text: str | None = None) -> Iterator[StreamStep]:
         """`feed` every frame of `frames` in turn (with the same `text` after each), yielding each step."""
