@@ -40,33 +40,38 @@ class CasaWindows:
     image_token_index: torch.Tensor  # [num_images, max_image_tokens] rows into the flat image features
     image_token_valid: torch.Tensor  # [num_images, max_image_tokens]
     image_sizes: list[int]  # tokens per image
-    last_window_image: list[int | None]  # image index that opens each sample's last window (None: continued)
     lengths: list[int]  # tokens per window
     sources: list[int]  # `prefix_source` as a list
     has_new_images: bool
 
 
-def build_casa_windows(image_mask: torch.Tensor, token_valid: torch.Tensor, image_sizes: list[int]) -> CasaWindows:
-    """Cut a chunk into CASA windows. `image_mask` marks placeholders, images are numbered in reading order."""
+def build_casa_windows(
+    image_mask: torch.Tensor,
+    token_valid: torch.Tensor,
+    image_sizes: list[int],
+    segment_starts: torch.Tensor | None = None,
+) -> CasaWindows:
+    """Cut a chunk into CASA windows. `image_mask` marks placeholders, images are numbered in reading order.
+
+    `segment_starts` marks where a packed conversation begins: a window starts there with nothing before it (no
+    image, no cached window), so no CASA attention crosses conversations.
+    """
     batch_size, seq_len = image_mask.shape
     device = image_mask.device
+    empty_source = batch_size + len(image_sizes)  # an all-unused bank row
+    segment_rows = segment_starts.tolist() if segment_starts is not None else [[False] * seq_len] * batch_size
     spans: list[tuple[int, int, int, int]] = []  # (sample, start, end, prefix source)
-    last_window, last_window_image = [], []
+    last_window = []
     next_image = 0
-    for b, row in enumerate(image_mask.tolist()):
-        starts = [t for t, is_image in enumerate(row) if is_image]
-        bounds = [0, *starts, seq_len]
-        opened_by: int | None = None
-        for k in range(len(bounds) - 1):
-            start, end = bounds[k], bounds[k + 1]
-            if end <= start:
-                continue
-            image = None if k == 0 else next_image + k - 1
-            spans.append((b, start, end, b if image is None else batch_size + image))
-            opened_by = image
-        next_image += len(starts)
+    for b, (row, segment_row) in enumerate(zip(image_mask.tolist(), segment_rows, strict=True)):
+        boundaries = [t for t in range(seq_len) if row[t] or (t > 0 and segment_row[t])]
+        ends = [*boundaries, seq_len]
+        if not boundaries or boundaries[0] > 0:
+            spans.append((b, 0, ends[0], b))  # continues sample b's cached window (or starts empty)
+        for start, end in zip(boundaries, ends[1:], strict=True):
+            spans.append((b, start, end, batch_size + next_image if row[start] else empty_source))
+            next_image += int(row[start])
         last_window.append(len(spans) - 1)
-        last_window_image.append(opened_by)
 
     max_len = max(end - start for _, start, end, _ in spans)
     slot = torch.arange(max_len, device=device)
@@ -98,7 +103,6 @@ def build_casa_windows(image_mask: torch.Tensor, token_valid: torch.Tensor, imag
         image_token_index=image_token_index,
         image_token_valid=image_token_valid,
         image_sizes=list(image_sizes),
-        last_window_image=last_window_image,
         lengths=[end - start for _, start, end, _ in spans],
         sources=[s[3] for s in spans],
         has_new_images=bool(image_sizes),
@@ -154,7 +158,11 @@ def _prefix_bank(
         keys.append(_pad_slots(image_keys, width, 2))
         values.append(_pad_slots(image_values, width, 2))
         valid.append(_pad_slots(windows.image_token_valid, width, 1))
-    extents = [past_width] * batch + windows.image_sizes
+    # the empty row: windows that open a packed conversation start with nothing
+    keys.append(past_keys[:1].new_zeros(1, kv_heads, width, head_dim))
+    values.append(keys[-1])
+    valid.append(torch.zeros(1, width, dtype=torch.bool, device=like.device))
+    extents = [past_width] * batch + windows.image_sizes + [0]
     return _PrefixBank(torch.cat(keys), torch.cat(values), torch.cat(valid), extents)
 
 
@@ -332,9 +340,11 @@ def _next_state(
         values = torch.cat([values, _to_windows(value, query_index)], dim=2)
         valid = torch.cat([valid, windows.token_valid[last]], dim=1)
     image_tokens = past_state.image_tokens.clone() if past_state is not None else last.new_zeros(len(last))
-    for b, image in enumerate(windows.last_window_image):
-        if image is not None:
-            image_tokens[b] = windows.image_sizes[image]
+    for b, window in enumerate(windows.last_window.tolist()):
+        source = windows.sources[window]
+        if source != b:  # opened in this chunk: by an image, or fresh (a packed conversation's start)
+            image = source - windows.batch_size
+            image_tokens[b] = windows.image_sizes[image] if image < len(windows.image_sizes) else 0
     state = CasaLayerState(keys, values, valid, image_tokens)
     # Unused slots come from images padded to the bank width, or from left padding at the front of a window.
     leading_gap = valid.shape[1] > 0 and not bool(valid[:, 0].all())

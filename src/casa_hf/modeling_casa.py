@@ -13,7 +13,11 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.logits_process import LogitsProcessorList, SuppressTokensLogitsProcessor
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    packed_sequence_mask_function,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
@@ -167,8 +171,10 @@ class CasaTextModel(CasaPreTrainedModel):
         attention_mask: torch.Tensor | None,
         cache: Cache | None,
         position_ids: torch.Tensor,
+        segments: torch.Tensor | None,
     ) -> dict[str, Any]:
-        """Causal text-only masks for the SA layers, one per attention type the backbone uses."""
+        """Causal text-only masks for the SA layers, one per attention type the backbone uses; packed
+        conversations (`segments`) never attend to each other."""
         mask_kwargs = {
             "config": self.config,
             "inputs_embeds": inputs_embeds,
@@ -176,6 +182,8 @@ class CasaTextModel(CasaPreTrainedModel):
             "cache": cache,
             "position_ids": position_ids,
         }
+        if segments is not None:
+            mask_kwargs["and_mask_function"] = packed_sequence_mask_function(segments)
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if any(layer.attention_type == "sliding_attention" for layer in self.layers):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
@@ -211,7 +219,8 @@ class CasaTextModel(CasaPreTrainedModel):
         token_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=inputs_embeds.device)
         if attention_mask is not None and attention_mask.ndim == 2:
             token_valid = attention_mask[:, -seq_len:].bool()
-        windows = build_casa_windows(image_mask, token_valid, image_sizes or [])
+        segment_starts = _segment_starts(position_ids.expand(batch_size, -1), token_valid) if not past_seen else None
+        windows = build_casa_windows(image_mask, token_valid, image_sizes or [], segment_starts)
         image_position_embeddings = None
         if image_features is not None:
             insertion_points = position_ids.expand(batch_size, -1)[image_mask]
@@ -220,7 +229,8 @@ class CasaTextModel(CasaPreTrainedModel):
             image_position_embeddings = self.rotary_emb(image_features[None], position_ids=image_positions)
         casa_inputs = CasaInputs(windows, image_features, image_position_embeddings)
 
-        masks = self._self_attention_masks(inputs_embeds, attention_mask, cache, position_ids)
+        segments = segment_starts.cumsum(-1) if segment_starts is not None else None
+        masks = self._self_attention_masks(inputs_embeds, attention_mask, cache, position_ids, segments)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers:
@@ -236,6 +246,15 @@ class CasaTextModel(CasaPreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+def _segment_starts(position_ids: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor | None:
+    """Where a packed conversation starts: positions restart between two real tokens. None when nothing is packed."""
+    restart = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    starts = restart & token_valid[:, 1:] & token_valid[:, :-1]
+    if not bool(starts.any()):
+        return None
+    return torch.cat([torch.zeros_like(starts[:, :1]), starts], dim=1)
 
 
 def _text_positions(

@@ -1,0 +1,44 @@
+"""Which parameters train, selected by name (the recipes of the CASA paper)."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+RECIPES = ("qwen", "full", "casa_only")
+
+
+def apply_freezing_recipe(model: nn.Module, recipe: str, trainable_vision_blocks: int = 4) -> dict[str, int]:
+    """Set `requires_grad` by recipe and return the trainable / frozen parameter counts.
+
+    - `"qwen"` (adapting an insertion VLM): LLM and vision tower frozen; CASA sub-layers, the last
+      `trainable_vision_blocks` vision blocks and the projector (merger) train.
+    - `"full"` (the Helium recipe, from a text LLM): LLM + CASA + the last vision blocks + the projector train.
+    - `"casa_only"`: only the CASA sub-layers train.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"Unknown freezing recipe {recipe!r}; choose one of {RECIPES}")
+    depth = len(model.get_submodule("model.visual.blocks"))
+    if not 0 <= trainable_vision_blocks <= depth:
+        raise ValueError(f"trainable_vision_blocks={trainable_vision_blocks} must be within [0, {depth}]")
+    last_blocks = {str(i) for i in range(depth - trainable_vision_blocks, depth)}
+
+    def trainable(name: str) -> bool:
+        if ".casa_" in name:
+            return True
+        if recipe == "casa_only":
+            return False
+        block = re.match(r"model\.visual\.blocks\.(\d+)\.", name)
+        if (block and block.group(1) in last_blocks) or name.startswith("model.visual.merger."):
+            return True
+        return recipe == "full" and (name.startswith("model.language_model.") or name.startswith("lm_head."))
+
+    counts = {"trainable": 0, "frozen": 0}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable(name))
+        counts["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
+    return counts
+
+
+__all__ = ["RECIPES", "apply_freezing_recipe"]

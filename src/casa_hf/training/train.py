@@ -1,0 +1,208 @@
+"""Train a small CASA model (or its cross-attention / token-insertion baselines) on the synthetic VQA data with the
+Hugging Face Trainer, on CPU or GPU; evaluate answers by greedy generation."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainingArguments
+
+from ..configuration_casa import CasaConfig
+from ..modeling_casa import CasaForConditionalGeneration
+from ..processing_casa import CasaProcessor
+from ..random_models import word_tokenizer
+from .collator import CasaDataCollator
+from .freezing import apply_freezing_recipe
+from .synthetic_vqa import SyntheticVQA, vocabulary
+
+MODEL_KINDS = ("casa", "cross_attention", "insertion")
+
+
+@dataclass
+class ModelSize:
+    """A small VLM that trains on a laptop CPU: a Qwen2-style LLM and a Qwen2.5-VL vision tower."""
+
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 6
+    kv_heads: int = 2
+    intermediate: int = 512
+    vision_depth: int = 4
+    vision_hidden: int = 128
+    vision_heads: int = 4
+
+
+def build_processor(image_size: int = 112) -> CasaProcessor:
+    """Word-level tokenizer over the synthetic data's vocabulary + the Qwen2-VL image processor."""
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    words = vocabulary()
+    tokenizer = word_tokenizer(vocab_size=len(words) + 2 + 7 + 8, words=words)
+    area = image_size * image_size
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=area, max_pixels=area)
+    return CasaProcessor(image_processor, tokenizer, image_size=image_size)
+
+
+def build_model(kind: str, processor: CasaProcessor, size: ModelSize, seed: int = 0):
+    """A randomly initialised CASA model (`casa` or `cross_attention`) or Qwen2.5-VL (`insertion`) of `size`."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"Unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
+    tokenizer = processor.tokenizer
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        intermediate_size=size.intermediate,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    vision = dict(
+        depth=size.vision_depth,
+        hidden_size=size.vision_hidden,
+        intermediate_size=size.vision_hidden * 2,
+        num_heads=size.vision_heads,
+        out_hidden_size=size.hidden,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[size.vision_depth - 1],
+    )
+    ids = dict(
+        image_token_id=processor.image_token_id,
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    if kind == "insertion":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        head_dim = size.hidden // size.heads
+        third = head_dim // 2 // 4
+        text["rope_parameters"] = {
+            **text["rope_parameters"],
+            "mrope_section": [head_dim // 2 - 2 * third, third, third],
+        }
+        config = Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=vision,
+            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+            **ids,
+        )
+        return Qwen2_5_VLForConditionalGeneration(config)
+    config = CasaConfig(text_config={"model_type": "qwen2", **text}, vision_config=vision, casa_attention=kind, **ids)
+    return CasaForConditionalGeneration(config)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    kind: str = "casa"
+    steps: int = 3000
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    train_examples: int = 200_000
+    seed: int = 0
+    image_size: int = 112
+    pack: bool = False
+    max_length: int = 512
+    recipe: str | None = None
+    gradient_checkpointing: bool = False
+    size: ModelSize = None
+
+    def __post_init__(self):
+        self.size = self.size or ModelSize()
+
+
+def train(config: TrainConfig, model=None, processor: CasaProcessor | None = None):
+    """Train on `SyntheticVQA(train_examples, seed)` and save model + processor to `output_dir`."""
+    processor = processor or build_processor(config.image_size)
+    model = model or build_model(config.kind, processor, config.size, config.seed)
+    if config.recipe:
+        apply_freezing_recipe(model, config.recipe)
+    dataset = SyntheticVQA(config.train_examples, seed=config.seed, image_size=config.image_size)
+    collator = CasaDataCollator(
+        processor,
+        pack=config.pack,
+        max_length=config.max_length if config.pack else None,
+        expand_image_tokens=config.kind == "insertion",
+    )
+    arguments = TrainingArguments(
+        output_dir=config.output_dir,
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.01,
+        logging_steps=max(config.steps // 20, 1),
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        gradient_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+        disable_tqdm=False,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator)
+    trainer.train()
+    model.eval()
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(config.output_dir)
+    processor.save_pretrained(config.output_dir)
+    return model, processor, trainer
+
+
+@torch.no_grad()
+def evaluate(
+    model, processor: CasaProcessor, dataset: SyntheticVQA, batch_size: int = 32, expand_image_tokens: bool = False
+) -> dict[str, float]:
+    """Greedy answers to every example of `dataset`; accuracy per question kind and over single-image ones."""
+    collator = CasaDataCollator(processor, expand_image_tokens=expand_image_tokens)
+    correct, total = defaultdict(int), defaultdict(int)
+    model.eval()
+    for start in tqdm(range(0, len(dataset), batch_size), desc="Evaluating", unit="batch"):
+        examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        for example, answer in zip(examples, _answer_batch(model, processor, collator, examples), strict=True):
+            correct[example["kind"]] += int(answer == example["answer"])
+            total[example["kind"]] += 1
+    accuracy = {kind: correct[kind] / total[kind] for kind in total}
+    single = [kind for kind in total if kind != "change"]
+    accuracy["single_image"] = sum(correct[k] for k in single) / max(sum(total[k] for k in single), 1)
+    accuracy["all"] = sum(correct.values()) / max(sum(total.values()), 1)
+    return accuracy
+
+
+def _answer_batch(model, processor, collator: CasaDataCollator, examples: list[dict]) -> list[str]:
+    """Prompts without the assistant turn, left-padded; the first generated word of each."""
+    prompts = [collator.encode_prompt(example["messages"][:-1]) for example in examples]
+    width = max(len(ids) for ids, _, _ in prompts)
+    pad = processor.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in prompts])
+    pixel_values = torch.cat([p for _, p, _ in prompts])
+    grid = torch.cat([g for _, _, g in prompts])
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        image_grid_thw=grid,
+        max_new_tokens=2,
+        do_sample=False,
+    )
+    texts = processor.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [text.split()[0] if text.split() else "" for text in texts]
+
+
+__all__ = ["MODEL_KINDS", "ModelSize", "TrainConfig", "build_model", "build_processor", "evaluate", "train"]
