@@ -1,110 +1,9 @@
-"""`casa-hf` command line: `casa-hf demo` streams synthetic frames through a CASA model, offline."""
+"""`casa-hf` command line: `demo` (the shipped model answers questions about generated images, offline),
+`convert` (checkpoints into CASA), `train` (the synthetic VQA recipe)."""
 
 from __future__ import annotations
 
 import argparse
-import time
-
-import numpy as np
-import torch
-from PIL import Image, ImageDraw
-
-from .casa_cache import CasaCache
-from .configuration_casa import CasaConfig
-from .modeling_casa import CasaForConditionalGeneration
-
-DEMO_IMAGE_TOKEN = 150
-
-
-def tiny_random_model(seed: int = 0) -> CasaForConditionalGeneration:
-    """A small random-weight CASA model (Qwen2-style text, Qwen2.5-VL vision) built in code, no download."""
-    torch.manual_seed(seed)
-    config = CasaConfig(
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=256,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            out_hidden_size=128,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[1],
-        ),
-        image_token_id=DEMO_IMAGE_TOKEN,
-        vision_start_token_id=None,
-        vision_end_token_id=None,
-    )
-    return CasaForConditionalGeneration(config).eval()
-
-
-def synthetic_frame(index: int, size: int = 112) -> Image.Image:
-    """A moving square on a coloured background: frame `index` of an endless synthetic video."""
-    image = Image.new("RGB", (size, size), color=(20 + 7 * index % 200, 40, 90))
-    draw = ImageDraw.Draw(image)
-    x = (index * 9) % (size - 30)
-    draw.rectangle([x, size // 3, x + 28, size // 3 + 28], fill=(240, 200, 40))
-    return image
-
-
-def _cache_bytes(cache: CasaCache) -> int:
-    text = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None)
-    side = sum(state.keys.numel() * state.keys.element_size() * 2 for state in cache.casa_states.values())
-    return text + side
-
-
-def run_demo(frames: int, new_tokens: int, seed: int) -> None:
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-
-    model = tiny_random_model(seed)
-    processor = Qwen2VLImageProcessorPil(min_pixels=112 * 112, max_pixels=112 * 112)
-    rng = np.random.default_rng(seed)
-    cache, history = CasaCache(), torch.empty(1, 0, dtype=torch.long)
-    print("CASA demo: random-weight tiny model, synthetic video, one persistent text-only cache")
-    print(f"{'frame':>5} {'ms/token':>8} {'cache text tok':>14} {'CASA window':>11} {'cache KiB':>9}  generated ids")
-    image_tokens = 0
-    for index in range(frames):
-        pixels = processor(images=[synthetic_frame(index)], return_tensors="pt")
-        image_tokens = int(pixels["image_grid_thw"].prod()) // 4
-        prompt = torch.tensor([[DEMO_IMAGE_TOKEN, *rng.integers(3, 140, size=3).tolist()]])
-        history = torch.cat([history, prompt], dim=1)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=history,
-                pixel_values=pixels["pixel_values"],
-                image_grid_thw=pixels["image_grid_thw"],
-                cache=cache,
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        elapsed = (time.perf_counter() - start) * 1000 / new_tokens
-        generated = out[0, history.shape[1] :].tolist()
-        history = out
-        window = int(cache.casa_state_lengths(0)[0])
-        print(
-            f"{index:>5} {elapsed:>8.1f} {cache.get_seq_length():>14} {window:>11} "
-            f"{_cache_bytes(cache) / 1024:>9.1f}  {generated}"
-        )
-    insertion = cache.get_seq_length() + frames * image_tokens
-    print(
-        f"After {frames} frames the cache holds {cache.get_seq_length()} text tokens and one image "
-        f"({image_tokens} tokens) per CASA layer; token insertion would hold {insertion} tokens."
-    )
 
 
 def _layer_list(text: str) -> list[int]:
@@ -148,13 +47,39 @@ def run_convert(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def run_train(args: argparse.Namespace) -> None:
+    import json
+
+    from .training.synthetic_vqa import SyntheticVQA
+    from .training.train import TrainConfig, evaluate, train
+
+    config = TrainConfig(
+        args.output_dir,
+        kind=args.kind,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        image_size=args.image_size,
+        pack=args.pack,
+        recipe=args.recipe,
+    )
+    model, processor, _ = train(config)
+    if args.eval_examples:
+        held_out = SyntheticVQA(args.eval_examples, seed=args.seed + 10_000, image_size=args.image_size)
+        accuracy = evaluate(model, processor, held_out, expand_image_tokens=args.kind == "insertion")
+        print(json.dumps(accuracy, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casa-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="stream synthetic frames through a tiny CASA model (offline)")
-    demo.add_argument("--frames", type=int, default=8)
-    demo.add_argument("--new-tokens", type=int, default=4)
+    demo = commands.add_parser("demo", help="the shipped CASA model answers questions about generated images")
+    demo.add_argument("--model", default=None, help="a CASA checkpoint folder (default: the shipped demo model)")
+    demo.add_argument("--images", type=int, default=3, help="images to generate and ask about")
+    demo.add_argument("--frames", type=int, default=12, help="frames of the streaming part (0 to skip it)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--save-images", default=None, help="folder where the generated images are written")
 
     convert = commands.add_parser("convert", help="convert a checkpoint folder into a CASA checkpoint folder")
     sources = convert.add_subparsers(dest="source_kind", required=True)
@@ -165,15 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("llm", help="local text LLM checkpoint folder")
     llm.add_argument("vision", help="local Qwen2.5-VL checkpoint folder whose vision tower is used")
     _add_conversion_options(llm)
+
+    trainer = commands.add_parser("train", help="train a small model on the synthetic VQA data (Trainer, CPU or GPU)")
+    trainer.add_argument("--output-dir", required=True)
+    trainer.add_argument("--kind", choices=("casa", "cross_attention", "insertion"), default="casa")
+    trainer.add_argument("--steps", type=int, default=3000)
+    trainer.add_argument("--batch-size", type=int, default=32)
+    trainer.add_argument("--learning-rate", type=float, default=2e-3)
+    trainer.add_argument("--image-size", type=int, default=112)
+    trainer.add_argument("--pack", action="store_true", help="pack several conversations per row")
+    trainer.add_argument("--recipe", choices=("qwen", "full", "casa_only"), default=None, help="freezing recipe")
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.add_argument("--eval-examples", type=int, default=700, help="held-out examples to score afterwards")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        run_demo(args.frames, args.new_tokens, args.seed)
+        from .demo import run_demo
+
+        run_demo(args.model, args.images, args.frames, args.seed, args.save_images)
     elif args.command == "convert":
         run_convert(args)
+    elif args.command == "train":
+        run_train(args)
 
 
 if __name__ == "__main__":

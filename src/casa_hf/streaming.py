@@ -69,6 +69,8 @@ class CasaStream:
         print(step.index, step.text)
     ```
 
+    Each frame's turn is `frame_prefix + <image> + frame_text` (a chat model can get its user-turn markup there,
+    e.g. `frame_prefix="<|im_start|>user\n"`, `frame_text="What now?<|im_end|>\n<|im_start|>assistant\n"`).
     Decoding is greedy unless `do_sample=True`. The last generated token of a turn is fed at the start of the
     next one, exactly as `generate()` with a passed-back cache and the growing history would do.
     """
@@ -79,6 +81,7 @@ class CasaStream:
         processor,
         *,
         prompt: str | None = None,
+        frame_prefix: str = "",
         frame_text: str = "",
         max_new_tokens: int = 16,
         text_budget: TextBudget | None = None,
@@ -89,6 +92,7 @@ class CasaStream:
         self.model = model
         self.processor = processor
         self.prompt = prompt
+        self.frame_prefix = frame_prefix
         self.frame_text = frame_text
         self.max_new_tokens = max_new_tokens
         self.text_budget = text_budget
@@ -130,7 +134,7 @@ class CasaStream:
         images = None
         if frame is not None:
             images = [_load_one(frame)]
-            pieces.append(self.image_text)
+            pieces += [self.frame_prefix, self.image_text]
             if self.frame_text:
                 pieces.append(self.frame_text)
         if text:

@@ -119,6 +119,7 @@ class TrainConfig:
     max_length: int = 512
     recipe: str | None = None
     gradient_checkpointing: bool = False
+    workers: int = 0  # dataloader processes drawing and preprocessing examples
     size: ModelSize = None
 
     def __post_init__(self):
@@ -150,8 +151,8 @@ def train(config: TrainConfig, model=None, processor: CasaProcessor | None = Non
         save_strategy="no",
         report_to=[],
         remove_unused_columns=False,
-        dataloader_num_workers=0,
-        gradient_checkpointing=config.gradient_checkpointing,
+        dataloader_num_workers=config.workers,
+        activation_checkpointing=config.gradient_checkpointing,
         seed=config.seed,
         disable_tqdm=False,
     )
@@ -185,7 +186,7 @@ def evaluate(
 
 
 def _answer_batch(model, processor, collator: CasaDataCollator, examples: list[dict]) -> list[str]:
-    """Prompts without the assistant turn, left-padded; the first generated word of each."""
+    """Prompts without the assistant turn, left-padded; the first generated token (a word) of each."""
     prompts = [collator.encode_prompt(example["messages"][:-1]) for example in examples]
     width = max(len(ids) for ids, _, _ in prompts)
     pad = processor.tokenizer.pad_token_id
@@ -201,8 +202,7 @@ def _answer_batch(model, processor, collator: CasaDataCollator, examples: list[d
         max_new_tokens=2,
         do_sample=False,
     )
-    texts = processor.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [text.split()[0] if text.split() else "" for text in texts]
+    return processor.tokenizer.convert_ids_to_tokens(out[:, width].tolist())  # answers are one word: one token
 
 
 __all__ = ["MODEL_KINDS", "ModelSize", "TrainConfig", "build_model", "build_processor", "evaluate", "train"]

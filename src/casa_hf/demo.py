@@ -1,0 +1,96 @@
+"""`casa-hf demo`: the CASA model shipped with the package answers questions about images it has never seen.
+
+Everything runs offline: images are drawn in code, the model and processor load through the Auto classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+DEMO_QUESTIONS = ("colour", "shape", "horizontal", "vertical")
+
+
+def load_demo_model(path: str | Path | None = None):
+    """The shipped demo model (or `path`) and its processor, through `AutoModel` / `AutoProcessor`."""
+    from transformers import AutoModel, AutoProcessor
+
+    import casa_hf  # noqa: F401  (registers CASA with the Auto classes)
+
+    path = Path(path or DEMO_MODEL)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"No CASA model at {path}")
+    return AutoModel.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
+
+
+def _ask(model, processor, image, question: str) -> str:
+    from .training.synthetic_vqa import SYSTEM_TEXT
+
+    messages = [
+        {"role": "system", "content": SYSTEM_TEXT},
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_images: str | None) -> None:
+    from .streaming import CasaStream
+    from .training.synthetic_vqa import COUNTS, QUESTIONS, _random_scene, render
+
+    model, processor = load_demo_model(model_path)
+    size = processor.image_size or 112
+    rng = np.random.default_rng([seed, 424242])
+    print(
+        f"CASA demo model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{size}px images, offline\n"
+    )
+    correct = asked = 0
+    for index in range(images):
+        scene = _random_scene(rng, count=int(rng.integers(1, 4)))
+        image = render(scene, size, rng)
+        truth = {
+            "colour": scene.colour,
+            "shape": scene.shape,
+            "count": COUNTS[scene.count - 1],
+            "horizontal": "left" if scene.x < 0.5 else "right",
+            "vertical": "top" if scene.y < 0.5 else "bottom",
+        }
+        where = f"{truth['vertical']}-{truth['horizontal']}"
+        print(f"image {index + 1}: {truth['count']} {scene.colour} {scene.shape}(s), the first one {where}")
+        if save_images:
+            Path(save_images).mkdir(parents=True, exist_ok=True)
+            image.save(Path(save_images) / f"image_{index + 1}.png")
+        for kind in (*DEMO_QUESTIONS, "count"):
+            answer = _ask(model, processor, image, QUESTIONS[kind])
+            ok = answer.split(" ")[0].rstrip(".") == truth[kind]
+            correct, asked = correct + ok, asked + 1
+            print(f"  Q: {QUESTIONS[kind]:<42} A: {answer:<10} {'ok' if ok else 'expected ' + truth[kind]}")
+    print(f"\n{correct}/{asked} answers right on freshly generated images")
+
+    if frames:
+        print(f"\nStreaming {frames} frames through one cache, asking the colour after each:")
+        from .training.synthetic_vqa import SYSTEM_TEXT
+
+        stream = CasaStream(
+            model,
+            processor,
+            max_new_tokens=3,
+            prompt=f"<|im_start|>system\n{SYSTEM_TEXT}<|im_end|>\n",
+            frame_prefix="<|im_start|>user\n",
+            frame_text=f"{QUESTIONS['colour']}<|im_end|>\n<|im_start|>assistant\n",
+        )
+        for step_index in range(frames):
+            scene = _random_scene(rng, count=1)
+            step = stream.feed(render(scene, size, rng))
+            print(
+                f"  frame {step_index:>2}: {scene.colour:<7} -> {step.text:<10} cache {step.cache_tokens:>4} text "
+                f"tokens, {step.cache_bytes / 1024:>6.1f} KiB; one image in the CASA state"
+            )
