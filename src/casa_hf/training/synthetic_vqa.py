@@ -74,12 +74,16 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     background = rng.integers(0, 50, size=3)
     image = Image.new("RGB", (size, size), tuple(int(v) for v in background))
     draw = ImageDraw.Draw(image)
-    radius = size * 0.11
+    radius = size * (0.17 if scene.count == 1 else 0.13)  # large enough to stand out at 14-px patches
     centres = [(scene.x * size, scene.y * size)]
-    while len(centres) < scene.count:  # further copies where they do not overlap
+    for _ in range(10_000):  # further copies where they do not overlap
+        if len(centres) == scene.count:
+            break
         candidate = tuple(rng.uniform(radius + 2, size - radius - 2, size=2))
-        if all(np.hypot(candidate[0] - c[0], candidate[1] - c[1]) > 2.4 * radius for c in centres):
+        if all(np.hypot(candidate[0] - c[0], candidate[1] - c[1]) > 2.3 * radius for c in centres):
             centres.append(candidate)
+    else:
+        raise RuntimeError(f"Could not place {scene.count} shapes on a {size}px image")
     for centre in centres:
         _draw_shape(draw, scene.shape, centre, radius, COLOURS[scene.colour])
     return image
@@ -88,9 +92,9 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
 def render_digit(digit: str, size: int, rng: np.random.Generator) -> Image.Image:
     background = rng.integers(0, 50, size=3)
     image = Image.new("RGB", (size, size), tuple(int(v) for v in background))
-    font = ImageFont.load_default(size=int(size * 0.55))
+    font = ImageFont.load_default(size=int(size * 0.7))
     colour = COLOURS[str(rng.choice(list(COLOURS)))]
-    x, y = rng.uniform(0.2, 0.5) * size, rng.uniform(0.05, 0.3) * size
+    x, y = rng.uniform(0.2, 0.4) * size, rng.uniform(-0.05, 0.1) * size
     ImageDraw.Draw(image).text((x, y), digit, font=font, fill=colour)
     return image
 

@@ -26,14 +26,14 @@ MODEL_KINDS = ("casa", "cross_attention", "insertion")
 class ModelSize:
     """A small VLM that trains on a laptop CPU: a Qwen2-style LLM and a Qwen2.5-VL vision tower."""
 
-    hidden: int = 192
-    layers: int = 4
-    heads: int = 6
-    kv_heads: int = 2
-    intermediate: int = 512
-    vision_depth: int = 4
-    vision_hidden: int = 128
-    vision_heads: int = 4
+    hidden: int = 160
+    layers: int = 3
+    heads: int = 5
+    kv_heads: int = 1
+    intermediate: int = 384
+    vision_depth: int = 3
+    vision_hidden: int = 96
+    vision_heads: int = 3
 
 
 def build_processor(image_size: int = 112) -> CasaProcessor:
@@ -111,7 +111,7 @@ class TrainConfig:
     steps: int = 3000
     batch_size: int = 32
     learning_rate: float = 2e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 300
     train_examples: int = 200_000
     seed: int = 0
     image_size: int = 112
