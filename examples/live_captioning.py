@@ -54,12 +54,15 @@ def main() -> None:
     else:
         frames = (synthetic_frame(i, args.image_size) for i in range(args.frames))
     budget = TextBudget(sink_tokens=4, window_tokens=args.budget) if args.budget else None
-    stream = CasaStream(model, processor, prompt="Describe what happens.", max_new_tokens=args.new_tokens,
-                        text_budget=budget)
+    stream = CasaStream(
+        model, processor, prompt="Describe what happens.", max_new_tokens=args.new_tokens, text_budget=budget
+    )
     print(f"{'frame':>5} {'TTFT ms':>8} {'tok/s':>7} {'cache tok':>9} {'cache MiB':>9} {'RSS MiB':>8}  caption")
     for step in stream.run(frames):
-        print(f"{step.index:>5} {step.time_to_first_token_s * 1000:>8.1f} {step.decode_tokens_per_s:>7.1f} "
-              f"{step.cache_tokens:>9} {step.cache_bytes / 2**20:>9.2f} {rss_mib():>8.0f}  {step.text[:60]}")
+        print(
+            f"{step.index:>5} {step.time_to_first_token_s * 1000:>8.1f} {step.decode_tokens_per_s:>7.1f} "
+            f"{step.cache_tokens:>9} {step.cache_bytes / 2**20:>9.2f} {rss_mib():>8.0f}  {step.text[:60]}"
+        )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ from transformers import AutoModel
 from casa_hf.training import IGNORE_INDEX, CasaDataCollator, SyntheticVQA, apply_freezing_recipe
 from casa_hf.training.train import ModelSize, build_model, build_processor
 
-TINY = ModelSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2, vision_hidden=32,
-                 vision_heads=2)
+TINY = ModelSize(
+    hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2, vision_hidden=32, vision_heads=2
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """CASA attention: text queries attend, per window, to the window's image tokens and causally to its text.
 
 A chunk of text is cut into windows at each image placeholder. Window 0 continues whatever window the cache holds
-(or starts empty); window k starts at the k-th placeholder and sees image k. Windows are gathered into a
+(or starts empty); window k starts at the k-th placeholder and sees image k; in packed training rows a window also
+starts, empty, where a new conversation begins. Windows are gathered into a
 `[num_windows, slots]` layout whose keys are `[prefix (cached window or image) | the window's own text]`, so the
 cost grows with the sum of window sizes, never with text length x all image tokens. That layout is then run through
 Transformers' attention interface: a dense window mask for eager/sdpa, a `BlockMask` for flex_attention, and packed
@@ -35,7 +36,9 @@ class CasaWindows:
     query_index: torch.Tensor  # [G, Q] flat `b * seq_len + t` of each window slot (clamped where unused)
     query_valid: torch.Tensor  # [G, Q] slot holds a token of the window
     token_valid: torch.Tensor  # [G, Q] slot holds a non-padding token (a usable key)
-    prefix_source: torch.Tensor  # [G] bank row: `b` continues sample b's cached window, `B + i` is image i
+    # [G] bank row: `b` continues sample b's cached window, `B + i` is image i, `B + num_images` is empty (the start
+    # of a packed conversation)
+    prefix_source: torch.Tensor
     last_window: torch.Tensor  # [B] window holding each sample's last token (becomes its side state)
     image_token_index: torch.Tensor  # [num_images, max_image_tokens] rows into the flat image features
     image_token_valid: torch.Tensor  # [num_images, max_image_tokens]
