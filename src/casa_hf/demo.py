@@ -43,7 +43,7 @@ def _ask(model, processor, image, question: str) -> str:
 
 def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_images: str | None) -> None:
     from .streaming import CasaStream
-    from .training.synthetic_vqa import COUNTS, QUESTIONS, _random_scene, render
+    from .training.synthetic_vqa import QUESTIONS, random_scene, render
 
     model, processor = load_demo_model(model_path)
     size = processor.image_size or 112
@@ -54,15 +54,9 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
     )
     correct = asked = 0
     for index in range(images):
-        scene = _random_scene(rng, count=int(rng.integers(1, 4)))
+        scene = random_scene(rng, count=int(rng.integers(1, 4)))
         image = render(scene, size, rng)
-        truth = {
-            "colour": scene.colour,
-            "shape": scene.shape,
-            "count": COUNTS[scene.count - 1],
-            "horizontal": "left" if scene.x < 0.5 else "right",
-            "vertical": "top" if scene.y < 0.5 else "bottom",
-        }
+        truth = scene.answers()
         where = f"{truth['vertical']}-{truth['horizontal']}"
         print(f"image {index + 1}: {truth['count']} {scene.colour} {scene.shape}(s), the first one {where}")
         if save_images:
@@ -88,7 +82,7 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
             frame_text=f"{QUESTIONS['colour']}<|im_end|>\n<|im_start|>assistant\n",
         )
         for step_index in range(frames):
-            scene = _random_scene(rng, count=1)
+            scene = random_scene(rng, count=1)
             step = stream.feed(render(scene, size, rng))
             print(
                 f"  frame {step_index:>2}: {scene.colour:<7} -> {step.text:<10} cache {step.cache_tokens:>4} text "

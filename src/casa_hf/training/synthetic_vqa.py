@@ -58,6 +58,16 @@ class Scene:
     x: float  # centre of the first shape, 0..1
     y: float
 
+    def answers(self) -> dict[str, str]:
+        """The answer to each single-image question about this scene."""
+        return {
+            "colour": self.colour,
+            "shape": self.shape,
+            "count": COUNTS[self.count - 1],
+            "horizontal": "left" if self.x < 0.5 else "right",
+            "vertical": "top" if self.y < 0.5 else "bottom",
+        }
+
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float, fill) -> None:
     cx, cy = centre
@@ -99,7 +109,7 @@ def render_digit(digit: str, size: int, rng: np.random.Generator) -> Image.Image
     return image
 
 
-def _random_scene(rng: np.random.Generator, count: int | None = None) -> Scene:
+def random_scene(rng: np.random.Generator, count: int | None = None) -> Scene:
     count = count or int(rng.integers(1, 4))
     margin = 0.2
     # keep the first shape clearly off the centre lines, so left/right and top/bottom are unambiguous
@@ -155,7 +165,7 @@ class SyntheticVQA:
             digit = str(rng.choice(DIGITS))
             return [render_digit(digit, size, rng)], digit
         if kind == "change":
-            first = _random_scene(rng, count=1)
+            first = random_scene(rng, count=1)
             change = str(rng.choice(CHANGES))
             second = Scene(**vars(first))
             if change == "colour":
@@ -165,15 +175,8 @@ class SyntheticVQA:
             else:
                 second.x, second.y = 1 - first.x, 1 - first.y
             return [render(first, size, rng), render(second, size, rng)], change
-        scene = _random_scene(rng, count=None if kind == "count" else 1)
-        answers = {
-            "colour": scene.colour,
-            "shape": scene.shape,
-            "count": COUNTS[scene.count - 1],
-            "horizontal": "left" if scene.x < 0.5 else "right",
-            "vertical": "top" if scene.y < 0.5 else "bottom",
-        }
-        return [render(scene, size, rng)], answers[kind]
+        scene = random_scene(rng, count=None if kind == "count" else 1)
+        return [render(scene, size, rng)], scene.answers()[kind]
 
 
 __all__ = ["QUESTIONS", "SINGLE_KINDS", "MULTI_KINDS", "SyntheticVQA", "vocabulary"]
