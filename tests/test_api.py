@@ -117,6 +117,7 @@ def test_bad_pixel_shapes_are_refused():
         (dict(casa_layers=[0, 5]), "casa_layers"),
         (dict(casa_layers=[1, 1]), "casa_layers"),
         (dict(image_token_id=999), "image_token_id"),
+        (dict(casa_image_positions="grid"), "casa_image_positions"),
         (dict(vision_config=dict(out_hidden_size=32)), "out_hidden_size"),
         (dict(text_config=dict(model_type="gpt2")), "text_config.model_type"),
     ],
@@ -136,3 +137,24 @@ def test_inputs_embeds_find_the_image_placeholders():
             inputs_embeds=embeds, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
         ).logits
     assert torch.equal(from_ids, from_embeds)
+
+
+@pytest.mark.parametrize("mode", ["insertion", "raster"])
+def test_image_key_positions(mode):
+    """Image keys get their placeholder's position (`insertion`), or placeholder + token index (`raster`)."""
+    model = tiny_model(casa_image_positions=mode)
+    ids = torch.tensor([random_text(3) + [IMAGE_TOKEN] + random_text(2, 1) + [IMAGE_TOKEN] + random_text(2, 2)])
+    pixel_values, grid = random_images([(4, 4), (2, 4)])
+    seen = []
+    hook = model.model.language_model.layers[0].casa_attn.register_forward_hook(
+        lambda module, args, output: seen.append(args[3].image_position_embeddings)
+    )
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid)
+    hook.remove()
+    placeholders = [3, 6]
+    expected = []
+    for placeholder, tokens in zip(placeholders, [4, 2], strict=True):
+        expected += [placeholder + (j if mode == "raster" else 0) for j in range(tokens)]
+    cos, _ = model.model.language_model.rotary_emb(torch.zeros(1, 6, 64), position_ids=torch.tensor([expected]))
+    assert torch.allclose(seen[0][0], cos)

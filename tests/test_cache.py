@@ -98,3 +98,12 @@ def test_passed_back_cache_on_plain_dynamic_cache_is_refused():
     model = tiny_model()
     with pytest.raises(TypeError, match="CasaCache"):
         model(input_ids=torch.tensor([random_text(4)]), cache=DynamicCache(), use_cache=True)
+
+
+def test_incremental_decoding_with_raster_image_positions():
+    model = tiny_model(attn="sdpa", casa_image_positions="raster")
+    input_ids, pixel_values, grid_thw = conversation(4)
+    with torch.no_grad():
+        full = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw).logits
+        steps, _ = incremental_logits(model, input_ids, pixel_values, grid_thw, [6] + [1] * (input_ids.shape[1] - 6))
+    assert (full - steps).abs().max() <= TOLERANCE

@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--recipe", choices=("qwen", "full", "casa_only"), default=None, help="freezing recipe")
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--workers", type=int, default=1, help="dataloader processes drawing the examples")
+    trainer.add_argument(
+        "--image-positions",
+        choices=("insertion", "raster"),
+        default="insertion",
+        help="RoPE positions of CASA image keys (raster: token j at placeholder + j)",
+    )
     trainer.add_argument("--eval-examples", type=int, default=700, help="held-out examples to score afterwards")
     return parser
 

@@ -55,6 +55,9 @@ class CasaConfig(PreTrainedConfig):
             plain cross-attention baseline, queries attend to the latest image only.
         casa_shared (`bool`, *optional*, defaults to `False`):
             The "-Shared" variant: CASA sub-layers reuse the q/k/v/o projections of their block's self-attention.
+        casa_image_positions (`str`, *optional*, defaults to `"insertion"`):
+            RoPE positions of image keys: `"insertion"` puts every image token at its placeholder's position;
+            `"raster"` puts token j at placeholder + j, so CASA attention can tell image tokens apart by place.
         image_token_id (`int`, *optional*):
             The placeholder token marking where an image is inserted in the text.
         vision_start_token_id / vision_end_token_id (`int`, *optional*):
@@ -95,6 +98,7 @@ class CasaConfig(PreTrainedConfig):
     casa_layers: list[int] | None = None
     casa_attention: Literal["casa", "cross_attention"] = "casa"
     casa_shared: bool = False
+    casa_image_positions: Literal["insertion", "raster"] = "insertion"
     image_token_id: int = 151655
     vision_start_token_id: int | None = 151652
     vision_end_token_id: int | None = 151653
@@ -122,6 +126,8 @@ class CasaConfig(PreTrainedConfig):
                 f"vision_config.out_hidden_size ({vision.out_hidden_size}) must equal text_config.hidden_size "
                 f"({text.hidden_size}): the merger projects image features into the text width"
             )
+        if self.casa_image_positions not in ("insertion", "raster"):
+            raise ValueError(f"casa_image_positions={self.casa_image_positions!r} must be 'insertion' or 'raster'")
         if self.casa_attention not in CASA_ATTENTION_TYPES:
             raise ValueError(f"casa_attention={self.casa_attention!r} must be one of {CASA_ATTENTION_TYPES}")
         num_layers = text.num_hidden_layers

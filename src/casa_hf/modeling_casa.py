@@ -148,6 +148,7 @@ class CasaTextModel(CasaPreTrainedModel):
         self.layers = nn.ModuleList(CasaDecoderLayer(config, layer, idx) for idx, layer in enumerate(backbone.layers))
         self.norm = backbone.norm
         self.rotary_emb = backbone.rotary_emb
+        self.casa_image_positions = config.casa_image_positions
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -225,7 +226,15 @@ class CasaTextModel(CasaPreTrainedModel):
         if image_features is not None:
             insertion_points = position_ids.expand(batch_size, -1)[image_mask]
             sizes = torch.tensor(image_sizes, device=insertion_points.device)
-            image_positions = insertion_points.repeat_interleave(sizes)[None]
+            image_positions = insertion_points.repeat_interleave(sizes)
+            if self.casa_image_positions == "raster":  # token j of an image sits at insertion point + j
+                starts = torch.cumsum(sizes, 0) - sizes
+                image_positions = (
+                    image_positions
+                    + torch.arange(len(image_positions), device=sizes.device)
+                    - (starts.repeat_interleave(sizes))
+                )
+            image_positions = image_positions[None]
             image_position_embeddings = self.rotary_emb(image_features[None], position_ids=image_positions)
         casa_inputs = CasaInputs(windows, image_features, image_position_embeddings)
 

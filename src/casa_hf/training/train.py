@@ -47,7 +47,9 @@ def build_processor(image_size: int = 112) -> CasaProcessor:
     return CasaProcessor(image_processor, tokenizer, image_size=image_size)
 
 
-def build_model(kind: str, processor: CasaProcessor, size: ModelSize, seed: int = 0):
+def build_model(
+    kind: str, processor: CasaProcessor, size: ModelSize, seed: int = 0, image_positions: str = "insertion"
+):
     """A randomly initialised CASA model (`casa` or `cross_attention`) or Qwen2.5-VL (`insertion`) of `size`."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"Unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
@@ -100,7 +102,13 @@ def build_model(kind: str, processor: CasaProcessor, size: ModelSize, seed: int 
             **ids,
         )
         return Qwen2_5_VLForConditionalGeneration(config)
-    config = CasaConfig(text_config={"model_type": "qwen2", **text}, vision_config=vision, casa_attention=kind, **ids)
+    config = CasaConfig(
+        text_config={"model_type": "qwen2", **text},
+        vision_config=vision,
+        casa_attention=kind,
+        casa_image_positions=image_positions,
+        **ids,
+    )
     return CasaForConditionalGeneration(config)
 
 
@@ -120,6 +128,7 @@ class TrainConfig:
     recipe: str | None = None
     gradient_checkpointing: bool = False
     workers: int = 0  # dataloader processes drawing and preprocessing examples
+    image_positions: str = "insertion"  # CASA image-key positions: "insertion" or "raster"
     size: ModelSize = None
 
     def __post_init__(self):
@@ -129,7 +138,7 @@ class TrainConfig:
 def train(config: TrainConfig, model=None, processor: CasaProcessor | None = None):
     """Train on `SyntheticVQA(train_examples, seed)` and save model + processor to `output_dir`."""
     processor = processor or build_processor(config.image_size)
-    model = model or build_model(config.kind, processor, config.size, config.seed)
+    model = model or build_model(config.kind, processor, config.size, config.seed, config.image_positions)
     if config.recipe:
         apply_freezing_recipe(model, config.recipe)
     dataset = SyntheticVQA(config.train_examples, seed=config.seed, image_size=config.image_size)
