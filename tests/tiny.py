@@ -10,6 +10,20 @@ IMAGE_TOKEN = 150
 VOCAB = 200
 
 
+TINY_VISION = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[1],
+)
+
+
 def tiny_config(backbone: str = "qwen2", **overrides) -> CasaConfig:
     text = dict(
         model_type=backbone,
@@ -27,21 +41,9 @@ def tiny_config(backbone: str = "qwen2", **overrides) -> CasaConfig:
     )
     if backbone == "helium":
         text["head_dim"] = 16  # Helium defaults to 128, and its o_proj assumes heads * head_dim == hidden_size
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[1],
-    )
     kwargs = dict(
         text_config=text,
-        vision_config=vision,
+        vision_config=dict(TINY_VISION),
         image_token_id=IMAGE_TOKEN,
         vision_start_token_id=151,
         vision_end_token_id=152,
@@ -120,20 +122,6 @@ def tiny_processor(**kwargs):
 
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     return CasaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), **kwargs)
-
-
-TINY_VISION = dict(
-    depth=2,
-    hidden_size=32,
-    intermediate_size=64,
-    num_heads=2,
-    out_hidden_size=64,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    window_size=112,
-    fullatt_block_indexes=[1],
-)
 
 
 def save_tiny_qwen2_5_vl(folder, max_shard_size="300KB", seed=0, tie=False):
