@@ -159,3 +159,40 @@ def _distributed_step(rank: int, world_size: int, folder: str) -> None:
         torch.save(gathered[0], os.path.join(folder, "rank0_weights.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def test_repeated_kinds_are_drawn_more_often():
+    from casa_hf.training.synthetic_vqa import TRAINING_MIX
+
+    dataset = SyntheticVQA(2 * len(TRAINING_MIX), image_size=56, kinds=TRAINING_MIX)
+    drawn = [dataset[i]["kind"] for i in range(len(dataset))]
+    assert drawn.count("digit") == 2 * TRAINING_MIX.count("digit") == 6
+    assert drawn.count("colour") == 2
+    with pytest.raises(ValueError, match="Unknown question kinds"):
+        SyntheticVQA(4, kinds=("colour", "colours"))
+
+
+def test_train_command_passes_every_option_to_the_training_config(monkeypatch, tmp_path):
+    import casa_hf.training.train as training
+    from casa_hf.cli import main
+
+    seen = []
+    monkeypatch.setattr(training, "train", lambda config: seen.append(config) or (None, None, None))
+    main(["train", "--output-dir", str(tmp_path / "defaults"), "--eval-examples", "0"])
+    assert seen[-1] == training.TrainConfig(str(tmp_path / "defaults"))
+    # fmt: off
+    main(["train", "--output-dir", str(tmp_path / "set"), "--eval-examples", "0", "--kind", "cross_attention",
+          "--steps", "7", "--batch-size", "3", "--learning-rate", "5e-4", "--warmup-steps", "2", "--image-size", "56",
+          "--seed", "4", "--workers", "2", "--image-positions", "insertion", "--kinds", "colour,digit,digit", "--pack",
+          "--recipe", "full"])
+    # fmt: on
+    config = seen[-1]
+    assert (config.kind, config.steps, config.batch_size, config.learning_rate, config.warmup_steps) == (
+        "cross_attention",
+        7,
+        3,
+        5e-4,
+        2,
+    )
+    assert (config.image_size, config.seed, config.workers, config.image_positions) == (56, 4, 2, "insertion")
+    assert (config.kinds, config.pack, config.recipe) == (("colour", "digit", "digit"), True, "full")

@@ -53,21 +53,30 @@ def run_train(args: argparse.Namespace) -> None:
     from .training.synthetic_vqa import SyntheticVQA
     from .training.train import TrainConfig, evaluate, train
 
-    config = TrainConfig(
-        args.output_dir,
+    options = dict(
         kind=args.kind,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
         seed=args.seed,
         image_size=args.image_size,
         pack=args.pack,
         recipe=args.recipe,
+        workers=args.workers,
+        image_positions=args.image_positions,
+        kinds=tuple(args.kinds.split(",")) if args.kinds else None,
     )
+    config = TrainConfig(args.output_dir, **{name: value for name, value in options.items() if value is not None})
     model, processor, _ = train(config)
     if args.eval_examples:
-        held_out = SyntheticVQA(args.eval_examples, seed=args.seed + 10_000, image_size=args.image_size)
-        accuracy = evaluate(model, processor, held_out, expand_image_tokens=args.kind == "insertion")
+        held_out = SyntheticVQA(
+            args.eval_examples,
+            seed=config.seed + 10_000,
+            image_size=config.image_size,
+            kinds=tuple(dict.fromkeys(config.kinds)),  # each kind equally often
+        )
+        accuracy = evaluate(model, processor, held_out, expand_image_tokens=config.kind == "insertion")
         print(json.dumps(accuracy, indent=1))
 
 
@@ -91,22 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("vision", help="local Qwen2.5-VL checkpoint folder whose vision tower is used")
     _add_conversion_options(llm)
 
-    trainer = commands.add_parser("train", help="train a small model on the synthetic VQA data (Trainer, CPU or GPU)")
+    trainer = commands.add_parser(
+        "train",
+        help="train a small model on the synthetic VQA data (Trainer, CPU or GPU)",
+        description="Options left out take the defaults of casa_hf.training.TrainConfig.",
+    )
     trainer.add_argument("--output-dir", required=True)
-    trainer.add_argument("--kind", choices=("casa", "cross_attention", "insertion"), default="casa")
-    trainer.add_argument("--steps", type=int, default=3000)
-    trainer.add_argument("--batch-size", type=int, default=32)
-    trainer.add_argument("--learning-rate", type=float, default=2e-3)
-    trainer.add_argument("--image-size", type=int, default=112)
+    trainer.add_argument("--kind", choices=("casa", "cross_attention", "insertion"), default=None)
+    trainer.add_argument("--steps", type=int, default=None)
+    trainer.add_argument("--batch-size", type=int, default=None)
+    trainer.add_argument("--learning-rate", type=float, default=None)
+    trainer.add_argument("--warmup-steps", type=int, default=None)
+    trainer.add_argument("--image-size", type=int, default=None)
     trainer.add_argument("--pack", action="store_true", help="pack several conversations per row")
     trainer.add_argument("--recipe", choices=("qwen", "full", "casa_only"), default=None, help="freezing recipe")
-    trainer.add_argument("--seed", type=int, default=0)
-    trainer.add_argument("--workers", type=int, default=1, help="dataloader processes drawing the examples")
+    trainer.add_argument("--seed", type=int, default=None)
+    trainer.add_argument("--workers", type=int, default=None, help="dataloader processes drawing the examples")
     trainer.add_argument(
         "--image-positions",
         choices=("insertion", "raster"),
-        default="insertion",
+        default=None,
         help="RoPE positions of CASA image keys (raster: token j at placeholder + j)",
+    )
+    trainer.add_argument(
+        "--kinds", default=None, help="comma-separated question kinds drawn in turn (default: TrainConfig's mix)"
     )
     trainer.add_argument("--eval-examples", type=int, default=700, help="held-out examples to score afterwards")
     return parser

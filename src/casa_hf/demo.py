@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
-DEMO_QUESTIONS = ("colour", "shape", "horizontal", "vertical")
+DEMO_QUESTIONS = ("colour", "shape", "count", "horizontal", "vertical")
 
 
 def load_demo_model(path: str | Path | None = None):
@@ -43,7 +43,7 @@ def _ask(model, processor, image, question: str) -> str:
 
 def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_images: str | None) -> None:
     from .streaming import CasaStream
-    from .training.synthetic_vqa import QUESTIONS, random_scene, render
+    from .training.synthetic_vqa import DIGITS, QUESTIONS, random_scene, render, render_digit
 
     model, processor = load_demo_model(model_path)
     size = processor.image_size or 112
@@ -53,20 +53,34 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
         f"{size}px images, offline\n"
     )
     correct = asked = 0
+
+    def ask_and_check(image, kind: str, truth: str) -> None:
+        nonlocal correct, asked
+        answer = _ask(model, processor, image, QUESTIONS[kind])
+        ok = answer.split(" ")[0].rstrip(".") == truth
+        correct, asked = correct + ok, asked + 1
+        print(f"  Q: {QUESTIONS[kind]:<42} A: {answer:<10} {'ok' if ok else 'expected ' + truth}")
+
+    def save(image, name: str) -> None:
+        if save_images:
+            Path(save_images).mkdir(parents=True, exist_ok=True)
+            image.save(Path(save_images) / name)
+
     for index in range(images):
         scene = random_scene(rng, count=int(rng.integers(1, 4)))
         image = render(scene, size, rng)
         truth = scene.answers()
-        where = f"{truth['vertical']}-{truth['horizontal']}"
-        print(f"image {index + 1}: {truth['count']} {scene.colour} {scene.shape}(s), the first one {where}")
-        if save_images:
-            Path(save_images).mkdir(parents=True, exist_ok=True)
-            image.save(Path(save_images) / f"image_{index + 1}.png")
-        for kind in (*DEMO_QUESTIONS, "count"):
-            answer = _ask(model, processor, image, QUESTIONS[kind])
-            ok = answer.split(" ")[0].rstrip(".") == truth[kind]
-            correct, asked = correct + ok, asked + 1
-            print(f"  Q: {QUESTIONS[kind]:<42} A: {answer:<10} {'ok' if ok else 'expected ' + truth[kind]}")
+        where = f" at the {truth['vertical']}-{truth['horizontal']}" if scene.count == 1 else "s"
+        print(f"image {index + 1}: {truth['count']} {scene.colour} {scene.shape}{where}")
+        save(image, f"image_{index + 1}.png")
+        for kind in DEMO_QUESTIONS:
+            if scene.count == 1 or kind not in ("horizontal", "vertical"):  # "the shape" is ambiguous among several
+                ask_and_check(image, kind, truth[kind])
+    digit = str(rng.choice(DIGITS))
+    image = render_digit(digit, size, rng)
+    print(f"image {images + 1}: the digit {digit}")
+    save(image, f"image_{images + 1}.png")
+    ask_and_check(image, "digit", digit)
     print(f"\n{correct}/{asked} answers right on freshly generated images")
 
     if frames:

@@ -27,6 +27,20 @@ DIGITS = tuple("0123456789")
 CHANGES = ("colour", "shape", "position")
 SINGLE_KINDS = ("colour", "shape", "count", "horizontal", "vertical", "digit")
 MULTI_KINDS = ("change",)
+# What `casa-hf train` draws: every kind, the slow learners (digits, shapes, counts) more often than the rest
+TRAINING_MIX = (
+    "colour",
+    "shape",
+    "count",
+    "horizontal",
+    "vertical",
+    "digit",
+    "change",
+    "digit",
+    "shape",
+    "count",
+    "digit",
+)
 
 QUESTIONS = {
     "colour": "what colour is the shape ?",
@@ -105,7 +119,9 @@ def render_digit(digit: str, size: int, rng: np.random.Generator) -> Image.Image
     font = ImageFont.load_default(size=int(size * 0.7))
     colour = COLOURS[str(rng.choice(list(COLOURS)))]
     x, y = rng.uniform(0.2, 0.4) * size, rng.uniform(-0.05, 0.1) * size
-    ImageDraw.Draw(image).text((x, y), digit, font=font, fill=colour)
+    # bold strokes: the default font's thin lines are a few pixels wide, lost inside 14-px patches
+    stroke = max(1, size // 50)
+    ImageDraw.Draw(image).text((x, y), digit, font=font, fill=colour, stroke_width=stroke, stroke_fill=colour)
     return image
 
 
@@ -120,6 +136,8 @@ def random_scene(rng: np.random.Generator, count: int | None = None) -> Scene:
 
 class SyntheticVQA:
     """`len(dataset)` examples; example i is always the same for a given seed.
+
+    Example i asks a question of kind `kinds[i % len(kinds)]`: a kind listed twice is drawn twice as often.
 
     Each example is `{"messages": [...], "kind": str, "answer": str}` with chat messages ready for
     `CasaProcessor.apply_chat_template` (images as PIL objects inside the messages).
@@ -179,4 +197,4 @@ class SyntheticVQA:
         return [render(scene, size, rng)], scene.answers()[kind]
 
 
-__all__ = ["QUESTIONS", "SINGLE_KINDS", "MULTI_KINDS", "SyntheticVQA", "vocabulary"]
+__all__ = ["QUESTIONS", "SINGLE_KINDS", "MULTI_KINDS", "TRAINING_MIX", "SyntheticVQA", "vocabulary"]

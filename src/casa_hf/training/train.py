@@ -17,7 +17,7 @@ from ..processing_casa import CasaProcessor
 from ..random_models import word_tokenizer
 from .collator import CasaDataCollator
 from .freezing import apply_freezing_recipe
-from .synthetic_vqa import SyntheticVQA, vocabulary
+from .synthetic_vqa import TRAINING_MIX, SyntheticVQA, vocabulary
 
 MODEL_KINDS = ("casa", "cross_attention", "insertion")
 
@@ -29,7 +29,7 @@ class ModelSize:
     hidden: int = 160
     layers: int = 3
     heads: int = 5
-    kv_heads: int = 1
+    kv_heads: int = 5
     intermediate: int = 384
     vision_depth: int = 3
     vision_hidden: int = 96
@@ -118,8 +118,8 @@ class TrainConfig:
     kind: str = "casa"
     steps: int = 3000
     batch_size: int = 32
-    learning_rate: float = 2e-3
-    warmup_steps: int = 300
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
     train_examples: int = 200_000
     seed: int = 0
     image_size: int = 112
@@ -128,7 +128,8 @@ class TrainConfig:
     recipe: str | None = None
     gradient_checkpointing: bool = False
     workers: int = 0  # dataloader processes drawing and preprocessing examples
-    image_positions: str = "insertion"  # CASA image-key positions: "insertion" or "raster"
+    image_positions: str = "raster"  # CASA image-key positions: "raster" (needed to learn layout) or "insertion"
+    kinds: tuple[str, ...] = TRAINING_MIX  # question kinds drawn in turn (repeat a kind to draw it more often)
     size: ModelSize = None
 
     def __post_init__(self):
@@ -141,7 +142,7 @@ def train(config: TrainConfig, model=None, processor: CasaProcessor | None = Non
     model = model or build_model(config.kind, processor, config.size, config.seed, config.image_positions)
     if config.recipe:
         apply_freezing_recipe(model, config.recipe)
-    dataset = SyntheticVQA(config.train_examples, seed=config.seed, image_size=config.image_size)
+    dataset = SyntheticVQA(config.train_examples, seed=config.seed, image_size=config.image_size, kinds=config.kinds)
     collator = CasaDataCollator(
         processor,
         pack=config.pack,
@@ -204,10 +205,10 @@ def _answer_batch(model, processor, collator: CasaDataCollator, examples: list[d
     pixel_values = torch.cat([p for _, p, _ in prompts])
     grid = torch.cat([g for _, _, g in prompts])
     out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        pixel_values=pixel_values,
-        image_grid_thw=grid,
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
+        pixel_values=pixel_values.to(model.device),
+        image_grid_thw=grid.to(model.device),
         max_new_tokens=2,
         do_sample=False,
     )
