@@ -1,5 +1,7 @@
 """The CASA model shipped with the package answers synthetic questions offline, through the Auto classes."""
 
+import json
+
 import torch
 from transformers import AutoModel, AutoProcessor, pipeline
 
@@ -41,3 +43,12 @@ def test_demo_command_runs(capsys):
     run_demo(None, images=1, frames=2, seed=0, save_images=None)
     printed = capsys.readouterr().out
     assert "answers right" in printed and "frame  1" in printed
+
+
+def test_evaluate_command_scores_the_shipped_model(capsys):
+    from casa_hf.cli import main
+
+    main(["evaluate", "--examples", "14", "--seed", "20002"])
+    accuracy = json.loads(capsys.readouterr().out)
+    assert set(accuracy) == {*SINGLE_KINDS, "change", "single_image", "all"}
+    assert accuracy["single_image"] >= SINGLE_IMAGE_BAR, accuracy

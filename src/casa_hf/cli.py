@@ -1,5 +1,5 @@
 """`casa-hf` command line: `demo` (the shipped model answers questions about generated images, offline),
-`convert` (checkpoints into CASA), `train` (the synthetic VQA recipe)."""
+`convert` (checkpoints into CASA), `train` (the synthetic VQA recipe), `evaluate` (its held-out accuracy)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,22 @@ def run_train(args: argparse.Namespace) -> None:
         print(json.dumps(accuracy, indent=1))
 
 
+def run_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .demo import DEMO_MODEL
+    from .training.synthetic_vqa import SyntheticVQA
+    from .training.train import evaluate
+
+    path = args.model or DEMO_MODEL
+    model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    held_out = SyntheticVQA(args.examples, seed=args.seed, image_size=processor.image_size)
+    insertion = model.config.model_type != "casa"  # a Qwen2.5-VL baseline trained by `casa-hf train --kind insertion`
+    print(json.dumps(evaluate(model, processor, held_out, expand_image_tokens=insertion), indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casa-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--kinds", default=None, help="comma-separated question kinds drawn in turn (default: TrainConfig's mix)"
     )
     trainer.add_argument("--eval-examples", type=int, default=700, help="held-out examples to score afterwards")
+
+    scorer = commands.add_parser("evaluate", help="held-out synthetic VQA accuracy of a model (default: the demo's)")
+    scorer.add_argument("--model", default=None, help="a model folder (default: the shipped demo model)")
+    scorer.add_argument("--examples", type=int, default=700, help="held-out questions, every kind equally often")
+    scorer.add_argument("--seed", type=int, default=10_000, help="data seed (training seed 0 + 10,000 is held out)")
     return parser
 
 
@@ -139,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         run_convert(args)
     elif args.command == "train":
         run_train(args)
+    elif args.command == "evaluate":
+        run_evaluate(args)
 
 
 if __name__ == "__main__":
