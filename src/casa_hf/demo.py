@@ -70,8 +70,9 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
         scene = random_scene(rng, count=int(rng.integers(1, 4)))
         image = render(scene, size, rng)
         truth = scene.answers()
-        where = f" at the {truth['vertical']}-{truth['horizontal']}" if scene.count == 1 else "s"
-        print(f"image {index + 1}: {truth['count']} {scene.colour} {scene.shape}{where}")
+        described = f"{truth['count']} {scene.colour} {scene.shape}"
+        described += f" at the {truth['vertical']}-{truth['horizontal']}" if scene.count == 1 else "s"
+        print(f"image {index + 1}: {described}")
         save(image, f"image_{index + 1}.png")
         for kind in DEMO_QUESTIONS:
             if scene.count == 1 or kind not in ("horizontal", "vertical"):  # "the shape" is ambiguous among several

@@ -28,19 +28,7 @@ CHANGES = ("colour", "shape", "position")
 SINGLE_KINDS = ("colour", "shape", "count", "horizontal", "vertical", "digit")
 MULTI_KINDS = ("change",)
 # What `casa-hf train` draws: every kind, the slow learners (digits, shapes, counts) more often than the rest
-TRAINING_MIX = (
-    "colour",
-    "shape",
-    "count",
-    "horizontal",
-    "vertical",
-    "digit",
-    "change",
-    "digit",
-    "shape",
-    "count",
-    "digit",
-)
+TRAINING_MIX = SINGLE_KINDS + MULTI_KINDS + ("digit", "shape", "count", "digit")
 
 QUESTIONS = {
     "colour": "what colour is the shape ?",
