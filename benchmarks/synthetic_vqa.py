@@ -14,8 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from casa_hf.training.synthetic_vqa import SyntheticVQA
-from casa_hf.training.train import MODEL_KINDS, TrainConfig, evaluate, train
+from casa_hf.training.train import MODEL_KINDS, TrainConfig, evaluate, held_out_questions, train
 
 
 def train_and_score(kind: str, args: argparse.Namespace) -> dict:
@@ -32,7 +31,7 @@ def train_and_score(kind: str, args: argparse.Namespace) -> dict:
         workers=args.workers,
     )
     model, processor, trainer = train(config)
-    held_out = SyntheticVQA(args.eval_examples, seed=args.seed + 10_000, image_size=config.image_size)
+    held_out = held_out_questions(args.eval_examples, config.image_size, args.seed)
     accuracy = evaluate(model, processor, held_out, expand_image_tokens=kind == "insertion")
     scratch.cleanup()
     return dict(

@@ -48,7 +48,7 @@ def test_demo_command_runs(capsys):
 def test_evaluate_command_scores_the_shipped_model(capsys):
     from casa_hf.cli import main
 
-    main(["evaluate", "--examples", "14", "--seed", "20002"])
+    main(["evaluate", "--examples", "14", "--seed", "10002"])  # data seed 20,002
     accuracy = json.loads(capsys.readouterr().out)
     assert set(accuracy) == {*SINGLE_KINDS, "change", "single_image", "all"}
     assert accuracy["single_image"] >= SINGLE_IMAGE_BAR, accuracy

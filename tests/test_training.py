@@ -186,13 +186,18 @@ def test_train_command_passes_every_option_to_the_training_config(monkeypatch, t
           "--seed", "4", "--workers", "2", "--image-positions", "insertion", "--kinds", "colour,digit,digit", "--pack",
           "--recipe", "full"])
     # fmt: on
-    config = seen[-1]
-    assert (config.kind, config.steps, config.batch_size, config.learning_rate, config.warmup_steps) == (
-        "cross_attention",
-        7,
-        3,
-        5e-4,
-        2,
+    assert seen[-1] == training.TrainConfig(
+        str(tmp_path / "set"),
+        kind="cross_attention",
+        steps=7,
+        batch_size=3,
+        learning_rate=5e-4,
+        warmup_steps=2,
+        image_size=56,
+        seed=4,
+        workers=2,
+        image_positions="insertion",
+        kinds=("colour", "digit", "digit"),
+        pack=True,
+        recipe="full",
     )
-    assert (config.image_size, config.seed, config.workers, config.image_positions) == (56, 4, 2, "insertion")
-    assert (config.kinds, config.pack, config.recipe) == (("colour", "digit", "digit"), True, "full")

@@ -50,8 +50,7 @@ def run_convert(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> None:
     import json
 
-    from .training.synthetic_vqa import SyntheticVQA
-    from .training.train import TrainConfig, evaluate, train
+    from .training.train import TrainConfig, evaluate, held_out_questions, train
 
     options = dict(
         kind=args.kind,
@@ -70,12 +69,7 @@ def run_train(args: argparse.Namespace) -> None:
     config = TrainConfig(args.output_dir, **{name: value for name, value in options.items() if value is not None})
     model, processor, _ = train(config)
     if args.eval_examples:
-        held_out = SyntheticVQA(
-            args.eval_examples,
-            seed=config.seed + 10_000,
-            image_size=config.image_size,
-            kinds=tuple(dict.fromkeys(config.kinds)),  # each kind equally often
-        )
+        held_out = held_out_questions(args.eval_examples, config.image_size, config.seed, config.kinds)
         accuracy = evaluate(model, processor, held_out, expand_image_tokens=config.kind == "insertion")
         print(json.dumps(accuracy, indent=1))
 
@@ -86,12 +80,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .demo import DEMO_MODEL
-    from .training.synthetic_vqa import SyntheticVQA
-    from .training.train import evaluate
+    from .training.train import evaluate, held_out_questions
 
     path = args.model or DEMO_MODEL
     model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
-    held_out = SyntheticVQA(args.examples, seed=args.seed, image_size=processor.image_size)
+    held_out = held_out_questions(args.examples, processor.image_size, args.seed)
     insertion = model.config.model_type != "casa"  # a Qwen2.5-VL baseline trained by `casa-hf train --kind insertion`
     print(json.dumps(evaluate(model, processor, held_out, expand_image_tokens=insertion), indent=1))
 
@@ -146,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     scorer = commands.add_parser("evaluate", help="held-out synthetic VQA accuracy of a model (default: the demo's)")
     scorer.add_argument("--model", default=None, help="a model folder (default: the shipped demo model)")
     scorer.add_argument("--examples", type=int, default=700, help="held-out questions, every kind equally often")
-    scorer.add_argument("--seed", type=int, default=10_000, help="data seed (training seed 0 + 10,000 is held out)")
+    scorer.add_argument("--seed", type=int, default=0, help="training seed whose held-out questions to use")
     return parser
 
 

@@ -175,6 +175,15 @@ def train(config: TrainConfig, model=None, processor: CasaProcessor | None = Non
     return model, processor, trainer
 
 
+def held_out_questions(
+    examples: int, image_size: int, training_seed: int = 0, kinds: tuple[str, ...] | None = None
+) -> SyntheticVQA:
+    """Questions a run trained with `training_seed` never draws (data seed + 10,000), each of `kinds` (default: all)
+    equally often, so every score of a model is taken on the same set."""
+    kinds = tuple(dict.fromkeys(kinds)) if kinds else None
+    return SyntheticVQA(examples, seed=training_seed + 10_000, image_size=image_size, kinds=kinds)
+
+
 @torch.no_grad()
 def evaluate(
     model, processor: CasaProcessor, dataset: SyntheticVQA, batch_size: int = 32, expand_image_tokens: bool = False
@@ -215,4 +224,13 @@ def _answer_batch(model, processor, collator: CasaDataCollator, examples: list[d
     return processor.tokenizer.convert_ids_to_tokens(out[:, width].tolist())  # answers are one word: one token
 
 
-__all__ = ["MODEL_KINDS", "ModelSize", "TrainConfig", "build_model", "build_processor", "evaluate", "train"]
+__all__ = [
+    "MODEL_KINDS",
+    "ModelSize",
+    "TrainConfig",
+    "build_model",
+    "build_processor",
+    "evaluate",
+    "held_out_questions",
+    "train",
+]
