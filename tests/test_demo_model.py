@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModel, AutoProcessor, pipeline
 
 import casa_hf  # noqa: F401
-from casa_hf.demo import DEMO_MODEL, run_demo
+from casa_hf.builtin_models import TINY_MODEL
+from casa_hf.demo import run_demo
 from casa_hf.training import SyntheticVQA
 from casa_hf.training.synthetic_vqa import SINGLE_KINDS
 from casa_hf.training.train import evaluate
@@ -18,15 +20,15 @@ PER_KIND_BAR = 0.85
 
 
 def test_shipped_model_answers_above_the_stated_accuracy():
-    model = AutoModel.from_pretrained(DEMO_MODEL).eval()
-    processor = AutoProcessor.from_pretrained(DEMO_MODEL)
+    model = AutoModel.from_pretrained(TINY_MODEL).eval()
+    processor = AutoProcessor.from_pretrained(TINY_MODEL)
     accuracy = evaluate(model, processor, SyntheticVQA(140, seed=20_000, image_size=processor.image_size))
     assert accuracy["single_image"] >= SINGLE_IMAGE_BAR, accuracy
     assert all(accuracy[kind] >= PER_KIND_BAR for kind in SINGLE_KINDS), accuracy
 
 
 def test_shipped_model_through_the_pipeline():
-    pipe = pipeline("image-text-to-text", model=str(DEMO_MODEL))
+    pipe = pipeline("image-text-to-text", model=str(TINY_MODEL))
     example = SyntheticVQA(7, seed=20_001, image_size=pipe.processor.image_size)[0]  # a colour question
     messages = example["messages"][:-1]
     answer = pipe(text=messages, max_new_tokens=3, return_full_text=False)[0]["generated_text"]
@@ -52,3 +54,13 @@ def test_evaluate_command_scores_the_shipped_model(capsys):
     accuracy = json.loads(capsys.readouterr().out)
     assert set(accuracy) == {*SINGLE_KINDS, "change", "single_image", "all"}
     assert accuracy["single_image"] >= SINGLE_IMAGE_BAR, accuracy
+
+
+def test_model_names_resolve_and_unknown_names_are_refused(tmp_path):
+    from casa_hf.builtin_models import resolve_model
+
+    assert resolve_model("tiny") == TINY_MODEL
+    assert resolve_model(None) == TINY_MODEL
+    assert resolve_model(str(TINY_MODEL)) == TINY_MODEL
+    with pytest.raises(FileNotFoundError, match=r"--model .* neither a built-in model \(tiny"):
+        resolve_model(tmp_path / "nothing")

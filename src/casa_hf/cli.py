@@ -79,10 +79,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .demo import DEMO_MODEL
+    from .builtin_models import resolve_model
     from .training.train import evaluate, held_out_questions
 
-    path = args.model or DEMO_MODEL
+    path = resolve_model(args.model)
     model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
     held_out = held_out_questions(args.examples, processor.image_size, args.seed)
     insertion = model.config.model_type != "casa"  # a Qwen2.5-VL baseline trained by `casa-hf train --kind insertion`
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casa-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the shipped CASA model answers questions about generated images")
-    demo.add_argument("--model", default=None, help="a CASA checkpoint folder (default: the shipped demo model)")
+    demo.add_argument("--model", default=None, help="a built-in model name (tiny) or a CASA checkpoint folder")
     demo.add_argument("--images", type=int, default=3, help="images to generate and ask about")
     demo.add_argument("--frames", type=int, default=12, help="frames of the streaming part (0 to skip it)")
     demo.add_argument("--seed", type=int, default=0)
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--eval-examples", type=int, default=700, help="held-out examples to score afterwards")
 
     scorer = commands.add_parser("evaluate", help="held-out synthetic VQA accuracy of a model (default: the demo's)")
-    scorer.add_argument("--model", default=None, help="a model folder (default: the shipped demo model)")
+    scorer.add_argument("--model", default=None, help="a built-in model name (tiny) or a model folder")
     scorer.add_argument("--examples", type=int, default=700, help="held-out questions, every kind equally often")
     scorer.add_argument("--seed", type=int, default=0, help="training seed whose held-out questions to use")
     return parser

@@ -10,19 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+from .builtin_models import resolve_model
+
 DEMO_QUESTIONS = ("colour", "shape", "count", "horizontal", "vertical")
 
 
 def load_demo_model(path: str | Path | None = None):
-    """The shipped demo model (or `path`) and its processor, through `AutoModel` / `AutoProcessor`."""
+    """A built-in model name or a folder (default: the default built-in) and its processor, via the Auto classes."""
     from transformers import AutoModel, AutoProcessor
 
     import casa_hf  # noqa: F401  (registers CASA with the Auto classes)
 
-    path = Path(path or DEMO_MODEL)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"No CASA model at {path}")
+    path = resolve_model(path)
     return AutoModel.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
 
 
