@@ -52,7 +52,9 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
             )
         for name in BACKBONE_LAYER_PARTS:
             setattr(self, name, getattr(decoder_layer, name))
-        self.attention_type = getattr(decoder_layer, "attention_type", "full_attention")
+        # Which SA mask the block gets (full or sliding); backbones without `layer_types` are all full attention.
+        layer_types = getattr(config.text_config, "layer_types", None)
+        self.attention_type = layer_types[layer_idx] if layer_types else "full_attention"
         self.layer_idx = layer_idx
         self.has_casa = layer_idx in config.casa_layer_indices
         if self.has_casa:
