@@ -203,3 +203,31 @@ def test_bad_inputs_name_the_problem(tmp_path):
         processor(images=[picture(56, 56)], text="  ")
     with pytest.raises(ValueError, match="non-empty list"):
         processor.apply_chat_template([{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}])
+
+
+def test_images_given_per_sample_must_match_each_sample():
+    processor = tiny_processor()
+    red, blue = Image.new("RGB", (56, 56), "red"), Image.new("RGB", (56, 56), "blue")
+    texts = [f"{PROMPT_IMAGE} a", f"{PROMPT_IMAGE} b"]
+    # same total (2 images, 2 tokens) but sample 1 would silently take sample 0's second image
+    with pytest.raises(ValueError, match=r"Sample 0 has 2 image\(s\) in images\[0\] but 1 image token"):
+        processor(images=[[red, blue], []], text=texts)
+    with pytest.raises(ValueError, match=r"Sample 1 has 0 image\(s\) in images\[1\] but 1 image token"):
+        processor(images=[[red], []], text=texts)
+    with pytest.raises(ValueError, match="images has 1 per-sample lists but text has 2 samples"):
+        processor(images=[[red, blue]], text=texts)
+
+    per_sample = processor(images=[[red], [blue]], text=texts, return_tensors="pt")
+    alone = [
+        processor(images=[image], text=text, return_tensors="pt")
+        for image, text in zip((red, blue), texts, strict=True)
+    ]
+    assert torch.equal(per_sample["pixel_values"], torch.cat([a["pixel_values"] for a in alone]))
+    text_only = processor(images=[[red], []], text=[f"{PROMPT_IMAGE} a", "b"], return_tensors="pt")
+    assert text_only["image_grid_thw"].shape == (1, 3)
+
+
+@pytest.mark.parametrize("images", [None, []])
+def test_an_empty_batch_of_prompts_is_refused(images):
+    with pytest.raises(ValueError, match="text is an empty list"):
+        tiny_processor()(text=[], images=images)

@@ -103,14 +103,40 @@ class CasaProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("CasaProcessor needs `text`: every image must be placed by an image token in the text")
         texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("text is an empty list: pass at least one prompt")
         for index, sample in enumerate(texts):
             if not isinstance(sample, str):
                 raise TypeError(f"text[{index}] must be a string, got {type(sample).__name__}")
             if not sample.strip():
                 raise ValueError(f"text[{index}] is an empty prompt")
         if images is not None:
-            images = self._load_images(images, image_size or self.image_size)
+            self._check_image_counts(images, texts)
+            images = self._load_images(images, image_size or self.image_size) if _flatten(images) else None
         return super().__call__(images=images, text=texts, **kwargs)
+
+    def _check_image_counts(self, images: Any, texts: list[str]) -> None:
+        """Images given per sample (one list each) must match that sample's image tokens; a flat list, the total.
+        Only totals would let a sample silently take its neighbour's image."""
+        tokens = [sample.count(self.image_token) for sample in texts]
+        per_sample = isinstance(images, (list, tuple)) and any(isinstance(item, (list, tuple)) for item in images)
+        if not per_sample:
+            given = len(_flatten(images))
+            if given != sum(tokens):
+                raise ValueError(
+                    f"Got {given} image(s) but the text holds {sum(tokens)} image token(s) {self.image_token!r}; "
+                    "each image needs exactly one image token at its place"
+                )
+            return
+        if len(images) != len(texts):
+            raise ValueError(f"images has {len(images)} per-sample lists but text has {len(texts)} samples")
+        for index, (sample_images, count) in enumerate(zip(images, tokens, strict=True)):
+            given = len(_flatten(sample_images))
+            if given != count:
+                raise ValueError(
+                    f"Sample {index} has {given} image(s) in images[{index}] but {count} image token(s) "
+                    f"{self.image_token!r} in text[{index}]"
+                )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token  # CASA: the placeholder stays a single token
@@ -133,6 +159,13 @@ class CasaProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
+
+
+def _flatten(images: Any) -> list:
+    """Images of a flat or per-sample nested list (or one image) as a flat list."""
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _flatten(item)]
+    return [images]
 
 
 def _load_one(item: Any) -> PIL.Image.Image | np.ndarray | torch.Tensor:
