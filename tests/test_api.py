@@ -109,6 +109,42 @@ def test_bad_pixel_shapes_are_refused():
         model(**{**inputs, "image_grid_thw": inputs["image_grid_thw"][0]})
 
 
+@pytest.mark.parametrize("argument", ["pixel_values", "image_grid_thw", "attention_mask"])
+def test_inputs_that_are_not_tensors_are_named(argument):
+    model = tiny_model()
+    inputs = {**image_inputs(), argument: "not a tensor"}
+    with pytest.raises(TypeError, match=f"{argument} must be a torch.Tensor, got str"):
+        model(**inputs)
+    if argument != "attention_mask":  # generate() itself reads the mask's shape first, as for any model
+        with pytest.raises(TypeError, match=f"{argument} must be a torch.Tensor, got str"):
+            model.generate(**inputs, max_new_tokens=2)
+
+
+def test_an_empty_batch_is_refused_by_forward_and_generate():
+    model = tiny_model()
+    empty = torch.zeros(0, 4, dtype=torch.long)
+    with pytest.raises(
+        ValueError, match=r"input_ids must be a non-empty \(batch, sequence\) tensor, got shape \(0, 4\)"
+    ):
+        model(input_ids=empty)
+    with pytest.raises(ValueError, match=r"input_ids must be a non-empty .* got shape \(0, 4\)"):
+        model.generate(input_ids=empty, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"inputs_embeds must be a non-empty .* got shape \(0, 4, 64\)"):
+        model(inputs_embeds=torch.zeros(0, 4, 64))
+
+
+def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
+    model = tiny_model()
+    inputs = image_inputs()
+    for row in ([1, 3, 4], [1, 4, 0], [0, 4, 4]):  # odd height (merge size 2), empty width, no frame
+        grid = torch.tensor([row])
+        patches = torch.randn(max(int(grid.prod()), 1), inputs["pixel_values"].shape[1])
+        with pytest.raises(ValueError, match=rf"image_grid_thw\[0\] = \{row}.*multiples of spatial_merge_size=2"):
+            model(**{**inputs, "pixel_values": patches, "image_grid_thw": grid})
+    with pytest.raises(ValueError, match=r"pixel_values has shape \(16, 1000\), expected \(16, 1176\)"):
+        model(**{**inputs, "pixel_values": torch.randn(16, 1000)})
+
+
 @pytest.mark.parametrize(
     "overrides,field",
     [

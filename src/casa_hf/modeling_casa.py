@@ -297,16 +297,31 @@ class CasaModel(CasaPreTrainedModel):
         self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, list[int]]:
         """Vision tower + merger. Returns the image tokens of all images back to back and the count per image."""
-        patches = int(image_grid_thw.prod(-1).sum())
-        if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_thw describes {patches} patches "
-                f"(expected shape ({patches}, channels * temporal_patch * patch**2))"
-            )
+        self._check_image_inputs(pixel_values, image_grid_thw)
         pixel_values = pixel_values.type(self.visual.dtype)
         features = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs).pooler_output
         sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
         return features, sizes
+
+    def _check_image_inputs(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> None:
+        """Grids and patches the vision tower can take, refused here by name rather than by a reshape inside it."""
+        _count_images(pixel_values, image_grid_thw)
+        vision = self.config.vision_config
+        merge = vision.spatial_merge_size
+        for index, (frames, height, width) in enumerate(image_grid_thw.tolist()):
+            if frames < 1 or height < 1 or width < 1 or height % merge or width % merge:
+                raise ValueError(
+                    f"image_grid_thw[{index}] = {[frames, height, width]}: frames must be >= 1 and the height and "
+                    f"width (in patches) positive multiples of spatial_merge_size={merge}"
+                )
+        patches = int(image_grid_thw.prod(-1).sum())
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        if pixel_values.ndim != 2 or tuple(pixel_values.shape) != (patches, patch_dim):
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}, expected ({patches}, {patch_dim}): "
+                f"image_grid_thw describes {patches} patches of channels x temporal_patch_size x patch_size^2 = "
+                f"{vision.in_channels} x {vision.temporal_patch_size} x {vision.patch_size}^2 values"
+            )
 
     def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         if input_ids is not None:
@@ -336,19 +351,12 @@ class CasaModel(CasaPreTrainedModel):
         image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`):
             Temporal, height and width patch grid of each image.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        _check_text_inputs(input_ids, inputs_embeds, attention_mask)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if inputs_embeds.ndim != 3 or inputs_embeds.shape[1] == 0:
-            shape = tuple(inputs_embeds.shape[:-1])
-            raise ValueError(f"Expected a non-empty (batch, sequence) input, got shape {shape}")
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        num_images = _count_images(pixel_values, image_grid_thw)
         num_placeholders = int(image_mask.sum())
-        grid_ok = image_grid_thw is not None and image_grid_thw.ndim == 2 and image_grid_thw.shape[-1] == 3
-        if pixel_values is not None and not grid_ok:
-            raise ValueError(f"image_grid_thw must have shape (num_images, 3), got {_shape(image_grid_thw)}")
-        num_images = 0 if pixel_values is None else image_grid_thw.shape[0]
         if num_images != num_placeholders:
             raise ValueError(
                 f"Found {num_placeholders} image tokens (id {self.config.image_token_id}) in the input but "
@@ -371,8 +379,41 @@ class CasaModel(CasaPreTrainedModel):
         )
 
 
-def _shape(tensor: torch.Tensor | None) -> tuple[int, ...] | None:
-    return None if tensor is None else tuple(tensor.shape)
+def _check_tensor(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_text_inputs(
+    input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, attention_mask: torch.Tensor | None
+) -> None:
+    """Exactly one of `input_ids` / `inputs_embeds`, as tensors of a non-empty (batch, sequence) shape."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+    for name, value in (
+        ("input_ids", input_ids),
+        ("inputs_embeds", inputs_embeds),
+        ("attention_mask", attention_mask),
+    ):
+        _check_tensor(name, value)
+    name, tensor, ndim = ("input_ids", input_ids, 2) if input_ids is not None else ("inputs_embeds", inputs_embeds, 3)
+    if tensor.ndim != ndim or 0 in tensor.shape[:2]:
+        raise ValueError(
+            f"{name} must be a non-empty (batch, sequence{', hidden' * (ndim == 3)}) tensor, got shape "
+            f"{tuple(tensor.shape)}"
+        )
+
+
+def _count_images(pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> int:
+    """Images described by `image_grid_thw` (0 without pixels); both must be tensors, the grid `(num_images, 3)`."""
+    _check_tensor("pixel_values", pixel_values)
+    _check_tensor("image_grid_thw", image_grid_thw)
+    if pixel_values is None:
+        return 0
+    if image_grid_thw is None or image_grid_thw.ndim != 2 or image_grid_thw.shape[-1] != 3:
+        shape = None if image_grid_thw is None else tuple(image_grid_thw.shape)
+        raise ValueError(f"image_grid_thw must have shape (num_images, 3), got {shape}")
+    return image_grid_thw.shape[0]
 
 
 class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
