@@ -141,3 +141,32 @@ def test_decoding_strategies_and_streamer(capsys):
     streamed = model.generate(**kwargs, max_new_tokens=4, do_sample=False, streamer=streamer)
     assert streamer.chunks[0] == ids[0].tolist() and streamer.chunks[-1] == "end"
     assert [c[0] for c in streamer.chunks[1:-1]] == streamed[0, ids.shape[1] :].tolist()
+
+
+def test_generate_from_inputs_embeds_equals_input_ids():
+    """`inputs_embeds` (image placeholders found by their embedding) give the tokens of the `input_ids` path, also
+    when beams and return sequences repeat samples with different numbers of images."""
+    model = tiny_model(attn="sdpa")
+    rows, images = samples()
+    ids, mask = left_pad(rows)
+    inputs = dict(
+        attention_mask=mask,
+        pixel_values=torch.cat([pv for pv, _ in images if pv is not None]),
+        image_grid_thw=torch.cat([g for _, g in images if g is not None]),
+        max_new_tokens=6,
+    )
+    embeds = model.get_input_embeddings()(ids)
+    vision_calls = []
+    model.model.visual.register_forward_hook(lambda *args: vision_calls.append(1))
+    strategies = [
+        dict(do_sample=False),
+        dict(do_sample=True, top_k=20, num_return_sequences=2),
+        dict(num_beams=3, num_return_sequences=2, do_sample=False),
+    ]
+    for strategy in strategies:
+        torch.manual_seed(0)
+        from_ids = model.generate(input_ids=ids, **inputs, **strategy)[:, ids.shape[1] :]
+        torch.manual_seed(0)
+        from_embeds = model.generate(inputs_embeds=embeds, **inputs, **strategy)
+        assert from_embeds.tolist() == from_ids.tolist(), strategy
+    assert len(vision_calls) == 2 * len(strategies)  # images encoded once per generate(), not per beam or step

@@ -19,7 +19,7 @@ from transformers.masking_utils import (
     packed_sequence_mask_function,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.processing_utils import Unpack
@@ -293,15 +293,23 @@ class CasaModel(CasaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.embed_tokens = value
 
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs: Unpack[TransformersKwargs]
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Vision tower + merger. Returns the image tokens of all images back to back and the count per image."""
+        self,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.LongTensor | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        """Vision tower + merger. `pooler_output` holds one `[1, image_tokens, hidden]` tensor per image: an image
+        fills one placeholder position, so `generate()` pairs (and repeats, for beams) one entry per image token."""
+        if pixel_values is None:  # generate() encodes explicit `pixel_values=None` of text-only prompts too
+            return BaseModelOutputWithPooling(pooler_output=())
         self._check_image_inputs(pixel_values, image_grid_thw)
         pixel_values = pixel_values.type(self.visual.dtype)
-        features = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs).pooler_output
+        vision_outputs = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs)
         sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
-        return features, sizes
+        vision_outputs.pooler_output = tuple(image[None] for image in torch.split(vision_outputs.pooler_output, sizes))
+        return vision_outputs
 
     def _check_image_inputs(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> None:
         """Grids and patches the vision tower can take, refused here by name rather than by a reshape inside it."""
@@ -343,6 +351,7 @@ class CasaModel(CasaPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         r"""
@@ -350,12 +359,20 @@ class CasaModel(CasaPreTrainedModel):
             Patches of all images of the batch, sample by sample in reading order (Qwen2-VL image processor output).
         image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`):
             Temporal, height and width patch grid of each image.
+        mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+            Images already encoded by `get_image_features`, under `"image"` (what `generate()` passes); instead of
+            `pixel_values`.
         """
         _check_text_inputs(input_ids, inputs_embeds, attention_mask)
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is not None and image_outputs is not None:
+            raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         num_images = _count_images(pixel_values, image_grid_thw)
+        if image_outputs is not None:
+            num_images = len(image_outputs.pooler_output)
         num_placeholders = int(image_mask.sum())
         if num_images != num_placeholders:
             raise ValueError(
@@ -364,8 +381,11 @@ class CasaModel(CasaPreTrainedModel):
             )
         image_features = image_sizes = None
         if num_images:
-            image_features, image_sizes = self.get_image_features(pixel_values, image_grid_thw)
-            image_features = image_features.to(inputs_embeds.dtype)
+            if image_outputs is None:
+                image_outputs = self.get_image_features(pixel_values, image_grid_thw)
+            image_sizes = [image.shape[-2] for image in image_outputs.pooler_output]
+            image_features = torch.cat([image.reshape(-1, image.shape[-1]) for image in image_outputs.pooler_output])
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             image_mask=image_mask,
@@ -436,7 +456,7 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
 
     def get_image_features(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs: Unpack[TransformersKwargs]
-    ) -> tuple[torch.Tensor, list[int]]:
+    ) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -453,6 +473,7 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""
@@ -468,6 +489,7 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -500,36 +522,6 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         processors = super()._get_logits_processor(generation_config, *args, **kwargs)
         processors.insert(0, SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
         return processors
-
-    def _expand_inputs_for_generation(
-        self,
-        expand_size: int = 1,
-        is_encoder_decoder: bool = False,
-        input_ids: torch.LongTensor | None = None,
-        **model_kwargs,
-    ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
-        """Beams / return sequences repeat whole samples: repeat each sample's patches, not patch rows."""
-        pixel_values = model_kwargs.pop("pixel_values", None)
-        image_grid_thw = model_kwargs.pop("image_grid_thw", None)
-        if expand_size > 1 and pixel_values is not None and input_ids is not None:
-            images_per_sample = (input_ids == self.config.image_token_id).sum(1).tolist()
-            grids = torch.split(image_grid_thw, images_per_sample)
-            patches = torch.split(pixel_values, [int(g.prod(-1).sum()) for g in grids])
-            pixel_values = torch.cat([p for p in patches for _ in range(expand_size)])
-            image_grid_thw = torch.cat([g for g in grids for _ in range(expand_size)])
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
-        model_kwargs["pixel_values"] = pixel_values
-        model_kwargs["image_grid_thw"] = image_grid_thw
-        return input_ids, model_kwargs
-
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        # Images are consumed by the prefill; later steps only carry text (the grid goes with its pixels).
-        if model_inputs.get("pixel_values") is None:
-            model_inputs["image_grid_thw"] = None
-        return model_inputs
 
 
 __all__ = ["CasaForConditionalGeneration", "CasaModel", "CasaPreTrainedModel", "CasaTextModel"]
