@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, random_images, random_text, tiny_config, tiny_model
+from tiny import IMAGE_TOKEN, VOCAB, random_images, random_text, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 import casa_hf
@@ -152,6 +152,8 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
         (dict(casa_attention="gated"), "casa_attention"),
         (dict(casa_layers=[0, 5]), "casa_layers"),
         (dict(casa_layers=[1, 1]), "casa_layers"),
+        (dict(casa_layers=[]), r"casa_layers=\[\] gives a model on which images have no effect"),
+        (dict(vision_start_token_id=999), "vision_start_token_id"),
         (dict(image_token_id=999), "image_token_id"),
         (dict(casa_image_positions="grid"), "casa_image_positions"),
         (dict(vision_config=dict(out_hidden_size=32)), "out_hidden_size"),
@@ -161,6 +163,16 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
 def test_bad_config_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+def test_a_small_vocabulary_needs_only_the_image_token():
+    """Only values the user gives are checked against the vocabulary; no default id may make a valid config fail."""
+    reference = tiny_config()
+    config = CasaConfig(
+        text_config=reference.text_config, vision_config=reference.vision_config, image_token_id=IMAGE_TOKEN
+    )
+    assert (config.vision_start_token_id, config.vision_end_token_id) == (None, None)
+    assert config.text_config.vocab_size == VOCAB
 
 
 def test_inputs_embeds_find_the_image_placeholders():

@@ -61,7 +61,8 @@ class CasaConfig(PreTrainedConfig):
         image_token_id (`int`, *optional*):
             The placeholder token marking where an image is inserted in the text.
         vision_start_token_id / vision_end_token_id (`int`, *optional*):
-            Tokens that chat templates may put around the image placeholder (plain text tokens for the model).
+            Tokens that chat templates may put around the image placeholder (plain text tokens for the model); no
+            default, since a default id would have to fit every vocabulary.
         tie_word_embeddings (`bool`, *optional*):
             Tie the LM head to the input embeddings; follows the text backbone when left unset.
 
@@ -100,8 +101,8 @@ class CasaConfig(PreTrainedConfig):
     casa_shared: bool = False
     casa_image_positions: Literal["insertion", "raster"] = "insertion"
     image_token_id: int = 151655
-    vision_start_token_id: int | None = 151652
-    vision_end_token_id: int | None = 151653
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
     tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs):
@@ -132,6 +133,11 @@ class CasaConfig(PreTrainedConfig):
             raise ValueError(f"casa_attention={self.casa_attention!r} must be one of {CASA_ATTENTION_TYPES}")
         num_layers = text.num_hidden_layers
         if self.casa_layers is not None:
+            if not self.casa_layers:
+                raise ValueError(
+                    "casa_layers=[] gives a model on which images have no effect; list at least one block index "
+                    "(or None for every block)"
+                )
             bad = [i for i in self.casa_layers if not isinstance(i, int) or not 0 <= i < num_layers]
             if bad or len(set(self.casa_layers)) != len(self.casa_layers):
                 raise ValueError(

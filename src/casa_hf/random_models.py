@@ -69,6 +69,7 @@ def _text_config(size: str, tokenizer: PreTrainedTokenizerFast) -> dict:
         intermediate_size=intermediate,
         max_position_embeddings=131072,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=tokenizer.bos_token_id,  # None for our tokenizers: Qwen2's default id is outside their vocab
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
