@@ -1,7 +1,7 @@
 """GPU correctness check of the CASA attention backends (run by hand on a CUDA machine; CI has none).
 
 For each backend: a padded multi-image batch against the slow reference (fp32), and cached token-by-token
-decoding against one full forward (fp32 and bf16). `torch_varlen` drives the packed-window (flash-style) path
+decoding against one full forward (fp32 and bf16). `flash_torch_varlen` (a "flash" name, which is what sends CASA to its packed path) drives the packed-window (flash-style) path
 through PyTorch's own flash varlen kernel, so the `cu_seqlens` packing is checked on a real flash kernel even where
 the flash-attn package is not installed; `flash_attention_2` runs too when flash-attn is importable.
 
@@ -63,8 +63,8 @@ def torch_varlen_attention(
     return out[None], None
 
 
-AttentionInterface.register("torch_varlen", torch_varlen_attention)
-AttentionMaskInterface.register("torch_varlen", sdpa_mask)  # its text SA layers run on sdpa
+AttentionInterface.register("flash_torch_varlen", torch_varlen_attention)
+AttentionMaskInterface.register("flash_torch_varlen", sdpa_mask)  # its text SA layers run on sdpa
 
 
 def to_device(inputs, device):
@@ -105,7 +105,7 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     backends = ["eager", "sdpa", "flex_attention"]
     if device == "cuda":
-        backends.append("torch_varlen")
+        backends.append("flash_torch_varlen")
         try:
             import flash_attn  # noqa: F401
 
@@ -115,7 +115,7 @@ def main():
     rows = []
     for attn in backends:
         for dtype in (torch.float32, torch.bfloat16):
-            if attn in ("torch_varlen", "flash_attention_2") and dtype == torch.float32:
+            if attn in ("flash_torch_varlen", "flash_attention_2") and dtype == torch.float32:
                 continue  # flash kernels are half-precision only
             for mode in ("casa", "cross_attention"):
                 # CPU dry runs only: torch's CPU flex template breaks under dynamic shapes (see README).

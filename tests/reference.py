@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def reference_casa_window_attention(
-    module, query, key, value, image_keys, image_values, windows, past_state, return_state
-):
-    assert past_state is None, "the reference covers full (cache-free) forwards"
+def reference_casa_window_attention(module, query, key, value, image_keys, image_values, windows, cache_layer):
+    past = cache_layer is not None and cache_layer.is_initialized
+    assert not past, "the reference covers full forwards, from an empty cache or none"
     batch, heads, seq_len, head_dim = query.shape
     groups = heads // key.shape[1]
     output = torch.zeros(batch, seq_len, heads, head_dim, dtype=query.dtype, device=query.device)
@@ -39,4 +38,4 @@ def reference_casa_window_attention(
                 k, v = torch.cat(keys), torch.cat(values)
                 weights = torch.softmax((k @ query[b, h, t]) * module.scaling, dim=0)
                 output[b, t, h] = weights @ v
-    return output, None
+    return output

@@ -48,8 +48,8 @@ def varlen_reference_attention(
     return out.transpose(1, 2), None
 
 
-AttentionInterface.register("varlen_reference", varlen_reference_attention)
-AttentionMaskInterface.register("varlen_reference", sdpa_mask)  # its text SA layers run on sdpa
+AttentionInterface.register("flash_varlen_reference", varlen_reference_attention)
+AttentionMaskInterface.register("flash_varlen_reference", sdpa_mask)  # its text SA layers run on sdpa
 
 
 def batch_inputs():
@@ -67,7 +67,7 @@ def batch_inputs():
 
 
 @pytest.mark.parametrize("mode", ["casa", "cross_attention"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention", "varlen_reference"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention", "flash_varlen_reference"])
 def test_backend_matches_reference(monkeypatch, mode, attn):
     """Fast path on `attn` against eager text attention + the loop reference for CASA, on the same weights."""
     inputs = batch_inputs()

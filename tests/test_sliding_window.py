@@ -6,7 +6,7 @@ from tiny import random_text, tiny_config
 from transformers import AutoModelForCausalLM
 
 from casa_hf import CasaCache, CasaForConditionalGeneration
-from casa_hf.configuration_casa import SUPPORTED_TEXT_MODEL_TYPES
+from casa_hf.backbones import SUPPORTED_TEXT_MODEL_TYPES
 
 TOLERANCE = 1e-5
 WINDOW = 6

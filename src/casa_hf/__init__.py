@@ -8,7 +8,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from .casa_cache import CasaCache, CasaLayerState
+from .casa_cache import CasaCache, CasaDynamicLayer
 from .configuration_casa import CasaConfig
 from .modeling_casa import CasaForConditionalGeneration, CasaModel, CasaPreTrainedModel, CasaTextModel
 from .processing_casa import CasaProcessor
@@ -25,8 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CasaCache",
     "CasaConfig",
+    "CasaDynamicLayer",
     "CasaForConditionalGeneration",
-    "CasaLayerState",
     "CasaModel",
     "CasaPreTrainedModel",
     "CasaProcessor",

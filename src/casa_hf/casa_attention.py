@@ -5,24 +5,27 @@ A chunk of text is cut into windows at each image placeholder. Window 0 continue
 starts, empty, where a new conversation begins. Windows are gathered into a
 `[num_windows, slots]` layout whose keys are `[prefix (cached window or image) | the window's own text]`, so the
 cost grows with the sum of window sizes, never with text length x all image tokens. That layout is then run through
-Transformers' attention interface: a dense window mask for eager/sdpa, a `BlockMask` for flex_attention, and packed
-windows with `cu_seqlens` for flash-attention style varlen kernels (bottom-right causal alignment is exactly the
-CASA pattern when the text keys come last).
+Transformers' attention interface: the window pattern is a mask function that Transformers' mask interface turns into
+each backend's format (dense for eager/sdpa, a `BlockMask` for flex_attention); flash-attention (varlen) kernels
+instead get the windows packed with `cu_seqlens` (bottom-right causal alignment is exactly the CASA pattern when the
+text keys come last).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import is_flash_attention_requested
 
-from .casa_cache import CasaLayerState
+from .backbones import BACKBONES
+from .casa_cache import CasaDynamicLayer
 
-WINDOW_MASK_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+_FLEX_BLOCK_SIZE = 128  # torch's default BlockMask block size
 
 
 @dataclass
@@ -142,7 +145,7 @@ class _PrefixBank:
 
 def _prefix_bank(
     windows: CasaWindows,
-    past: CasaLayerState | None,
+    past: CasaDynamicLayer | None,
     image_keys: torch.Tensor | None,
     image_values: torch.Tensor | None,
     like: torch.Tensor,
@@ -192,19 +195,25 @@ def _to_windows(states: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor
     return flat[query_index].transpose(1, 2)
 
 
-def _window_mask(token_valid: torch.Tensor, prefix_valid: torch.Tensor, with_text: bool) -> torch.Tensor:
-    """Boolean `[G, Q, keys]` mask of the window layout. Every row keeps one key so that no softmax is empty."""
-    num_queries = token_valid.shape[1]
-    mask = prefix_valid[:, None, :].expand(-1, num_queries, -1)
-    if with_text:
-        causal = torch.ones(num_queries, num_queries, dtype=torch.bool, device=mask.device).tril()
-        diagonal = torch.eye(num_queries, dtype=torch.bool, device=mask.device)
-        text = causal[None] & (token_valid[:, None, :] | diagonal[None])
-        return torch.cat([mask, text], dim=-1)
-    empty_rows = ~mask.any(-1, keepdim=True)
-    first_key = torch.zeros_like(mask)
-    first_key[..., 0] = True
-    return mask | (empty_rows & first_key)
+def casa_window_mask_function(key_valid: torch.Tensor, prefix_width: int, with_text: bool) -> Callable:
+    """The CASA window pattern over the window layout, as a Transformers mask function.
+
+    `batch_idx` is a window, keys are `[prefix (image or cached window) | the window's text]` and `key_valid`
+    (`[windows, keys]`) marks the usable ones. A query sees the valid prefix and, for CASA, the window's valid text
+    up to itself; it always sees itself (or, without text, the first key), so that no softmax row is empty.
+    """
+    has_keys = key_valid.any(-1)
+    # flex_attention evaluates whole blocks of keys, past the last one: pad the table with unusable keys
+    padding = -key_valid.shape[1] % _FLEX_BLOCK_SIZE
+    key_valid = torch.nn.functional.pad(key_valid, (0, padding), value=False)
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        if with_text:
+            text_idx = kv_idx - prefix_width
+            return (key_valid[batch_idx, kv_idx] & (text_idx <= q_idx)) | (text_idx == q_idx)
+        return key_valid[batch_idx, kv_idx] | (~has_keys[batch_idx] & (kv_idx == 0))
+
+    return inner_mask
 
 
 class CasaAttention(nn.Module):
@@ -224,9 +233,7 @@ class CasaAttention(nn.Module):
         self.scaling = self_attn.scaling
         self.attention_dropout = getattr(self_attn, "attention_dropout", 0.0)
         self.is_causal = mode == "casa"
-        backbone = sys.modules[type(self_attn).__module__]
-        self._apply_rotary_pos_emb: Callable = backbone.apply_rotary_pos_emb
-        self._eager_attention_forward: Callable = backbone.eager_attention_forward
+        self.backbone = BACKBONES[config.model_type]
         if not shared:
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 source: nn.Linear = getattr(self_attn, name)
@@ -242,9 +249,9 @@ class CasaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         casa_inputs: CasaInputs,
         self_attn: nn.Module,
-        past_state: CasaLayerState | None,
-        return_state: bool,
-    ) -> tuple[torch.Tensor, CasaLayerState | None]:
+        cache_layer: CasaDynamicLayer | None = None,
+    ) -> torch.Tensor:
+        """CASA attention of a chunk; with a `cache_layer`, windows continue from it and it gets the new ones."""
         proj = self.projections(self_attn)
         batch, seq_len = hidden_states.shape[:2]
         hidden_shape = (batch, seq_len, -1, self.head_dim)
@@ -252,7 +259,7 @@ class CasaAttention(nn.Module):
         key = proj.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = proj.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
-        query, key = self._apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = self.backbone.apply_rotary_pos_emb(query, key, cos, sin)
 
         image_keys = image_values = None
         if image_states is not None:
@@ -260,16 +267,15 @@ class CasaAttention(nn.Module):
             image_keys = proj.k_proj(image_states).view(image_shape).transpose(1, 2)
             image_values = proj.v_proj(image_states).view(image_shape).transpose(1, 2)
             image_cos, image_sin = casa_inputs.image_position_embeddings
-            _, image_keys = self._apply_rotary_pos_emb(image_keys, image_keys, image_cos, image_sin)
+            _, image_keys = self.backbone.apply_rotary_pos_emb(image_keys, image_keys, image_cos, image_sin)
             index = casa_inputs.windows.image_token_index
             image_keys = image_keys[0][:, index].transpose(0, 1)  # [num_images, kv_heads, max_tokens, head_dim]
             image_values = image_values[0][:, index].transpose(0, 1)
 
-        attn_output, state = casa_window_attention(
-            self, query, key, value, image_keys, image_values, casa_inputs.windows, past_state, return_state
+        attn_output = casa_window_attention(
+            self, query, key, value, image_keys, image_values, casa_inputs.windows, cache_layer
         )
-        attn_output = attn_output.reshape(batch, seq_len, -1)
-        return proj.o_proj(attn_output), state
+        return proj.o_proj(attn_output.reshape(batch, seq_len, -1))
 
 
 def casa_window_attention(
@@ -280,17 +286,16 @@ def casa_window_attention(
     image_keys: torch.Tensor | None,
     image_values: torch.Tensor | None,
     windows: CasaWindows,
-    past_state: CasaLayerState | None,
-    return_state: bool,
-) -> tuple[torch.Tensor, CasaLayerState | None]:
-    """CASA attention of a chunk (`query`/`key`/`value` as `[B, heads, T, D]`, RoPE applied).
-
-    Returns the output `[B, T, heads, D]` and, if asked, the layer's new side state.
-    """
+    cache_layer: CasaDynamicLayer | None,
+) -> torch.Tensor:
+    """CASA attention of a chunk (`query`/`key`/`value` as `[B, heads, T, D]`, RoPE applied), output `[B, T, heads,
+    D]`. Windows that continue the cached ones read `cache_layer`, which then stores each sample's last window."""
     with_text = module.mode == "casa"
     implementation = module.config._attn_implementation or "sdpa"
+    varlen = is_flash_attention_requested(requested_attention_implementation=implementation)
     dropout = module.attention_dropout if module.training else 0.0
-    bank = _prefix_bank(windows, past_state, image_keys, image_values, key)
+    past = cache_layer if cache_layer is not None and cache_layer.is_initialized else None
+    bank = _prefix_bank(windows, past, image_keys, image_values, key)
     batch, heads, seq_len, head_dim = query.shape
     output = query.new_zeros(batch * seq_len, heads, head_dim)
     for group in _window_groups(windows, bank):
@@ -302,7 +307,7 @@ def casa_window_attention(
         token_valid = windows.token_valid[rows, :num_queries]
         source = windows.prefix_source[rows]
         keys, values = bank.keys[source, :, :width], bank.values[source, :, :width]
-        prefix_valid = key_valid = bank.valid[source, :width]
+        key_valid = bank.valid[source, :width]
         if with_text:
             keys = torch.cat([keys, _to_windows(key, query_index)], dim=2)
             values = torch.cat([values, _to_windows(value, query_index)], dim=2)
@@ -311,29 +316,41 @@ def casa_window_attention(
         if not bool(has_keys.any()):
             continue
         queries = _to_windows(query, query_index)
-        if implementation in WINDOW_MASK_IMPLEMENTATIONS:
-            mask = _window_mask(token_valid, prefix_valid, with_text)
-            group_output = _masked_window_attention(module, implementation, queries, keys, values, mask, dropout)
-        else:
+        if varlen:
             group_output = _varlen_window_attention(
                 module, implementation, queries, keys, values, token_valid & has_keys[:, None], key_valid, dropout
             )
+        else:
+            attention_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+                batch_size=len(group),
+                q_length=num_queries,
+                kv_length=keys.shape[2],
+                mask_function=casa_window_mask_function(key_valid, width, with_text),
+                allow_is_causal_skip=False,
+                dtype=queries.dtype,
+                device=queries.device,
+            )
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, module.backbone.eager_attention_forward)
+            group_output, _ = attention(
+                module, queries, keys, values, attention_mask, dropout=dropout, scaling=module.scaling, is_causal=False
+            )
         group_output = group_output * has_keys[:, None, None, None].to(group_output.dtype)
         output[query_index[query_valid]] = group_output[query_valid]
-    output = output.view(batch, seq_len, heads, head_dim)
-    state = _next_state(windows, bank, key, value, past_state, with_text) if return_state else None
-    return output, state
+    if cache_layer is not None:
+        _store_last_windows(cache_layer, windows, bank, key, value, past, with_text)
+    return output.view(batch, seq_len, heads, head_dim)
 
 
-def _next_state(
+def _store_last_windows(
+    cache_layer: CasaDynamicLayer,
     windows: CasaWindows,
     bank: _PrefixBank,
     key: torch.Tensor,
     value: torch.Tensor,
-    past_state: CasaLayerState | None,
+    past: CasaDynamicLayer | None,
     with_text: bool,
-) -> CasaLayerState:
-    """Each sample's last window (its image, or the continued cached window, plus its text) becomes its state."""
+) -> None:
+    """Each sample's last window (its image, or the continued cached window, plus its text) goes to the cache."""
     last = windows.last_window
     source = windows.prefix_source[last]
     keys, values, valid = bank.keys[source], bank.values[source], bank.valid[source]
@@ -342,62 +359,15 @@ def _next_state(
         keys = torch.cat([keys, _to_windows(key, query_index)], dim=2)
         values = torch.cat([values, _to_windows(value, query_index)], dim=2)
         valid = torch.cat([valid, windows.token_valid[last]], dim=1)
-    image_tokens = past_state.image_tokens.clone() if past_state is not None else last.new_zeros(len(last))
+    image_tokens = past.image_tokens.clone() if past is not None else last.new_zeros(len(last))
     for b, window in enumerate(windows.last_window.tolist()):
         source = windows.sources[window]
         if source != b:  # opened in this chunk: by an image, or fresh (a packed conversation's start)
             image = source - windows.batch_size
             image_tokens[b] = windows.image_sizes[image] if image < len(windows.image_sizes) else 0
-    state = CasaLayerState(keys, values, valid, image_tokens)
     # Unused slots come from images padded to the bank width, or from left padding at the front of a window.
     leading_gap = valid.shape[1] > 0 and not bool(valid[:, 0].all())
-    if windows.has_new_images or leading_gap:
-        state = state.compacted()
-    return state
-
-
-def _masked_window_attention(
-    module: CasaAttention,
-    implementation: str,
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    dropout: float,
-) -> torch.Tensor:
-    """Window layout through eager / sdpa (dense window mask) or flex_attention (`BlockMask`)."""
-    if implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        # Pad the lookup table to whole blocks: `create_block_mask` evaluates `mask_mod` on the padded grid.
-        block = 128
-        padded = torch.zeros(
-            mask.shape[0],
-            -(-mask.shape[1] // block) * block,
-            -(-mask.shape[2] // block) * block,
-            dtype=torch.bool,
-            device=mask.device,
-        )
-        padded[:, : mask.shape[1], : mask.shape[2]] = mask
-
-        def mask_mod(window, head, q_idx, kv_idx):
-            return padded[window, q_idx, kv_idx]
-
-        attention_mask = create_block_mask(
-            mask_mod, mask.shape[0], None, mask.shape[1], mask.shape[2], device=mask.device
-        )
-        interface = ALL_ATTENTION_FUNCTIONS["flex_attention"]
-    elif implementation == "sdpa":
-        attention_mask = mask[:, None]
-        interface = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    else:
-        attention_mask = torch.zeros(mask.shape, dtype=queries.dtype, device=mask.device)
-        attention_mask = attention_mask.masked_fill(~mask, torch.finfo(queries.dtype).min)[:, None]
-        interface = module._eager_attention_forward
-    output, _ = interface(
-        module, queries, keys, values, attention_mask, dropout=dropout, scaling=module.scaling, is_causal=False
-    )
-    return output
+    cache_layer.update(keys, values, valid, image_tokens, compact=windows.has_new_images or leading_gap)
 
 
 def _varlen_window_attention(

@@ -1,118 +1,104 @@
-"""The text-only cache of CASA models and the bounded side state of each CASA layer."""
+"""The text-only cache of CASA models: text K/V layers for self-attention, plus one window layer per CASA sub-layer."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import CacheLayerMixin, DynamicCache
+from transformers.configuration_utils import PreTrainedConfig
 
 
-@dataclass
-class CasaLayerState:
-    """What one CASA layer remembers between forward calls: its current window.
+class CasaDynamicLayer(CacheLayerMixin):
+    """The window one CASA sub-layer continues from: the latest image's K/V and the text K/V since that image.
 
-    `keys`/`values` (`[batch, kv_heads, slots, head_dim]`, RoPE applied) hold the latest image's tokens and the text
-    since that image; `valid` (`[batch, slots]`) marks the slots in use (samples of a batch have windows of different
-    lengths); `image_tokens` (`[batch]`) counts the image slots among them (0 before a sample's first image).
+    `keys` / `values` are `[batch, kv_heads, slots, head_dim]` (RoPE applied); `valid` (`[batch, slots]`) marks the
+    slots in use, since the samples of a batch have windows of different lengths; `image_tokens` (`[batch]`) counts
+    the image slots among them (0 before a sample's first image). Its size is bounded by one image plus the text
+    since it, however long the conversation.
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
-    valid: torch.Tensor
-    image_tokens: torch.Tensor
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
 
-    def select(self, index: torch.Tensor) -> CasaLayerState:
-        """Rows `index` of the batch (beam reordering, batch expansion or selection)."""
-        index = index.to(self.keys.device)
-        return CasaLayerState(
-            self.keys.index_select(0, index),
-            self.values.index_select(0, index),
-            self.valid.index_select(0, index.to(self.valid.device)),
-            self.image_tokens.index_select(0, index.to(self.image_tokens.device)),
-        )
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.valid: torch.Tensor | None = None
+        self.image_tokens: torch.Tensor | None = None
 
-    def compacted(self) -> CasaLayerState:
-        """Move each row's used slots to the front and drop slots no row uses, so memory tracks the longest window."""
-        if bool(self.valid.all()):
-            return self
-        order = torch.sort((~self.valid).to(torch.int8), dim=1, stable=True).indices
-        width = int(self.valid.sum(1).max())
-        order = order[:, :width]
-        gather = order[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
-        return CasaLayerState(
-            self.keys.gather(2, gather),
-            self.values.gather(2, gather),
-            self.valid.gather(1, order),
-            self.image_tokens,
-        )
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
 
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        valid: torch.Tensor,
+        image_tokens: torch.Tensor,
+        compact: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each sample's new window (computed by the CASA attention from the previous one).
 
-class CasaCache(DynamicCache):
-    """A `DynamicCache` whose self-attention layers hold text K/V only, plus one `CasaLayerState` per CASA layer.
-
-    It is what `generate()` and a passed-back `cache` carry between calls: the text keeps growing as in any LLM,
-    while each CASA layer's side state stays bounded by one image plus the text since that image.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.casa_states: dict[int, CasaLayerState] = {}
-
-    def get_casa_state(self, layer_idx: int) -> CasaLayerState | None:
-        return self.casa_states.get(layer_idx)
-
-    def set_casa_state(self, layer_idx: int, state: CasaLayerState) -> None:
-        self.casa_states[layer_idx] = state
-
-    def casa_state_lengths(self, layer_idx: int) -> torch.Tensor:
-        """Used slots per sample of one CASA layer's side state (image tokens + text since that image)."""
-        return self.casa_states[layer_idx].valid.sum(1)
-
-    def evict_text(
-        self, sink_tokens: int, window_tokens: int, shift: Callable[[torch.Tensor, int], torch.Tensor]
-    ) -> int:
-        """Keep the first `sink_tokens` and the last `window_tokens` text tokens of every SA layer; drop the middle.
-
-        Kept window keys and every CASA side state move back by the number of dropped tokens (`shift` rotates RoPE'd
-        keys), so positions stay contiguous and the next token's position is the cache length again. Returns the
-        number of dropped tokens.
+        With `compact`, used slots move to the front and slots no sample uses are dropped, so memory tracks the
+        longest window (unused slots come from images padded to a common width, or left padding).
         """
-        excess = self.get_seq_length() - sink_tokens - window_tokens
-        if excess <= 0:
-            return 0
-        for layer in self.layers:
-            if getattr(layer, "is_sliding", False):
-                raise ValueError("A text budget cannot be applied to sliding-window cache layers")
-            keys, values = layer.keys, layer.values
-            recent = slice(sink_tokens + excess, None)
-            layer.keys = torch.cat([keys[..., :sink_tokens, :], shift(keys[..., recent, :], -excess)], dim=-2)
-            layer.values = torch.cat([values[..., :sink_tokens, :], values[..., recent, :]], dim=-2)
-        for state in self.casa_states.values():
-            state.keys = shift(state.keys, -excess)
-        return excess
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if compact and not bool(valid.all()):
+            order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, : int(valid.sum(1).max())]
+            gather = order[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
+            key_states, value_states = key_states.gather(2, gather), value_states.gather(2, gather)
+            valid = valid.gather(1, order)
+        self.keys, self.values, self.valid, self.image_tokens = key_states, value_states, valid, image_tokens
+        return self.keys, self.values
 
-    def _select_states(self, index: torch.Tensor) -> None:
-        self.casa_states = {idx: state.select(index) for idx, state in self.casa_states.items()}
+    def get_seq_length(self) -> int:
+        """Slots of the stored windows (image tokens + text since the image, for the longest window)."""
+        return self.keys.shape[-2] if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def window_lengths(self) -> torch.Tensor:
+        """Used slots per sample (image tokens + text since that image)."""
+        return self.valid.sum(1)
+
+    def nbytes(self) -> int:
+        """Memory of the stored window K/V (the per-slot and per-sample bookkeeping is a few bytes more)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def shift_positions(self, shift: Callable[[torch.Tensor, int], torch.Tensor], delta: int) -> None:
+        """Move the RoPE'd keys by `delta` positions (a bounded text cache dropped `-delta` older tokens)."""
+        if self.is_initialized:
+            self.keys = shift(self.keys, delta)
+
+    def _select(self, rows: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, rows.to(self.keys.device))
+            self.values = self.values.index_select(0, rows.to(self.values.device))
+            self.valid = self.valid.index_select(0, rows.to(self.valid.device))
+            self.image_tokens = self.image_tokens.index_select(0, rows.to(self.image_tokens.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._select_states(beam_idx)
+        self._select(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        for idx, state in self.casa_states.items():
-            rows = torch.arange(state.keys.shape[0], device=state.keys.device).repeat_interleave(repeats)
-            self.casa_states[idx] = state.select(rows)
+        if self.is_initialized:
+            self._select(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._select_states(torch.as_tensor(indices).reshape(-1))
+        self._select(torch.as_tensor(indices).reshape(-1))
 
     def reset(self) -> None:
-        super().reset()
-        self.casa_states = {}
+        self.keys = self.values = self.valid = self.image_tokens = None
+        self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
@@ -121,9 +107,73 @@ class CasaCache(DynamicCache):
                 "cropped span (assisted/speculative decoding is not supported)."
             )
 
-    @property
-    def is_croppable(self) -> bool:
-        return False
+
+class CasaCache(DynamicCache):
+    """A `DynamicCache` whose self-attention layers hold text K/V only, followed by one `CasaDynamicLayer` per CASA
+    sub-layer (`layers[num_blocks + j]` for the j-th CASA block).
+
+    It is what `generate()` and a passed-back `cache` carry between calls: the text keeps growing as in any LLM,
+    while each CASA layer's window stays bounded by one image plus the text since that image. Built without a
+    config, it takes its layout from the model on the first forward.
+    """
+
+    def __init__(self, config: PreTrainedConfig | None = None, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self.casa_layer_positions: dict[int, int] = {}  # CASA block index -> its layer in `self.layers`
+        if getattr(config, "casa_layer_indices", None) is not None:
+            self.add_casa_layers(config.get_text_config(decoder=True).num_hidden_layers, config.casa_layer_indices)
+
+    def add_casa_layers(self, num_blocks: int, casa_blocks: list[int]) -> None:
+        """Append the CASA window layers after the blocks' self-attention layers (once).
+
+        A config-less cache first gets the plain `DynamicLayer`s its lazy `update` would have created.
+        """
+        if self.casa_layer_positions:
+            if sorted(self.casa_layer_positions) != list(casa_blocks):
+                raise ValueError(
+                    f"This CasaCache holds CASA layers for blocks {sorted(self.casa_layer_positions)}, "
+                    f"the model has them in blocks {list(casa_blocks)}"
+                )
+            return
+        if self.layer_class_to_replicate is not None:
+            while len(self.layers) < num_blocks:
+                self.layers.append(self.layer_class_to_replicate())
+            self.layer_class_to_replicate = None
+        for block in casa_blocks:
+            self.casa_layer_positions[block] = len(self.layers)
+            self.layers.append(CasaDynamicLayer())
+
+    def get_casa_state(self, layer_idx: int) -> CasaDynamicLayer:
+        """The CASA window layer of block `layer_idx`."""
+        return self.layers[self.casa_layer_positions[layer_idx]]
+
+    def casa_state_lengths(self, layer_idx: int) -> torch.Tensor:
+        """Used slots per sample of one CASA layer's window (image tokens + text since that image)."""
+        return self.get_casa_state(layer_idx).window_lengths()
+
+    def evict_text(
+        self, sink_tokens: int, window_tokens: int, shift: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> int:
+        """Keep the first `sink_tokens` and the last `window_tokens` text tokens of every SA layer; drop the middle.
+
+        Kept window keys and every CASA window move back by the number of dropped tokens (`shift` rotates RoPE'd
+        keys), so positions stay contiguous and the next token's position is the cache length again. Returns the
+        number of dropped tokens.
+        """
+        excess = self.get_seq_length() - sink_tokens - window_tokens
+        if excess <= 0:
+            return 0
+        if any(self.is_sliding):
+            raise ValueError("A text budget cannot be applied to sliding-window cache layers")
+        for layer in self.layers:
+            if isinstance(layer, CasaDynamicLayer):
+                layer.shift_positions(shift, -excess)
+                continue
+            keys, values = layer.keys, layer.values
+            recent = slice(sink_tokens + excess, None)
+            layer.keys = torch.cat([keys[..., :sink_tokens, :], shift(keys[..., recent, :], -excess)], dim=-2)
+            layer.values = torch.cat([values[..., :sink_tokens, :], values[..., recent, :]], dim=-2)
+        return excess
 
 
-__all__ = ["CasaCache", "CasaLayerState"]
+__all__ = ["CasaCache", "CasaDynamicLayer"]

@@ -10,9 +10,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.generation import GenerationConfig
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 
-# Backbones whose decoder layer is `input_layernorm -> self_attn -> post_attention_layernorm -> mlp`, the layout the
-# CASA sub-layer is slotted into. Others need their own wiring before they can be listed here.
-SUPPORTED_TEXT_MODEL_TYPES = ("qwen2", "llama", "helium")
+from .backbones import SUPPORTED_TEXT_MODEL_TYPES
+
 CASA_ATTENTION_TYPES = ("casa", "cross_attention")
 
 # Keys that `PreTrainedConfig` itself consumes from a config dict; anything else that is not a dataclass field of

@@ -5,7 +5,6 @@ source checkpoints); only the CASA sub-layer and the wiring around it live here 
 """
 
 import copy
-import sys
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .backbones import BACKBONES
 from .casa_attention import CasaAttention, CasaInputs, build_casa_windows
 from .casa_cache import CasaCache
 from .configuration_casa import CasaConfig
@@ -92,18 +92,14 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
             image_states = None
             if casa_inputs.image_features is not None:
                 image_states = self.casa_image_layernorm(casa_inputs.image_features)
-            past_state = cache.get_casa_state(self.layer_idx) if cache is not None else None
-            casa_output, state = self.casa_attn(
+            casa_output = self.casa_attn(
                 self.casa_input_layernorm(hidden_states),
                 image_states,
                 position_embeddings,
                 casa_inputs,
                 self.self_attn,
-                past_state,
-                return_state=cache is not None,
+                cache.get_casa_state(self.layer_idx) if cache is not None else None,
             )
-            if state is not None:
-                cache.set_casa_state(self.layer_idx, state)
             hidden_states = hidden_states + casa_output
 
         residual = hidden_states
@@ -151,6 +147,7 @@ class CasaTextModel(CasaPreTrainedModel):
         self.norm = backbone.norm
         self.rotary_emb = backbone.rotary_emb
         self.casa_image_positions = config.casa_image_positions
+        self.casa_layer_indices = config.casa_layer_indices
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -163,7 +160,7 @@ class CasaTextModel(CasaPreTrainedModel):
             raise ValueError(f"Shifting cached keys needs plain RoPE; this backbone uses rope_type={rope_type!r}")
         position = torch.full((1, 1), delta, device=keys.device)
         cos, sin = self.rotary_emb(keys, position_ids=position)
-        apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        apply_rotary = BACKBONES[self.config.model_type].apply_rotary_pos_emb
         shape = (1,) * (keys.ndim - 2) + cos.shape[-1:]
         shifted, _ = apply_rotary(keys, keys, cos.reshape(shape), sin.reshape(shape), unsqueeze_dim=0)
         return shifted
@@ -215,6 +212,8 @@ class CasaTextModel(CasaPreTrainedModel):
                 f"CASA models keep their per-layer window state in a `CasaCache`, got {type(cache).__name__}; "
                 "pass `casa_hf.CasaCache()` (or no cache) instead"
             )
+        if cache is not None:
+            cache.add_casa_layers(len(self.layers), self.casa_layer_indices)
         past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = _text_positions(attention_mask, past_seen, batch_size, seq_len, inputs_embeds.device)
@@ -513,7 +512,7 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
                     f"cache_implementation={generation_config.cache_implementation!r} is not supported by CASA "
                     "models, whose cache is the dynamic, text-only `CasaCache`"
                 )
-            model_kwargs["cache"] = CasaCache(config=self.config.get_text_config(decoder=True))
+            model_kwargs["cache"] = CasaCache(config=self.config)
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .casa_cache import CasaCache
+from .casa_cache import CasaCache, CasaDynamicLayer
 from .processing_casa import _load_one
 
 
@@ -48,15 +48,15 @@ class StreamStep:
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes held by a cache: K/V of its attention layers plus, for a `CasaCache`, every CASA side state."""
+    """Bytes held by a cache: K/V of its attention layers plus, for a `CasaCache`, every CASA window layer."""
     total = 0
     for layer in cache.layers:
-        if layer.keys is not None and layer.keys.numel():
+        if isinstance(layer, CasaDynamicLayer):
+            total += layer.nbytes()
+        elif layer.keys is not None and layer.keys.numel():
             total += (
                 layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
             )
-    for state in getattr(cache, "casa_states", {}).values():
-        total += (state.keys.numel() + state.values.numel()) * state.keys.element_size()
     return total
 
 
