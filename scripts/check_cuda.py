@@ -1,9 +1,10 @@
 """GPU correctness check of the CASA attention backends (run by hand on a CUDA machine; CI has none).
 
 For each backend: a padded multi-image batch against the slow reference (fp32), and cached token-by-token
-decoding against one full forward (fp32 and bf16). `flash_torch_varlen` (a "flash" name, which is what sends CASA to its packed path) drives the packed-window (flash-style) path
-through PyTorch's own flash varlen kernel, so the `cu_seqlens` packing is checked on a real flash kernel even where
-the flash-attn package is not installed; `flash_attention_2` runs too when flash-attn is importable.
+decoding against one full forward (fp32 and bf16). `flash_torch_varlen` (a "flash" name: what sends CASA to its
+packed-window path) drives that path through PyTorch's own flash varlen kernel, so the `cu_seqlens` packing is
+checked on a real flash kernel even where the flash-attn package is not installed; `flash_attention_2` runs too
+when flash-attn is importable.
 
     python scripts/check_cuda.py --out results.json
 """
