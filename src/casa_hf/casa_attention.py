@@ -292,7 +292,7 @@ def casa_window_attention(
     dropout = module.attention_dropout if module.training else 0.0
     bank = _prefix_bank(windows, past_state, image_keys, image_values, key)
     batch, heads, seq_len, head_dim = query.shape
-    output = query.new_zeros(batch * seq_len, heads, head_dim)
+    output = None  # allocated in the dtype the kernel returns (bfloat16 under autocast, like a block's self-attention)
     for group in _window_groups(windows, bank):
         rows = torch.tensor(group, device=query.device)
         num_queries = max(windows.lengths[g] for g in group)
@@ -319,7 +319,11 @@ def casa_window_attention(
                 module, implementation, queries, keys, values, token_valid & has_keys[:, None], key_valid, dropout
             )
         group_output = group_output * has_keys[:, None, None, None].to(group_output.dtype)
+        if output is None:
+            output = group_output.new_zeros(batch * seq_len, heads, head_dim)
         output[query_index[query_valid]] = group_output[query_valid]
+    if output is None:  # no window has keys: cross-attention over text before any image
+        output = query.new_zeros(batch * seq_len, heads, head_dim)
     output = output.view(batch, seq_len, heads, head_dim)
     state = _next_state(windows, bank, key, value, past_state, with_text) if return_state else None
     return output, state
@@ -438,8 +442,8 @@ def _varlen_window_attention(
         max_length_q=int(query_counts.max()),
         max_length_k=int(key_counts.max()),
     )
-    output = queries.new_zeros(queries.transpose(1, 2).shape)
-    output[query_used] = packed_out[0].to(output.dtype)
+    output = packed_out.new_zeros(queries.transpose(1, 2).shape)
+    output[query_used] = packed_out[0]
     return output
 
 
