@@ -14,9 +14,7 @@ def default_trainable_vision_blocks(depth: int) -> int:
     return max(1, depth // 8)
 
 
-def apply_freezing_recipe(
-    model: nn.Module, recipe: str, trainable_vision_blocks: int | None = None
-) -> dict[str, int]:
+def apply_freezing_recipe(model: nn.Module, recipe: str, trainable_vision_blocks: int | None = None) -> dict[str, int]:
     """Set `requires_grad` by recipe and return the trainable / frozen parameter counts.
 
     - `"qwen"` (adapting an insertion VLM): LLM and vision tower frozen; CASA sub-layers, the last

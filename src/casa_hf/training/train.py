@@ -197,6 +197,10 @@ def train(config: TrainConfig, model=None, processor: CasaProcessor | None = Non
     process; under torchrun / accelerate every process runs this with its share of each batch)."""
     resume_from = _resume_checkpoint(config)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+    if config.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError(
+            "fsdp shards the model itself: launch it with torchrun, or drop it under an accelerate FSDP config"
+        )
     if config.batch_size % world_size:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world_size} processes")
     processor = processor or build_processor(config.image_size)
@@ -257,6 +261,7 @@ def _write_summary(config: TrainConfig, trainer: Trainer, world_size: int, secon
     summary = dict(
         world_size=world_size,
         parallelism="fsdp" if config.fsdp and world_size > 1 else "ddp" if world_size > 1 else "single process",
+        mixed_precision=trainer.args.mixed_precision,  # --bf16, or the launcher's (accelerate launch)
         per_process_batch_size=config.batch_size // world_size,
         global_batch_size=config.batch_size,
         steps=trainer.state.global_step,
