@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 from transformers.distributed import DistributedConfig
@@ -266,7 +267,7 @@ def _write_summary(config: TrainConfig, trainer: Trainer, world_size: int, secon
         global_batch_size=config.batch_size,
         steps=trainer.state.global_step,
         parameters=sum(p.numel() for p in parameters),
-        parameters_on_main_process=sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in parameters),
+        parameters_on_main_process=sum(_local_size(p) for p in parameters),
         train_seconds=round(seconds, 2),
         losses=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         config={k: v for k, v in asdict(config).items() if k != "output_dir"},
@@ -275,6 +276,11 @@ def _write_summary(config: TrainConfig, trainer: Trainer, world_size: int, secon
     staging = path.with_suffix(".json.tmp")
     staging.write_text(json.dumps(summary, indent=1))
     staging.replace(path)
+
+
+def _local_size(parameter: torch.Tensor) -> int:
+    """Elements this process holds: its shard of an FSDP2 (DTensor) parameter, or the whole parameter."""
+    return parameter.to_local().numel() if isinstance(parameter, DTensor) else parameter.numel()
 
 
 def held_out_questions(
