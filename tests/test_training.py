@@ -1,8 +1,8 @@
-"""Training support: assistant-only labels, packing, freezing recipes, LoRA, two-process training."""
+"""Training support: assistant-only labels, packing, freezing recipes, LoRA, the train command's options and errors
+(launched runs: test_launch.py)."""
 
 import pytest
 import torch
-from transformers import AutoModel
 
 from casa_hf.training import IGNORE_INDEX, CasaDataCollator, SyntheticVQA, apply_freezing_recipe
 from casa_hf.training.train import ModelSize, build_model, build_processor
@@ -120,47 +120,6 @@ def test_lora_trains_saves_reloads_and_merges(processor, examples, tmp_path):
         assert (merged(**batch).logits - adapted).abs().max() <= 1e-3
 
 
-def test_two_process_training_step_saves_a_checkpoint_that_reloads(processor, tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_distributed_step, args=(2, str(tmp_path)), nprocs=2, join=True)
-    reloaded = AutoModel.from_pretrained(tmp_path / "checkpoint")
-    saved = torch.load(tmp_path / "rank0_weights.pt")
-    for name, parameter in reloaded.named_parameters():
-        assert torch.equal(parameter, saved[name]), name
-    initial = build_model("casa", processor, TINY)
-    moved = [n for n, p in initial.named_parameters() if not torch.equal(p, saved[n])]
-    assert moved  # the step changed the weights
-
-
-def _distributed_step(rank: int, world_size: int, folder: str) -> None:
-    import os
-
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(1)
-    processor = build_processor(image_size=56)
-    model = build_model("casa", processor, TINY)  # same seed on both ranks
-    ddp = DistributedDataParallel(model)
-    examples = [SyntheticVQA(8, seed=5, image_size=56)[i] for i in range(rank * 4, rank * 4 + 4)]
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    ddp(**CasaDataCollator(processor)(examples)).loss.backward()
-    optimizer.step()
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, {n: p.detach().clone() for n, p in model.named_parameters()})
-    if rank == 0:
-        for name, parameter in gathered[1].items():
-            assert torch.equal(parameter, gathered[0][name]), name  # DDP kept the replicas identical
-        model.save_pretrained(os.path.join(folder, "checkpoint"))
-        processor.save_pretrained(os.path.join(folder, "checkpoint"))
-        torch.save(gathered[0], os.path.join(folder, "rank0_weights.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def test_repeated_kinds_are_drawn_more_often():
     from casa_hf.training.synthetic_vqa import TRAINING_MIX
 
@@ -184,7 +143,8 @@ def test_train_command_passes_every_option_to_the_training_config(monkeypatch, t
     main(["train", "--output-dir", str(tmp_path / "set"), "--eval-examples", "0", "--kind", "cross_attention",
           "--steps", "7", "--batch-size", "3", "--learning-rate", "5e-4", "--warmup-steps", "2", "--image-size", "56",
           "--seed", "4", "--workers", "2", "--image-positions", "insertion", "--kinds", "colour,digit,digit", "--pack",
-          "--recipe", "full"])
+          "--recipe", "full", "--trainable-vision-blocks", "2", "--gradient-checkpointing", "--bf16", "--fsdp",
+          "--overwrite"])
     # fmt: on
     assert seen[-1] == training.TrainConfig(
         str(tmp_path / "set"),
@@ -200,4 +160,86 @@ def test_train_command_passes_every_option_to_the_training_config(monkeypatch, t
         kinds=("colour", "digit", "digit"),
         pack=True,
         recipe="full",
+        trainable_vision_blocks=2,
+        gradient_checkpointing=True,
+        bf16=True,
+        fsdp=True,
+        overwrite=True,
     )
+    main(["train", "--output-dir", str(tmp_path / "resumed"), "--eval-examples", "0", "--save-steps", "5", "--resume"])
+    assert seen[-1] == training.TrainConfig(str(tmp_path / "resumed"), save_steps=5, resume=True)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+        (["--steps", "-1"], "argument --steps: must be a positive integer, got -1"),
+        (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+        (["--trainable-vision-blocks", "-1"], "argument --trainable-vision-blocks: must be 0 or a positive integer"),
+        (["--save-steps", "-2"], "argument --save-steps: must be 0 or a positive integer, got -2"),
+        (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+    ],
+)
+def test_train_command_rejects_bad_options(tmp_path, capsys, options, message):
+    from casa_hf.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--output-dir", str(tmp_path), *options])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "holding,options,error,message",
+    [
+        ("config.json", [], FileExistsError, "already holds a trained model or checkpoints; pass --resume"),
+        ("checkpoint-5", [], FileExistsError, "to continue from its last checkpoint-N, or --overwrite"),
+        (None, ["--resume"], FileNotFoundError, "holds no checkpoint-N folder to resume from"),
+        (None, ["--fsdp", "--save-steps", "5"], ValueError, "save_steps and resume are not available with fsdp"),
+        (None, ["--kind", "insertion", "--recipe", "casa_only"], ValueError, "leaves nothing to train"),
+        (None, ["--trainable-vision-blocks", "4", "--recipe", "qwen"], ValueError, "must be within \\[0, 3\\]"),
+    ],
+)
+def test_train_command_refuses_runs_that_would_go_wrong(tmp_path, holding, options, error, message):
+    """Before any training step: an output dir holding a run is neither overwritten nor resumed silently, and a
+    run that would train nothing (insertion models have no CASA sub-layers) says so."""
+    from casa_hf.cli import main
+
+    if holding == "config.json":
+        (tmp_path / holding).write_text("{}")
+    elif holding:
+        (tmp_path / holding).mkdir()
+    with pytest.raises(error, match=message):
+        main(["train", "--output-dir", str(tmp_path), "--image-size", "56", *options])
+
+
+def test_global_batch_must_split_evenly_over_the_processes(tmp_path, monkeypatch):
+    from casa_hf.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="batch_size=32 must be divisible by the 3 processes"):
+        main(["train", "--output-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("recipe", ["qwen", "full", "casa_only"])
+def test_recipes_default_to_the_last_eighth_of_the_vision_tower(processor, recipe):
+    from casa_hf.training.freezing import default_trainable_vision_blocks
+
+    assert [default_trainable_vision_blocks(depth) for depth in (3, 8, 32)] == [1, 1, 4]  # 4 of 32: released models
+    model = build_model("casa", processor, ModelSize())  # `casa-hf train`'s model: 3 vision blocks
+    counts = apply_freezing_recipe(model, recipe)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    vision_blocks = {n.split(".")[3] for n in trainable if n.startswith("model.visual.blocks.")}
+    assert counts["trainable"] > 0 and vision_blocks == (set() if recipe == "casa_only" else {"2"})
+
+
+@pytest.mark.parametrize("kind,layer", [("casa", "CasaDecoderLayer"), ("insertion", "Qwen2_5_VLDecoderLayer")])
+def test_fsdp_units_are_each_kinds_decoder_layers_and_vision_blocks(processor, kind, layer):
+    import re
+
+    from casa_hf.training.train import FSDP_PLAN
+
+    model = build_model(kind, processor, TINY)
+    units = [module for name, module in model.named_modules() if re.sub(r"\.\d+$", ".*", name) in FSDP_PLAN]
+    assert {type(module).__name__ for module in units} == {layer, "Qwen2_5_VLVisionBlock"}
+    assert len(units) == TINY.layers + TINY.vision_depth

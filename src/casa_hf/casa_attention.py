@@ -297,7 +297,7 @@ def casa_window_attention(
     past = cache_layer if cache_layer is not None and cache_layer.is_initialized else None
     bank = _prefix_bank(windows, past, image_keys, image_values, key)
     batch, heads, seq_len, head_dim = query.shape
-    output = query.new_zeros(batch * seq_len, heads, head_dim)
+    output = None  # allocated in the dtype the kernel returns (bfloat16 under autocast, like a block's self-attention)
     for group in _window_groups(windows, bank):
         rows = torch.tensor(group, device=query.device)
         num_queries = max(windows.lengths[g] for g in group)
@@ -335,7 +335,11 @@ def casa_window_attention(
                 module, queries, keys, values, attention_mask, dropout=dropout, scaling=module.scaling, is_causal=False
             )
         group_output = group_output * has_keys[:, None, None, None].to(group_output.dtype)
+        if output is None:
+            output = group_output.new_zeros(batch * seq_len, heads, head_dim)
         output[query_index[query_valid]] = group_output[query_valid]
+    if output is None:  # no window has keys: cross-attention over text before any image
+        output = query.new_zeros(batch * seq_len, heads, head_dim)
     if cache_layer is not None:
         _store_last_windows(cache_layer, windows, bank, key, value, past, with_text)
     return output.view(batch, seq_len, heads, head_dim)
@@ -408,8 +412,8 @@ def _varlen_window_attention(
         max_length_q=int(query_counts.max()),
         max_length_k=int(key_counts.max()),
     )
-    output = queries.new_zeros(queries.transpose(1, 2).shape)
-    output[query_used] = packed_out[0].to(output.dtype)
+    output = packed_out.new_zeros(queries.transpose(1, 2).shape)
+    output[query_used] = packed_out[0]
     return output
 
 

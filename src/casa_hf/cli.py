@@ -47,6 +47,20 @@ def run_convert(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return value
+
+
 def run_train(args: argparse.Namespace) -> None:
     import json
 
@@ -62,13 +76,24 @@ def run_train(args: argparse.Namespace) -> None:
         image_size=args.image_size,
         pack=args.pack,
         recipe=args.recipe,
+        trainable_vision_blocks=args.trainable_vision_blocks,
         workers=args.workers,
         image_positions=args.image_positions,
         kinds=tuple(args.kinds.split(",")) if args.kinds else None,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
+        fsdp=args.fsdp,
+        save_steps=args.save_steps,
+        resume=args.resume,
+        overwrite=args.overwrite,
     )
     config = TrainConfig(args.output_dir, **{name: value for name, value in options.items() if value is not None})
-    model, processor, _ = train(config)
-    if args.eval_examples:
+    model, processor, trainer = train(config)
+    if args.eval_examples and trainer.is_world_process_zero():  # the other processes of a launch are done
+        if model.is_distributed_loading_by_transformers:  # FSDP shards: score the gathered checkpoint instead
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_pretrained(config.output_dir).eval()
         held_out = held_out_questions(args.eval_examples, config.image_size, config.seed, config.kinds)
         accuracy = evaluate(model, processor, held_out, expand_image_tokens=config.kind == "insertion")
         print(json.dumps(accuracy, indent=1))
@@ -116,13 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument("--output-dir", required=True)
     trainer.add_argument("--kind", choices=("casa", "cross_attention", "insertion"), default=None)
-    trainer.add_argument("--steps", type=int, default=None)
-    trainer.add_argument("--batch-size", type=int, default=None)
+    trainer.add_argument("--steps", type=_positive_int, default=None)
+    trainer.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="global batch, split over the launched processes"
+    )
     trainer.add_argument("--learning-rate", type=float, default=None)
     trainer.add_argument("--warmup-steps", type=int, default=None)
     trainer.add_argument("--image-size", type=int, default=None)
     trainer.add_argument("--pack", action="store_true", help="pack several conversations per row")
     trainer.add_argument("--recipe", choices=("qwen", "full", "casa_only"), default=None, help="freezing recipe")
+    trainer.add_argument(
+        "--trainable-vision-blocks",
+        type=_non_negative_int,
+        default=None,
+        help="last vision blocks the qwen / full recipes train (default: an eighth of the tower, at least 1)",
+    )
+    trainer.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    trainer.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
+    trainer.add_argument(
+        "--fsdp", action="store_true", help="shard the model over the launched processes (FSDP2; torchrun)"
+    )
+    trainer.add_argument(
+        "--save-steps", type=_non_negative_int, default=None, help="write a resumable checkpoint every N steps"
+    )
+    existing = trainer.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue from the output dir's last checkpoint")
+    existing.add_argument("--overwrite", action="store_true", help="train from scratch over a previous run")
     trainer.add_argument("--seed", type=int, default=None)
     trainer.add_argument("--workers", type=int, default=None, help="dataloader processes drawing the examples")
     trainer.add_argument(
