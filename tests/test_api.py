@@ -83,6 +83,24 @@ def test_gradient_checkpointing_trains_casa_and_backbone():
     assert grads["model.visual.blocks.0.attn.qkv.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpointing_with_images_gives_the_gradients_of_plain_backward(use_reentrant):
+    model = tiny_model(attn="sdpa").train()
+    inputs = image_inputs()
+
+    def gradients():
+        model.zero_grad()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed = gradients()
+    assert checkpointed.keys() == plain.keys() and "model.visual.blocks.0.attn.qkv.weight" in plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_past_key_values_alias_still_accepted():
     model = tiny_model()
     ids = torch.tensor([random_text(5)])

@@ -117,10 +117,9 @@ def build_casa_windows(
 
 @dataclass
 class CasaInputs:
-    """What every CASA layer of one forward needs besides the text hidden states."""
+    """What every CASA layer of one forward needs besides the text hidden states and the image features."""
 
     windows: CasaWindows
-    image_features: torch.Tensor | None  # [num_image_tokens, hidden] merger output, not updated by the LLM
     image_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # RoPE at each image's insertion point
 
 

@@ -68,6 +68,7 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        image_features: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
@@ -76,6 +77,11 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
         casa_inputs: CasaInputs | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        r"""
+        image_features (`torch.Tensor` of shape `(num_image_tokens, hidden_size)`, *optional*):
+            The merger's output for the chunk's images. Passed positionally, like `hidden_states`, so that reentrant
+            activation checkpointing routes its gradient back to the vision tower.
+        """
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -90,8 +96,8 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
 
         if self.has_casa:
             image_states = None
-            if casa_inputs.image_features is not None:
-                image_states = self.casa_image_layernorm(casa_inputs.image_features)
+            if image_features is not None:
+                image_states = self.casa_image_layernorm(image_features)
             casa_output = self.casa_attn(
                 self.casa_input_layernorm(hidden_states),
                 image_states,
@@ -237,7 +243,7 @@ class CasaTextModel(CasaPreTrainedModel):
                 )
             image_positions = image_positions[None]
             image_position_embeddings = self.rotary_emb(image_features[None], position_ids=image_positions)
-        casa_inputs = CasaInputs(windows, image_features, image_position_embeddings)
+        casa_inputs = CasaInputs(windows, image_position_embeddings)
 
         segments = segment_starts.cumsum(-1) if segment_starts is not None else None
         masks = self._self_attention_masks(inputs_embeds, attention_mask, cache, position_ids, segments)
@@ -246,6 +252,7 @@ class CasaTextModel(CasaPreTrainedModel):
         for decoder_layer in self.layers:
             hidden_states = decoder_layer(
                 hidden_states,
+                image_features,
                 attention_mask=masks[decoder_layer.attention_type],
                 position_ids=position_ids,
                 cache=cache,
