@@ -3,7 +3,6 @@
 import pytest
 import torch
 from tiny import random_text, tiny_config
-from transformers import AutoModelForCausalLM
 
 from casa_hf import CasaCache, CasaForConditionalGeneration
 from casa_hf.backbones import SUPPORTED_TEXT_MODEL_TYPES
@@ -32,16 +31,8 @@ def closed_casa_and_backbone(backbone: str, attn: str):
     for layer in model.model.language_model.layers:
         if layer.has_casa:
             torch.nn.init.zeros_(layer.casa_attn.o_proj.weight)
-    llm = AutoModelForCausalLM.from_config(config.text_config).eval()
-    weights = {
-        name.replace("model.language_model.", "model."): value
-        for name, value in model.state_dict().items()
-        if "casa" not in name and not name.startswith("model.visual.")
-    }
-    llm.load_state_dict(weights)
     model.set_attn_implementation({"text_config": attn, "vision_config": "sdpa"})
-    llm.set_attn_implementation(attn)
-    return model, llm
+    return model, model.backbone_llm()
 
 
 @pytest.mark.parametrize("backbone", sorted(SLIDING_BACKBONES))

@@ -362,6 +362,10 @@ def _store_last_windows(
         keys = torch.cat([keys, _to_windows(key, query_index)], dim=2)
         values = torch.cat([values, _to_windows(value, query_index)], dim=2)
         valid = torch.cat([valid, windows.token_valid[last]], dim=1)
+    text_tokens = windows.token_valid[last].sum(1)
+    if past is not None:  # windows that continue the cached ones add their text to it
+        continued = source == torch.arange(windows.batch_size, device=source.device)
+        text_tokens = text_tokens + past.text_tokens * continued
     image_tokens = past.image_tokens.clone() if past is not None else last.new_zeros(len(last))
     for b, window in enumerate(windows.last_window.tolist()):
         source = windows.sources[window]
@@ -370,7 +374,8 @@ def _store_last_windows(
             image_tokens[b] = windows.image_sizes[image] if image < len(windows.image_sizes) else 0
     # Unused slots come from images padded to the bank width, or from left padding at the front of a window.
     leading_gap = valid.shape[1] > 0 and not bool(valid[:, 0].all())
-    cache_layer.update(keys, values, valid, image_tokens, compact=windows.has_new_images or leading_gap)
+    compact = windows.has_new_images or leading_gap
+    cache_layer.update(keys, values, valid, image_tokens, text_tokens, compact=compact)
 
 
 def _varlen_window_attention(

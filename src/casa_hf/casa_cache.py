@@ -14,18 +14,20 @@ class CasaDynamicLayer(CacheLayerMixin):
 
     `keys` / `values` are `[batch, kv_heads, slots, head_dim]` (RoPE applied); `valid` (`[batch, slots]`) marks the
     slots in use, since the samples of a batch have windows of different lengths; `image_tokens` (`[batch]`) counts
-    the image slots among them (0 before a sample's first image). Its size is bounded by one image plus the text
-    since it, however long the conversation.
+    the image slots among them (0 before a sample's first image) and `text_tokens` (`[batch]`) the text tokens seen
+    since that image, its placeholder included (whether or not the window attends to them: cross-attention does not).
+    Its size is bounded by one image plus the text since it, however long the conversation.
     """
 
     is_sliding = False
-    is_croppable = False
+    is_croppable = True
     supports_early_init = False
 
     def __init__(self, **kwargs):
         super().__init__()
         self.valid: torch.Tensor | None = None
         self.image_tokens: torch.Tensor | None = None
+        self.text_tokens: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -37,6 +39,7 @@ class CasaDynamicLayer(CacheLayerMixin):
         value_states: torch.Tensor,
         valid: torch.Tensor,
         image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
         compact: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store each sample's new window (computed by the CASA attention from the previous one).
@@ -51,7 +54,8 @@ class CasaDynamicLayer(CacheLayerMixin):
             gather = order[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
             key_states, value_states = key_states.gather(2, gather), value_states.gather(2, gather)
             valid = valid.gather(1, order)
-        self.keys, self.values, self.valid, self.image_tokens = key_states, value_states, valid, image_tokens
+        self.keys, self.values, self.valid = key_states, value_states, valid
+        self.image_tokens, self.text_tokens = image_tokens, text_tokens
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -85,6 +89,7 @@ class CasaDynamicLayer(CacheLayerMixin):
             self.values = self.values.index_select(0, rows.to(self.values.device))
             self.valid = self.valid.index_select(0, rows.to(self.valid.device))
             self.image_tokens = self.image_tokens.index_select(0, rows.to(self.image_tokens.device))
+            self.text_tokens = self.text_tokens.index_select(0, rows.to(self.text_tokens.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)
@@ -97,15 +102,33 @@ class CasaDynamicLayer(CacheLayerMixin):
         self._select(torch.as_tensor(indices).reshape(-1))
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.image_tokens = None
+        self.keys = self.values = self.valid = self.image_tokens = self.text_tokens = None
         self.is_initialized = False
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0:
-            raise NotImplementedError(
-                "CasaCache cannot be cropped: a CASA side state may have been replaced by an image inside the "
-                "cropped span (assisted/speculative decoding is not supported)."
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """A window can lose text since its image, not the image's placeholder: the window before it is gone."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if not self.is_initialized:
+            return
+        removable = self.text_tokens - (self.image_tokens > 0).long()
+        if bool((removable < -tokens_to_remove).any()):
+            raise ValueError(
+                f"Cannot crop {-tokens_to_remove} tokens from a CasaCache: a sample would lose its latest image "
+                f"(only {removable.tolist()} tokens per sample were written since it), and the window before that "
+                "image is no longer stored"
             )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` text tokens of every window (assisted decoding rejecting a draft)."""
+        self.check_crop(tokens_to_remove)
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        remove = -tokens_to_remove
+        valid = self.valid
+        if bool((valid.sum(1) > self.image_tokens).any()):  # the windows hold their text (CASA, not cross-attention)
+            valid = valid & (valid.flip(1).cumsum(1).flip(1) > remove)
+        self.update(self.keys, self.values, valid, self.image_tokens, self.text_tokens - remove)
 
 
 class CasaCache(DynamicCache):
@@ -142,6 +165,13 @@ class CasaCache(DynamicCache):
         for block in casa_blocks:
             self.casa_layer_positions[block] = len(self.layers)
             self.layers.append(CasaDynamicLayer())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Crop every layer or none: the CASA windows, which cannot lose an image, are checked first."""
+        for layer in self.layers:
+            if isinstance(layer, CasaDynamicLayer):
+                layer.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
 
     def get_casa_state(self, layer_idx: int) -> CasaDynamicLayer:
         """The CASA window layer of block `layer_idx`."""

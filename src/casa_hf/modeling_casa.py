@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.logits_process import LogitsProcessorList, SuppressTokensLogitsProcessor
 from transformers.masking_utils import (
@@ -464,6 +464,23 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
+
+    def backbone_llm(self) -> PreTrainedModel:
+        """The text LLM inside this model (no CASA sub-layers, no vision tower), sharing its weights.
+
+        Same tokenizer, no images: a natural draft model for `generate(assistant_model=...)`, and the text-only
+        baseline. The backbone's parameter names are this model's without the `model.language_model.` prefix.
+        """
+        llm = AutoModelForCausalLM.from_config(self.config.text_config, dtype=self.dtype)
+        prefix = "model.language_model."
+        weights = {
+            name.replace(prefix, "model."): tensor
+            for name, tensor in self.state_dict().items()
+            if name == "lm_head.weight" or (name.startswith(prefix) and ".casa_" not in name)
+        }
+        llm.load_state_dict(weights, assign=True)
+        llm.set_attn_implementation(self.config.text_config._attn_implementation)
+        return llm.to(self.device).eval()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
