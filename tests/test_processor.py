@@ -231,3 +231,11 @@ def test_images_given_per_sample_must_match_each_sample():
 def test_an_empty_batch_of_prompts_is_refused(images):
     with pytest.raises(ValueError, match="text is an empty list"):
         tiny_processor()(text=[], images=images)
+
+
+def test_the_processor_pads_left_without_changing_the_callers_tokenizer():
+    processor = tiny_processor()
+    processor.tokenizer.padding_side = "right"  # the caller's choice, for its own use of the tokenizer
+    batch = processor(text=["what colour", "what colour is the square"], return_tensors="pt")
+    assert batch["attention_mask"][0].tolist() == [0, 0, 0, 1, 1]
+    assert processor.tokenizer.padding_side == "right"

@@ -35,7 +35,8 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 class CasaProcessorKwargs(ProcessingKwargs, total=False):
-    _defaults = {"text_kwargs": {"padding": True}}
+    # left padding per call (batched generation appends to the right), leaving the tokenizer's own setting alone
+    _defaults = {"text_kwargs": {"padding": True, "padding_side": "left"}}
 
 
 class CasaProcessor(ProcessorMixin):
@@ -72,7 +73,6 @@ class CasaProcessor(ProcessorMixin):
             )
         self.image_token_id = token_ids[0]
         self.image_size = image_size
-        tokenizer.padding_side = "left"  # batched generation appends to the right
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE, **kwargs)
 
     def __call__(
@@ -145,7 +145,7 @@ class CasaProcessor(ProcessorMixin):
         """Load paths and URLs, check every item is an image, and apply `image_size`; nested lists keep their shape."""
         if isinstance(images, (list, tuple)):
             return [self._load_images(item, image_size) for item in images]
-        image = _load_one(images)
+        image = load_image_input(images)
         if image_size is not None:
             if not isinstance(image, PIL.Image.Image):
                 image = PIL.Image.fromarray(_to_uint8_hwc(image))
@@ -168,7 +168,8 @@ def _flatten(images: Any) -> list:
     return [images]
 
 
-def _load_one(item: Any) -> PIL.Image.Image | np.ndarray | torch.Tensor:
+def load_image_input(item: Any) -> PIL.Image.Image | np.ndarray | torch.Tensor:
+    """One image as the processor takes it: PIL, numpy and torch as they are; paths and URLs loaded and decoded."""
     if isinstance(item, PIL.Image.Image):
         return item
     if isinstance(item, (np.ndarray, torch.Tensor)):
@@ -228,4 +229,4 @@ def _expand_videos(conversation: Any) -> Any:
     return expanded
 
 
-__all__ = ["CasaProcessor", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["CasaProcessor", "DEFAULT_CHAT_TEMPLATE", "load_image_input"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .casa_cache import CasaCache, CasaDynamicLayer
-from .processing_casa import _load_one
+from .processing_casa import load_image_input
 
 
 @dataclass
@@ -100,12 +100,11 @@ class CasaStream:
         self.temperature = temperature
         eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        tokenizer = processor.tokenizer
-        vocab = tokenizer.get_vocab()
-        wrapped = "<|vision_start|>" in vocab and "<|vision_end|>" in vocab
-        self.image_text = (
-            f"<|vision_start|>{processor.image_token}<|vision_end|>" if wrapped else processor.image_token
-        )
+        # each frame is its placeholder, wrapped in the vision start / end tokens when the model has them
+        config, tokenizer = model.config, processor.tokenizer
+        wrapping = (config.vision_start_token_id, config.vision_end_token_id)
+        start, end = tokenizer.convert_ids_to_tokens(list(wrapping)) if None not in wrapping else ("", "")
+        self.image_text = f"{start}{processor.image_token}{end}"
         self.reset()
 
     def reset(self) -> None:
@@ -133,7 +132,7 @@ class CasaStream:
             pieces.append(self.prompt)
         images = None
         if frame is not None:
-            images = [_load_one(frame)]
+            images = [load_image_input(frame)]
             pieces += [self.frame_prefix, self.image_text]
             if self.frame_text:
                 pieces.append(self.frame_text)

@@ -67,7 +67,7 @@ class CasaDataCollator:
         if not self.expand_image_tokens or grid is None:
             return values
         ids = ids if ids is not None else values
-        per_image = iter((grid.prod(-1) // 4).tolist())
+        per_image = iter((grid.prod(-1) // self.processor.image_processor.merge_size**2).tolist())
         image = self.processor.image_token_id
         return [v for v, t in zip(values, ids, strict=True) for _ in range(next(per_image) if t == image else 1)]
 
