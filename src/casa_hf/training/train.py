@@ -18,10 +18,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.distributed import DistributedConfig
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..configuration_casa import CasaConfig
-from ..modeling_casa import CasaForConditionalGeneration
 from ..processing_casa import CasaProcessor
-from ..random_models import word_tokenizer
+from ..random_models import ModelSize, random_casa, random_qwen2_5_vl, word_tokenizer
 from .collator import CasaDataCollator
 from .freezing import apply_freezing_recipe
 from .synthetic_vqa import TRAINING_MIX, SyntheticVQA, vocabulary
@@ -31,20 +29,6 @@ MODEL_KINDS = ("casa", "cross_attention", "insertion")
 # models; embeddings, norms and the vision merger stay with the root unit.
 FSDP_PLAN = {"model.language_model.layers.*": "free_full_weight", "model.visual.blocks.*": "free_full_weight"}
 RUN_SUMMARY = "training_run.json"
-
-
-@dataclass
-class ModelSize:
-    """A small VLM that trains on a laptop CPU: a Qwen2-style LLM and a Qwen2.5-VL vision tower."""
-
-    hidden: int = 160
-    layers: int = 3
-    heads: int = 5
-    kv_heads: int = 5
-    intermediate: int = 384
-    vision_depth: int = 3
-    vision_hidden: int = 96
-    vision_heads: int = 3
 
 
 def build_processor(image_size: int = 112) -> CasaProcessor:
@@ -64,63 +48,10 @@ def build_model(
     """A randomly initialised CASA model (`casa` or `cross_attention`) or Qwen2.5-VL (`insertion`) of `size`."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"Unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
-    tokenizer = processor.tokenizer
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=size.hidden,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        intermediate_size=size.intermediate,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    vision = dict(
-        depth=size.vision_depth,
-        hidden_size=size.vision_hidden,
-        intermediate_size=size.vision_hidden * 2,
-        num_heads=size.vision_heads,
-        out_hidden_size=size.hidden,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[size.vision_depth - 1],
-    )
-    ids = dict(
-        image_token_id=processor.image_token_id,
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    )
     torch.manual_seed(seed)
     if kind == "insertion":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-        head_dim = size.hidden // size.heads
-        third = head_dim // 2 // 4
-        text["rope_parameters"] = {
-            **text["rope_parameters"],
-            "mrope_section": [head_dim // 2 - 2 * third, third, third],
-        }
-        config = Qwen2_5_VLConfig(
-            text_config=text,
-            vision_config=vision,
-            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-            **ids,
-        )
-        return Qwen2_5_VLForConditionalGeneration(config)
-    config = CasaConfig(
-        text_config={"model_type": "qwen2", **text},
-        vision_config=vision,
-        casa_attention=kind,
-        casa_image_positions=image_positions,
-        **ids,
-    )
-    return CasaForConditionalGeneration(config)
+        return random_qwen2_5_vl(size, processor.tokenizer)
+    return random_casa(size, processor.tokenizer, casa_attention=kind, casa_image_positions=image_positions)
 
 
 @dataclass
