@@ -49,7 +49,15 @@ def parse_chat_request(body: dict, model_id: str, limits: ServeLimits) -> ChatRe
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", "messages")
-    parsed, images = [], 0
+    images = sum(
+        isinstance(part, dict) and part.get("type") == "image_url"
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+    if images > limits.max_images:
+        raise ApiError(400, f"too many images ({images}): this server takes at most {limits.max_images}", "messages")
+    parsed = []
     for m, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise ApiError(400, f"messages[{m}].role must be one of {', '.join(ROLES)}", f"messages[{m}].role")
@@ -64,11 +72,6 @@ def parse_chat_request(body: dict, model_id: str, limits: ServeLimits) -> ChatRe
             if kind == "text" and isinstance(part.get("text"), str):
                 items.append({"type": "text", "text": part["text"]})
             elif kind == "image_url":
-                images += 1
-                if images > limits.max_images:
-                    raise ApiError(
-                        400, f"too many images: this server takes at most {limits.max_images} per request", param
-                    )
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
                 image = load_image_url(url, f"{param}.image_url", limits.max_image_bytes, limits.max_image_pixels)

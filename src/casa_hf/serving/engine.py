@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cli.serving.utils import DirectStreamer, InferenceThread
 
 from .chat import ChatRequest, StopHoldBack, chunk_body, completion_body, trim_at_stop, usage
@@ -23,6 +24,18 @@ from .errors import ApiError
 def sse(payload: dict | str) -> str:
     """One server-sent event."""
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class StopOnText(StoppingCriteria):
+    """Stop once the decoded answer holds a stop string. (Transformers' `stop_strings` needs a tokenizer whose
+    vocabulary it can parse for prefixes; word-level tokenizers such as the shipped model's fail there.)"""
+
+    def __init__(self, tokenizer, prompt_tokens: int, stop: list[str]):
+        self.tokenizer, self.prompt_tokens, self.stop = tokenizer, prompt_tokens, stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_tokens :], skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in self.stop) for text in texts], device=input_ids.device)
 
 
 class Engine:
@@ -59,9 +72,8 @@ class Engine:
         if request.temperature is not None:
             config.do_sample = request.temperature > 0
             config.temperature = request.temperature if request.temperature > 0 else 1.0
-        if request.stop:
-            config.stop_strings = request.stop
-        return {**inputs, "generation_config": config, "tokenizer": self.tokenizer}
+        stops = [StopOnText(self.tokenizer, inputs["input_ids"].shape[1], request.stop)] if request.stop else []
+        return {**inputs, "generation_config": config, "stopping_criteria": StoppingCriteriaList(stops)}
 
     async def complete(self, request: ChatRequest) -> dict:
         """A whole `chat.completion` body."""
