@@ -105,7 +105,8 @@ function drawChart() {
     ctx.textAlign = s.side ? "left" : "right";
     ctx.fillText(top.toFixed(0), s.side ? w - pad + 3 : pad - 3, 16);
     ctx.fillText("0", s.side ? w - pad + 3 : pad - 3, h - pad);
-    ctx.fillText(s.label, s.side ? w - pad - 70 : pad + 4, h - 8);
+    ctx.textAlign = s.side ? "right" : "left";
+    ctx.fillText(s.label, s.side ? w - pad : pad, h - 8);
   }
   ctx.fillStyle = "#555";
   ctx.textAlign = "center";
