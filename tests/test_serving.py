@@ -180,6 +180,21 @@ def test_stop_strings_and_max_tokens(engine, client):
     assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
 
 
+def test_streamed_text_never_shows_a_stop_string():
+    from casa_hf.serving.chat import StopHoldBack, trim_at_stop
+
+    rng = np.random.default_rng(0)
+    for text, stop in [("the red circle. END of it", ["END", "xyz"]), ("no stop here", ["stop!"]), ("aab", ["ab"])]:
+        for _ in range(20):
+            cuts = sorted(rng.choice(len(text), size=3, replace=True))
+            holdback, sent = StopHoldBack(stop), ""
+            for piece in np.split(np.array(list(text)), cuts):
+                sent += holdback.push("".join(piece))
+                assert sent == trim_at_stop(text, stop)[0][: len(sent)]  # never past the cut, never a partial stop
+            sent += holdback.flush()
+            assert sent == trim_at_stop(text, stop)[0]
+
+
 def test_concurrent_requests_get_their_own_answers(engine, client):
     conversations = questions(8, seed=31_003)
     expected = [reference_answer(engine, messages, 3)[0] for messages in conversations]

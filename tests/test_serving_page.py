@@ -67,7 +67,9 @@ def server():
 
 def chromium() -> webdriver.Chrome:
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert binary and driver, "install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+    assert binary and driver, (
+        "install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+    )
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
