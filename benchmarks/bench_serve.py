@@ -11,6 +11,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -159,7 +160,10 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+    load = os.getloadavg()  # other processes on the machine skew every number: recorded with them
+    print(f"machine load average (1, 5, 15 min) at the end: {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}")
+    report = {"settings": settings, "cpu_count": os.cpu_count(), "load_average_at_end": load, "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 

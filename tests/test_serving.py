@@ -180,6 +180,25 @@ def test_stop_strings_and_max_tokens(engine, client):
     assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
 
 
+def test_sampling_with_a_seed_matches_generate(engine, client):
+    messages = questions(1, seed=31_005)[0]
+    inputs = engine.processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    answers = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = engine.model.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=1.8)
+        expected = engine.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        response = client.chat.completions.create(
+            model="tiny", messages=openai_messages(messages), max_tokens=6, temperature=1.8, seed=seed
+        )
+        answers.append(response.choices[0].message.content)
+        assert answers[-1] == expected
+    assert len(set(answers)) > 1  # it did sample
+
+
 def test_streamed_text_never_shows_a_stop_string():
     from casa_hf.serving.chat import StopHoldBack, trim_at_stop
 

@@ -36,6 +36,8 @@ async def json_body(request: Request, max_bytes: int) -> dict:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise ApiError(415, f"expected Content-Type application/json, got {content_type or 'none'!r}")
+    if int(request.headers.get("content-length") or 0) > max_bytes:
+        raise ApiError(413, f"the request body is over the {max_bytes} byte limit")
     data = await request.body()
     if len(data) > max_bytes:
         raise ApiError(413, f"the request body is {len(data)} bytes, over the {max_bytes} byte limit")
@@ -121,7 +123,7 @@ def build_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         chat = parse_chat_request(await json_body(request, max_body), engine.model_id, limits)
         if chat.stream:
-            return StreamingResponse(engine.stream(chat), media_type="text/event-stream")
+            return StreamingResponse(await engine.stream(chat), media_type="text/event-stream")
         return await engine.complete(chat)
 
     @app.post("/v1/sessions", status_code=201)
@@ -132,7 +134,8 @@ def build_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
         window = _int_field(body, "window_tokens", limits.session_window_tokens, 1, limits.session_window_tokens)
         sink = _int_field(body, "sink_tokens", 4, 0, 64)
         stream = new_stream(engine, _text_field(body, "system"), question, max_tokens, TextBudget(sink, window))
-        _check_turn_fits(engine, stream, (stream.prompt or "") + stream.frame_prefix + stream.frame_text, "prompt")
+        first_turn = (stream.prompt or "") + stream.frame_prefix + stream.frame_text
+        await engine.run(_check_turn_fits, engine, stream, first_turn, "prompt")
         return store.create(stream, question, max_tokens).state(limits.session_ttl_s)
 
     @app.get("/v1/sessions")
@@ -164,10 +167,10 @@ def build_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
         if frame is not None:  # a frame asked the session's question, or this frame's own text
             frame_text = frame_markup(engine.processor, stream.image_text, text or session.question)[1]
             turn_text = None
-            _check_turn_fits(engine, stream, stream.frame_prefix + frame_text, "text")
+            await engine.run(_check_turn_fits, engine, stream, stream.frame_prefix + frame_text, "text")
         else:  # a text-only user turn
             frame_text, turn_text = None, text_turn(engine.processor, text)
-            _check_turn_fits(engine, stream, turn_text, "text")
+            await engine.run(_check_turn_fits, engine, stream, turn_text, "text")
 
         async def events():
             async with session.lock:

@@ -34,6 +34,7 @@ class ChatRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    seed: int | None
 
 
 ROLES = ("system", "user", "assistant")
@@ -92,9 +93,12 @@ def parse_chat_request(body: dict, model_id: str, limits: ServeLimits) -> ChatRe
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > limits.max_stop or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"stop must be a string or a list of at most {limits.max_stop} non-empty strings", "stop")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ApiError(400, f"seed must be an integer, got {seed!r}", "seed")
     options = body.get("stream_options") or {}
     return ChatRequest(
-        parsed, max_tokens, temperature, stop, bool(body.get("stream")), bool(options.get("include_usage"))
+        parsed, max_tokens, temperature, stop, bool(body.get("stream")), bool(options.get("include_usage")), seed
     )
 
 

@@ -2,7 +2,8 @@
 inference thread (Transformers' own `InferenceThread`), with tokens streamed back through its `DirectStreamer`.
 
 Requests queue there in arrival order; each call's exception goes to that call's future only, so one failing
-request never touches another's state.
+request never touches another's state. The processor and tokenizer are used on that thread only too (a fast
+tokenizer must not be called from two threads at once).
 """
 
 from __future__ import annotations
@@ -75,20 +76,24 @@ class Engine:
         stops = [StopOnText(self.tokenizer, inputs["input_ids"].shape[1], request.stop)] if request.stop else []
         return {**inputs, "generation_config": config, "stopping_criteria": StoppingCriteriaList(stops)}
 
+    async def run(self, fn, *args):
+        """`fn(*args)` on the inference thread, after the work queued before it."""
+        return await self.thread.async_submit(fn, *args)
+
     async def complete(self, request: ChatRequest) -> dict:
         """A whole `chat.completion` body."""
-        inputs = self.encode(request)
+        inputs = await self.run(self.encode, request)
         prompt_tokens = inputs["input_ids"].shape[1]
-        sequences = await self.thread.async_submit(self._generate, self.generation_kwargs(request, inputs))
+        sequences = await self.run(self._generate, self.generation_kwargs(request, inputs), request.seed)
         generated = sequences[0, prompt_tokens:]
         text, stopped = trim_at_stop(self.tokenizer.decode(generated, skip_special_tokens=True), request.stop)
         finish = "length" if len(generated) >= request.max_tokens and not stopped else "stop"
         return completion_body(self.model_id, text, finish, prompt_tokens, len(generated))
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[str]:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[str]:
         """`chat.completion.chunk` events as tokens come (encoding errors raise here, before the stream starts)."""
-        inputs = self.encode(request)
-        queue, streamer = self._start_streaming(self._generate, self.generation_kwargs(request, inputs))
+        inputs = await self.run(self.encode, request)
+        queue, streamer = self._start_streaming(self._generate, self.generation_kwargs(request, inputs), request.seed)
         return self._chunks(request, inputs["input_ids"].shape[1], queue, streamer)
 
     async def _chunks(self, request: ChatRequest, prompt_tokens: int, queue, streamer) -> AsyncIterator[str]:
@@ -131,7 +136,9 @@ class Engine:
         return queue, streamer
 
     @torch.no_grad()
-    def _generate(self, kwargs: dict, streamer=None) -> torch.Tensor:
+    def _generate(self, kwargs: dict, seed: int | None, streamer=None) -> torch.Tensor:
+        if seed is not None:  # on the inference thread, right before sampling: reproducible whatever else is queued
+            torch.manual_seed(seed)
         return self.model.generate(**kwargs, streamer=streamer)
 
     def feed_streaming(self, stream, frame, frame_text: str | None, text: str | None, done: asyncio.Future):
