@@ -1,5 +1,5 @@
 """The live-captioning page in a real headless Chromium (Selenium): `casa-hf serve` started as the README says, a video
-file generated here is chosen, played, sampled, captioned and charted.
+file generated here is chosen, played, sampled, captioned and charted; then Chromium's fake webcam.
 
 Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Set CASA_SAVE_SCREENSHOT=1 to refresh
 `results/serve_page.png`, the README's screenshot.
@@ -65,6 +65,10 @@ def server():
     process.wait(timeout=10)
 
 
+def live_sessions(server: str) -> int:
+    return json.loads(urllib.request.urlopen(f"{server}/health").read())["sessions"]
+
+
 def chromium() -> webdriver.Chrome:
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
     assert binary and driver, (
@@ -75,20 +79,24 @@ def chromium() -> webdriver.Chrome:
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
         options.add_argument(flag)
     options.add_argument("--autoplay-policy=no-user-gesture-required")
+    options.add_argument("--use-fake-device-for-media-stream")  # a synthetic webcam
+    options.add_argument("--use-fake-ui-for-media-stream")  # and the permission granted
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def test_the_page_captions_a_video_file(server, tmp_path):
+def test_the_page_captions_a_video_file_and_the_webcam(server, tmp_path):
     video = tmp_path / "shapes.webm"
-    write_video(video)
+    screenshot = bool(os.environ.get("CASA_SAVE_SCREENSHOT"))
+    write_video(video, seconds=12 if screenshot else 4)  # the README's screenshot shows a longer run
     browser = chromium()
     try:
         browser.get(server)
         WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "tiny")
         browser.find_element(By.ID, "file").send_keys(str(video))
-        fps = browser.find_element(By.ID, "fps")
-        fps.clear()
-        fps.send_keys("3")
+        for field, value in (("fps", "3"), ("window", "64")):
+            element = browser.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
         browser.find_element(By.ID, "start").click()
         WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#captions .caption"))
         WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "stop").get_attribute("disabled"))  # ended
@@ -99,16 +107,24 @@ def test_the_page_captions_a_video_file(server, tmp_path):
         assert all(text.split("] ", 1)[1].strip() for text in captions), captions  # each frame got a caption
         said = {text.split("] ", 1)[1].split(" ")[0].rstrip(".") for text in captions}
         assert said & set(COLOURS), captions  # the model names colours it saw in the video
-        points = browser.execute_script("return points.map(p => [p.time_to_first_token_ms, p.cache_bytes])")
-        assert len(points) == len(captions) and all(ttft > 0 and size > 0 for ttft, size in points)
+        points = browser.execute_script("return points.map(p => [p.time_to_first_token_ms, p.cache_tokens])")
+        assert len(points) == len(captions) and all(ttft > 0 and tokens > 0 for ttft, tokens in points)
+        assert max(tokens for _, tokens in points) <= 4 + 64 + 30  # the 64-token window bounds it (+ sink, one turn)
         assert "TTFT" in browser.find_element(By.ID, "stats").text
         status = browser.find_element(By.ID, "status").text
         assert not status, status
-        health = json.loads(urllib.request.urlopen(f"{server}/health").read())
-        assert health["sessions"] == 0  # the page deleted its session at the end of the video
-        if os.environ.get("CASA_SAVE_SCREENSHOT"):
-            browser.save_screenshot(str(ROOT / "results" / "serve_page.png"))
-        else:
-            assert browser.save_screenshot(str(tmp_path / "page.png"))
+        WebDriverWait(browser, 10).until(lambda b: live_sessions(server) == 0)  # the page deletes its session
+        shot = ROOT / "results" / "serve_page.png" if screenshot else tmp_path / "page.png"
+        assert browser.save_screenshot(str(shot))
+
+        browser.find_element(By.ID, "webcam").click()  # then Chromium's fake webcam, until Stop
+        WebDriverWait(browser, 20).until(lambda b: b.execute_script("return video.srcObject !== null"))
+        browser.find_element(By.ID, "start").click()
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#captions .caption")) >= 2)
+        assert live_sessions(server) == 1
+        browser.find_element(By.ID, "stop").click()
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script("return session === null && !running"))
+        assert not browser.find_element(By.ID, "status").text
+        WebDriverWait(browser, 10).until(lambda b: live_sessions(server) == 0)
     finally:
         browser.quit()

@@ -135,7 +135,9 @@ $("start").addEventListener("click", async () => {
     captions.textContent = "";
     points = [];
     drawChart();
-    const body = { prompt: $("prompt").value, max_tokens: Number($("max-tokens").value) };
+    const body = {
+      prompt: $("prompt").value, max_tokens: Number($("max-tokens").value), window_tokens: Number($("window").value),
+    };
     if ($("system").value) body.system = $("system").value;
     session = await (await api("POST", "/v1/sessions", body)).json();
     setStatus("");
