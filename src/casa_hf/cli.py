@@ -91,7 +91,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from .serving import ServeLimits, serve
+    try:
+        from .serving import ServeLimits, serve
+    except ImportError as error:
+        raise SystemExit(f"casa-hf serve needs the serve extra: pip install 'casa-hf[serve]' ({error})") from error
 
     limits = ServeLimits(
         max_sessions=args.max_sessions, session_ttl_s=args.session_ttl, max_tokens=args.max_tokens_limit
