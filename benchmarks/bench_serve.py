@@ -105,7 +105,10 @@ def plot(rows: list[dict], path: Path) -> None:
         right.plot(n, [r["p99_ms"] for r in mine], "o--", color=colour, label=f"{kind} p99")
     left.set(xlabel="concurrent clients", ylabel="requests / s", xscale="log", title="throughput")
     right.set(xlabel="concurrent clients", ylabel="latency (ms)", xscale="log", title="latency per request")
+    levels = sorted({r["clients"] for r in rows})
     for axis in (left, right):
+        axis.set_xticks(levels, [str(n) for n in levels], minor=False)
+        axis.minorticks_off()
         axis.legend()
         axis.grid(alpha=0.3)
     fig.tight_layout()
