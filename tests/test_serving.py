@@ -379,6 +379,26 @@ def test_session_text_turns_state_and_errors(server):
         assert code == 404 and "no session" in body["error"]["message"]
 
 
+def test_a_failing_model_call_fails_only_its_own_request(engine, server, client):
+    code, broken = post(f"{server.url}/v1/sessions", {"max_tokens": 2})
+    code, healthy = post(f"{server.url}/v1/sessions", {"max_tokens": 2})
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    server.app.state.sessions.sessions[broken["id"]].stream.feed = fail  # the model call itself fails, on the worker
+    frame = _frame_urls(1, 5)[0]
+    code, body = post(f"{server.url}/v1/sessions/{broken['id']}/frames", {"image": frame, "stream": False})
+    assert code == 500 and "the frame failed: RuntimeError: boom" in body["error"]["message"]
+    code, body = post(f"{server.url}/v1/sessions/{healthy['id']}/frames", {"image": frame, "stream": False})
+    assert code == 200 and body["frame"] == 0
+    messages = questions(1, seed=31_006)[0]
+    answer = client.chat.completions.create(model="tiny", messages=openai_messages(messages), max_tokens=3)
+    assert answer.choices[0].message.content == reference_answer(engine, messages, 3)[0]
+    for session in (broken, healthy):
+        assert call("DELETE", f"{server.url}/v1/sessions/{session['id']}")[0] == 200
+
+
 def test_session_cap_expiry_and_deletion_free_memory(engine):
     server = Server(build_app(engine, ServeLimits(max_sessions=2, session_ttl_s=1.0)))
     try:
