@@ -1,5 +1,6 @@
 """`casa-hf` command line: `demo` (the shipped model answers questions about generated images, offline),
-`convert` (checkpoints into CASA), `train` (the synthetic VQA recipe), `evaluate` (its held-out accuracy)."""
+`convert` (checkpoints into CASA), `train` (the synthetic VQA recipe), `evaluate` (its held-out accuracy),
+`serve` (an OpenAI-compatible server with live video sessions)."""
 
 from __future__ import annotations
 
@@ -114,6 +115,30 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate(model, processor, held_out, expand_image_tokens=insertion), indent=1))
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    try:
+        from .serving import ServeLimits, serve
+    except ImportError as error:
+        raise SystemExit(f"casa-hf serve needs the serve extra: pip install 'casa-hf[serve]' ({error})") from error
+
+    limits = ServeLimits(
+        max_sessions=args.max_sessions, session_ttl_s=args.session_ttl, max_tokens=args.max_tokens_limit
+    )
+    serve(args.model, args.host, args.port, limits)
+
+
+def _add_serve_parser(commands) -> None:
+    server = commands.add_parser(
+        "serve", help="an OpenAI-compatible server with live video sessions and a captioning page (casa-hf[serve])"
+    )
+    server.add_argument("--model", default=None, help="a built-in model name (tiny) or a CASA checkpoint folder")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--max-sessions", type=int, default=8, help="live sessions at once; more get HTTP 429")
+    server.add_argument("--session-ttl", type=float, default=300.0, help="seconds before an idle session expires")
+    server.add_argument("--max-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casa-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     scorer.add_argument("--model", default=None, help="a built-in model name (tiny) or a model folder")
     scorer.add_argument("--examples", type=int, default=700, help="held-out questions, every kind equally often")
     scorer.add_argument("--seed", type=int, default=0, help="training seed whose held-out questions to use")
+    _add_serve_parser(commands)
     return parser
 
 
@@ -199,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         run_train(args)
     elif args.command == "evaluate":
         run_evaluate(args)
+    elif args.command == "serve":
+        run_serve(args)
 
 
 if __name__ == "__main__":

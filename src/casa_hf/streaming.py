@@ -117,11 +117,17 @@ class CasaStream:
     def _new_cache(self) -> CasaCache:
         return CasaCache()
 
-    def feed(self, frame=None, text: str | None = None, max_new_tokens: int | None = None) -> StreamStep:
-        """Feed one frame (PIL / numpy / tensor / path) and/or text, then generate up to `max_new_tokens`."""
+    def feed(
+        self, frame=None, text: str | None = None, max_new_tokens: int | None = None, streamer=None
+    ) -> StreamStep:
+        """Feed one frame (PIL / numpy / tensor / path) and/or text, then generate up to `max_new_tokens`.
+
+        `streamer` follows `generate()`'s protocol (`put(prompt_ids)`, then `put` per new token, then `end()`), so
+        Transformers' `TextStreamer` / `TextIteratorStreamer` show the text as it is produced.
+        """
         input_ids, pixel_values, grid = self._encode_turn(frame, text)
         input_ids = torch.cat([torch.tensor([self._pending], dtype=torch.long), input_ids], dim=1)
-        step = self._generate(input_ids, pixel_values, grid, max_new_tokens or self.max_new_tokens)
+        step = self._generate(input_ids, pixel_values, grid, max_new_tokens or self.max_new_tokens, streamer)
         self._steps += 1
         return step
 
@@ -156,12 +162,14 @@ class CasaStream:
             yield self.feed(frame, text)
 
     @torch.no_grad()
-    def _generate(self, input_ids, pixel_values, grid, max_new_tokens: int) -> StreamStep:
+    def _generate(self, input_ids, pixel_values, grid, max_new_tokens: int, streamer=None) -> StreamStep:
         device = self.model.device
         if self.text_budget is not None:
             shift = self.model.model.language_model.shift_key_positions
             budget = self.text_budget
             self.evicted_tokens += self.cache.evict_text(budget.sink_tokens, budget.window_tokens, shift)
+        if streamer is not None:
+            streamer.put(input_ids)
         start = time.perf_counter()
         logits = self._forward(input_ids.to(device), pixel_values, grid)
         generated: list[int] = []
@@ -169,12 +177,16 @@ class CasaStream:
         for _ in range(max_new_tokens):
             token = self._pick(logits)
             generated.append(token)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
             if len(generated) == 1:
                 first_token_at = decode_start = time.perf_counter()
             if token in self.eos_token_ids or len(generated) == max_new_tokens:
                 break
             logits = self._forward(torch.tensor([[token]], device=device), None, None)
         decode_time = time.perf_counter() - decode_start
+        if streamer is not None:
+            streamer.end()
         self._pending = generated[-1:]
         return StreamStep(
             index=self._steps,
