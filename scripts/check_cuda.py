@@ -23,49 +23,25 @@ from reference import reference_casa_window_attention  # noqa: E402
 from test_attention import batch_inputs  # noqa: E402
 from test_cache import conversation, incremental_logits  # noqa: E402
 from tiny import tiny_model  # noqa: E402
-from transformers import AttentionInterface  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+from varlen import register_varlen_stand_in  # noqa: E402
 
 import casa_hf.casa_attention as casa_attention  # noqa: E402
 
 
-def torch_varlen_attention(
-    module,
-    query,
-    key,
-    value,
-    attention_mask,
-    scaling=None,
-    is_causal=None,
-    dropout=0.0,
-    cu_seq_lens_q=None,
-    cu_seq_lens_k=None,
-    max_length_q=None,
-    max_length_k=None,
-    **kwargs,
-):
-    """PyTorch's flash varlen kernel behind Transformers' attention-function signature."""
-    if cu_seq_lens_q is None:
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+def torch_varlen_kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scaling, is_causal):
+    """PyTorch's own flash varlen kernel."""
     from torch.nn.attention.varlen import varlen_attn
 
-    groups = query.shape[1] // key.shape[1]
-    q = query[0].transpose(0, 1).contiguous()
-    k = key[0].transpose(0, 1).repeat_interleave(groups, 1).contiguous()
-    v = value[0].transpose(0, 1).repeat_interleave(groups, 1).contiguous()
     params = inspect.signature(varlen_attn).parameters
     extra = {"scale": scaling}
     if "window_size" in params:
         extra["window_size"] = (-1, 0) if is_causal else (-1, -1)
     else:
-        extra["is_causal"] = bool(is_causal)
-    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **extra)
-    return out[None], None
+        extra["is_causal"] = is_causal
+    return varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **extra)
 
 
-AttentionInterface.register("flash_torch_varlen", torch_varlen_attention)
-AttentionMaskInterface.register("flash_torch_varlen", sdpa_mask)  # its text SA layers run on sdpa
+register_varlen_stand_in("flash_torch_varlen", torch_varlen_kernel)
 
 
 def to_device(inputs, device):

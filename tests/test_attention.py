@@ -2,54 +2,14 @@
 
 import pytest
 import torch
+import varlen  # noqa: F401  (registers the flash_varlen_reference stand-in)
 from reference import reference_casa_window_attention
 from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import casa_hf.casa_attention as casa_attention
 
 TOLERANCE = 1e-4
-
-
-def varlen_reference_attention(
-    module,
-    query,
-    key,
-    value,
-    attention_mask,
-    scaling=None,
-    is_causal=None,
-    dropout=0.0,
-    cu_seq_lens_q=None,
-    cu_seq_lens_k=None,
-    max_length_q=None,
-    max_length_k=None,
-    **kwargs,
-):
-    """CPU stand-in for flash-attention: packed varlen sequences with causal aligned bottom-right; the text
-    self-attention layers (no `cu_seq_lens`) go to sdpa."""
-    if cu_seq_lens_q is None:
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    assert attention_mask is None and query.shape[0] == 1
-    groups = query.shape[1] // key.shape[1]
-    out = torch.zeros_like(query)
-    for i in range(len(cu_seq_lens_q) - 1):
-        qs, qe = int(cu_seq_lens_q[i]), int(cu_seq_lens_q[i + 1])
-        ks, ke = int(cu_seq_lens_k[i]), int(cu_seq_lens_k[i + 1])
-        q = query[:, :, qs:qe]
-        k = key[:, :, ks:ke].repeat_interleave(groups, 1)
-        v = value[:, :, ks:ke].repeat_interleave(groups, 1)
-        mask = None
-        if is_causal:
-            mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool).tril(diagonal=(ke - ks) - (qe - qs))
-        out[:, :, qs:qe] = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2), None
-
-
-AttentionInterface.register("flash_varlen_reference", varlen_reference_attention)
-AttentionMaskInterface.register("flash_varlen_reference", sdpa_mask)  # its text SA layers run on sdpa
 
 
 def batch_inputs():
