@@ -170,3 +170,40 @@ def test_generate_from_inputs_embeds_equals_input_ids():
         from_embeds = model.generate(inputs_embeds=embeds, **inputs, **strategy)
         assert from_embeds.tolist() == from_ids.tolist(), strategy
     assert len(vision_calls) == 2 * len(strategies)  # images encoded once per generate(), not per beam or step
+
+
+def test_the_image_token_is_never_generated(tmp_path):
+    """Even when it is the most likely token: through the generation config (the model's, a caller's, or that of a
+    checkpoint saved without it), beams, and streaming."""
+    import json
+
+    from tiny import tiny_processor
+    from transformers import AutoModel, GenerationConfig
+
+    from casa_hf.streaming import CasaStream
+
+    model = tiny_model(attn="sdpa")
+
+    def favour_the_image_token(module, args, logits):
+        logits[..., IMAGE_TOKEN] += 1e4  # it wins every argmax
+
+    model.lm_head.register_forward_hook(favour_the_image_token)
+    ids = torch.tensor([random_text(5)])
+    assert int(model(input_ids=ids).logits[0, -1].argmax()) == IMAGE_TOKEN
+    outputs = [
+        model.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
+        model.generate(input_ids=ids, generation_config=GenerationConfig(max_new_tokens=4, do_sample=False)),
+        model.generate(input_ids=ids, max_new_tokens=4, num_beams=2, do_sample=False),
+    ]
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "generation_config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved["suppress_tokens"] == [IMAGE_TOKEN]
+    config_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "suppress_tokens"}))
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    reloaded.lm_head.register_forward_hook(favour_the_image_token)
+    outputs.append(reloaded.generate(input_ids=ids, max_new_tokens=4, do_sample=False))
+    for out in outputs:
+        assert IMAGE_TOKEN not in out[0, ids.shape[1] :].tolist()
+    step = CasaStream(model, tiny_processor(), max_new_tokens=4, eos_token_id=-1).feed(text="what colour")
+    assert len(step.token_ids) == 4 and IMAGE_TOKEN not in step.token_ids

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.generation.logits_process import LogitsProcessorList, SuppressTokensLogitsProcessor
 from transformers.masking_utils import (
     create_causal_mask,
     create_sliding_window_causal_mask,
@@ -453,6 +452,7 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         self.model = CasaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        self._suppress_image_token()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -540,11 +540,16 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
-    def _get_logits_processor(self, generation_config, *args, **kwargs) -> LogitsProcessorList:
-        """Never sample the image placeholder: an image token without its pixels cannot be decoded further."""
-        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
-        processors.insert(0, SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
-        return processors
+    def adjust_generation_fn(self, *args, **kwargs) -> None:
+        """After loading a checkpoint's generation config: it too must suppress the image token."""
+        super().adjust_generation_fn(*args, **kwargs)
+        self._suppress_image_token()
+
+    def _suppress_image_token(self) -> None:
+        """Never generate the image placeholder: an image token without its pixels cannot be decoded further."""
+        suppressed = list(self.generation_config.suppress_tokens or [])
+        if self.config.image_token_id not in suppressed:
+            self.generation_config.suppress_tokens = [*suppressed, self.config.image_token_id]
 
 
 __all__ = ["CasaForConditionalGeneration", "CasaModel", "CasaPreTrainedModel", "CasaTextModel"]

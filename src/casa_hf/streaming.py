@@ -211,7 +211,7 @@ class CasaStream:
         )
         self.cache = out.cache
         logits = out.logits[0, -1].float()
-        logits[self.model.config.image_token_id] = float("-inf")  # an image token cannot be generated
+        logits[self.model.generation_config.suppress_tokens or []] = float("-inf")  # e.g. the image token
         return logits
 
     def _pick(self, logits: torch.Tensor) -> int:
