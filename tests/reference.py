@@ -15,6 +15,8 @@ def reference_casa_window_attention(module, query, key, value, image_keys, image
     batch, heads, seq_len, head_dim = query.shape
     groups = heads // key.shape[1]
     output = torch.zeros(batch, seq_len, heads, head_dim, dtype=query.dtype, device=query.device)
+    # each token's weights on the tokens of the image it sees (the first keys of its softmax)
+    image_weights = torch.zeros(batch, heads, seq_len, max(windows.image_sizes, default=0), dtype=query.dtype)
     image = -1
     for b in range(batch):
         current, window_start = None, 0
@@ -38,4 +40,6 @@ def reference_casa_window_attention(module, query, key, value, image_keys, image
                 k, v = torch.cat(keys), torch.cat(values)
                 weights = torch.softmax((k @ query[b, h, t]) * module.scaling, dim=0)
                 output[b, t, h] = weights @ v
-    return output
+                if current is not None:
+                    image_weights[b, h, t, :n] = weights[:n]
+    return output, image_weights

@@ -91,3 +91,52 @@ def test_prefill_cost_follows_window_sizes(monkeypatch):
     dense = len(row) * (len(row) + frames * tokens_per_image)
     assert sum(scored) <= 4 * sum(windows)
     assert sum(scored) * 4 < dense
+
+
+@pytest.mark.parametrize("mode", ["casa", "cross_attention"])
+def test_attention_weights_against_the_reference(monkeypatch, mode):
+    """`output_attentions=True` (eager): the backbone's self-attention weights per block, and CASA's weights on the
+    image each token sees (`cross_attentions`), against the loop reference; cached decoding reports the same."""
+    inputs = batch_inputs()
+    model = tiny_model(attn="eager", casa_attention=mode)
+    with torch.no_grad():
+        fast = model(**inputs, output_attentions=True)
+    layers = model.config.text_config.num_hidden_layers
+    batch, width = inputs["input_ids"].shape
+    assert len(fast.attentions) == len(fast.cross_attentions) == layers
+    assert fast.attentions[0].shape == (batch, 4, width, width)
+    assert fast.cross_attentions[0].shape == (batch, 4, width, 6)  # the largest image: a 4 x 6 grid, merged 2 x 2
+
+    valid = inputs["attention_mask"].bool()
+    monkeypatch.setattr(casa_attention, "casa_window_attention", reference_casa_window_attention)
+    with torch.no_grad():
+        slow = model(**inputs, output_attentions=True)
+    for fast_weights, slow_weights in zip(fast.cross_attentions, slow.cross_attentions, strict=True):
+        assert slow_weights.abs().sum() > 0
+        assert (fast_weights.transpose(1, 2)[valid] - slow_weights.transpose(1, 2)[valid]).abs().max() <= TOLERANCE
+    monkeypatch.undo()
+
+    # a decode step reads its image from the cache: same weights as the full forward's last token
+    row = inputs["input_ids"][1:, valid[1]]
+    pixel_values, grid = random_images([(4, 4), (4, 6), (2, 4)])
+    pixel_values, grid = pixel_values[int(grid[:2].prod(-1).sum()) :], grid[2:]
+    with torch.no_grad():
+        full = model(input_ids=row, pixel_values=pixel_values, image_grid_thw=grid, output_attentions=True)
+        prefill = model(input_ids=row[:, :-1], pixel_values=pixel_values, image_grid_thw=grid, use_cache=True)
+        step = model(input_ids=row[:, -1:], cache=prefill.cache, use_cache=True, output_attentions=True)
+    for layer in range(layers):
+        torch.testing.assert_close(step.cross_attentions[layer][..., -1, :], full.cross_attentions[layer][..., -1, :])
+        torch.testing.assert_close(step.attentions[layer][..., -1, :], full.attentions[layer][..., -1, :])
+
+
+def test_self_attention_weights_are_the_backbones():
+    """With its CASA layers closed, a CASA model's self-attention weights on text are its backbone LLM's."""
+    model = tiny_model(attn="eager")
+    for layer in model.model.language_model.layers:
+        torch.nn.init.zeros_(layer.casa_attn.o_proj.weight)
+    ids = torch.tensor([random_text(9)])
+    with torch.no_grad():
+        ours = model(input_ids=ids, output_attentions=True).attentions
+        backbone = model.backbone_llm()(input_ids=ids, output_attentions=True).attentions
+    for mine, theirs in zip(ours, backbone, strict=True):
+        torch.testing.assert_close(mine, theirs)

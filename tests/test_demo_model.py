@@ -64,3 +64,34 @@ def test_model_names_resolve_and_unknown_names_are_refused(tmp_path):
     assert resolve_model(str(TINY_MODEL)) == TINY_MODEL
     with pytest.raises(FileNotFoundError, match=r"--model .* neither a built-in model \(tiny"):
         resolve_model(tmp_path / "nothing")
+
+
+def test_attention_map_example_points_at_the_shape(tmp_path, monkeypatch, capsys):
+    """examples/attention_map.py: the answer to "what colour?" looks at the shape's patches most."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    from casa_hf.demo import load_demo_model
+    from casa_hf.training.synthetic_vqa import QUESTIONS, random_scene, render
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "attention_map.py"
+    spec = importlib.util.spec_from_file_location("attention_map", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    model, processor = load_demo_model("tiny")
+    rng = np.random.default_rng(123)
+    for _ in range(4):
+        scene = random_scene(rng, count=1)
+        image = render(scene, processor.image_size, rng)
+        answer, grid, image_share = example.attention_map(model, processor, image, QUESTIONS["colour"])
+        assert answer.startswith(scene.colour) and 0 < image_share < 1
+        row, column = np.unravel_index(grid.argmax(), grid.shape)
+        centre = ((column + 0.5) / grid.shape[1], (row + 0.5) / grid.shape[0])
+        assert np.hypot(centre[0] - scene.x, centre[1] - scene.y) < 0.25  # the shape's radius is 0.17
+
+    monkeypatch.setattr("sys.argv", ["attention_map.py", "--out", str(tmp_path / "map.png")])
+    example.main()
+    assert (tmp_path / "map.png").stat().st_size > 0 and "went to the image" in capsys.readouterr().out

@@ -140,6 +140,7 @@ class _PrefixBank:
     values: torch.Tensor
     valid: torch.Tensor  # [B + num_images, width]
     extents: list[int]  # slots in use at most, per row
+    image_slots: torch.Tensor  # [B + num_images] leading slots that hold image tokens, per row
 
 
 def _prefix_bank(
@@ -168,7 +169,10 @@ def _prefix_bank(
     values.append(keys[-1])
     valid.append(torch.zeros(1, width, dtype=torch.bool, device=like.device))
     extents = [past_width] * batch + windows.image_sizes + [0]
-    return _PrefixBank(torch.cat(keys), torch.cat(values), torch.cat(valid), extents)
+    past_images = past.image_tokens if past is not None else torch.zeros(batch, dtype=torch.long, device=like.device)
+    new_images = torch.tensor([*windows.image_sizes, 0], dtype=torch.long, device=like.device)
+    image_slots = torch.cat([past_images.to(like.device), new_images])
+    return _PrefixBank(torch.cat(keys), torch.cat(values), torch.cat(valid), extents, image_slots)
 
 
 def _window_groups(windows: CasaWindows, bank: _PrefixBank) -> list[list[int]]:
@@ -249,8 +253,12 @@ class CasaAttention(nn.Module):
         casa_inputs: CasaInputs,
         self_attn: nn.Module,
         cache_layer: CasaDynamicLayer | None = None,
-    ) -> torch.Tensor:
-        """CASA attention of a chunk; with a `cache_layer`, windows continue from it and it gets the new ones."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CASA attention of a chunk; with a `cache_layer`, windows continue from it and it gets the new ones.
+
+        Returns the sub-layer's output and, when the backend gives attention weights (eager), each token's weights on
+        the tokens of the image its window sees, `[batch, heads, seq_len, image_tokens]` (zeros without an image).
+        """
         proj = self.projections(self_attn)
         batch, seq_len = hidden_states.shape[:2]
         hidden_shape = (batch, seq_len, -1, self.head_dim)
@@ -271,10 +279,10 @@ class CasaAttention(nn.Module):
             image_keys = image_keys[0][:, index].transpose(0, 1)  # [num_images, kv_heads, max_tokens, head_dim]
             image_values = image_values[0][:, index].transpose(0, 1)
 
-        attn_output = casa_window_attention(
+        attn_output, image_weights = casa_window_attention(
             self, query, key, value, image_keys, image_values, casa_inputs.windows, cache_layer
         )
-        return proj.o_proj(attn_output.reshape(batch, seq_len, -1))
+        return proj.o_proj(attn_output.reshape(batch, seq_len, -1)), image_weights
 
 
 def casa_window_attention(
@@ -286,9 +294,10 @@ def casa_window_attention(
     image_values: torch.Tensor | None,
     windows: CasaWindows,
     cache_layer: CasaDynamicLayer | None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CASA attention of a chunk (`query`/`key`/`value` as `[B, heads, T, D]`, RoPE applied), output `[B, T, heads,
-    D]`. Windows that continue the cached ones read `cache_layer`, which then stores each sample's last window."""
+    D]`, and the image weights when the backend returns weights. Windows that continue the cached ones read
+    `cache_layer`, which then stores each sample's last window."""
     with_text = module.mode == "casa"
     implementation = module.config._attn_implementation or "sdpa"
     varlen = is_flash_attention_requested(requested_attention_implementation=implementation)
@@ -296,7 +305,7 @@ def casa_window_attention(
     past = cache_layer if cache_layer is not None and cache_layer.is_initialized else None
     bank = _prefix_bank(windows, past, image_keys, image_values, key)
     batch, heads, seq_len, head_dim = query.shape
-    output = None  # allocated in the dtype the kernel returns (bfloat16 under autocast, like a block's self-attention)
+    output = image_weights = None  # allocated in the kernel's dtype (bfloat16 under autocast, as self-attention)
     for group in _window_groups(windows, bank):
         rows = torch.tensor(group, device=query.device)
         num_queries = max(windows.lengths[g] for g in group)
@@ -330,9 +339,18 @@ def casa_window_attention(
                 device=queries.device,
             )
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, module.backbone.eager_attention_forward)
-            group_output, _ = attention(
+            group_output, weights = attention(
                 module, queries, keys, values, attention_mask, dropout=dropout, scaling=module.scaling, is_causal=False
             )
+            if weights is not None:
+                if image_weights is None:
+                    image_weights = weights.new_zeros(batch * seq_len, heads, int(bank.image_slots.max()))
+                image_slots = bank.image_slots[source]  # the window's image fills its first prefix slots
+                seen = torch.arange(width, device=weights.device)[None, :] < image_slots[:, None]
+                per_token = (weights[..., :width] * seen[:, None, None, :]).transpose(1, 2)[query_valid]
+                image_weights[query_index[query_valid], :, : min(width, image_weights.shape[-1])] = per_token[
+                    ..., : image_weights.shape[-1]
+                ]
         group_output = group_output * has_keys[:, None, None, None].to(group_output.dtype)
         if output is None:
             output = group_output.new_zeros(batch * seq_len, heads, head_dim)
@@ -341,7 +359,9 @@ def casa_window_attention(
         output = query.new_zeros(batch * seq_len, heads, head_dim)
     if cache_layer is not None:
         _store_last_windows(cache_layer, windows, bank, key, value, past, with_text)
-    return output.view(batch, seq_len, heads, head_dim)
+    if image_weights is not None:
+        image_weights = image_weights.view(batch, seq_len, heads, -1).transpose(1, 2)
+    return output.view(batch, seq_len, heads, head_dim), image_weights
 
 
 def _store_last_windows(

@@ -17,14 +17,18 @@ from transformers.masking_utils import (
     packed_sequence_mask_function,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithCrossAttentions,
+)
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .backbones import BACKBONES
 from .casa_attention import CasaAttention, CasaInputs, build_casa_windows
@@ -97,7 +101,7 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
             image_states = None
             if image_features is not None:
                 image_states = self.casa_image_layernorm(image_features)
-            casa_output = self.casa_attn(
+            casa_output, _ = self.casa_attn(
                 self.casa_input_layernorm(hidden_states),
                 image_states,
                 position_embeddings,
@@ -123,7 +127,13 @@ class CasaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_record_outputs = {"hidden_states": CasaDecoderLayer}
+    _can_record_outputs = {
+        "hidden_states": CasaDecoderLayer,
+        # the backbone's self-attention modules (of whichever class) and the CASA sub-layers, their weights second
+        "attentions": OutputRecorder(target_class=None, index=1, class_name="self_attn"),
+        # CASA's weights on image tokens (its cross-attention part), with `output_attentions` as for built-in models
+        "cross_attentions": OutputRecorder(target_class=CasaAttention, index=1),
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.get_text_config().initializer_range
@@ -208,7 +218,7 @@ class CasaTextModel(CasaPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
         batch_size, seq_len = inputs_embeds.shape[:2]
         if use_cache and cache is None:
             cache = CasaCache(config=self.config)
@@ -261,7 +271,7 @@ class CasaTextModel(CasaPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
 
 
 def _segment_starts(position_ids: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor | None:
@@ -358,7 +368,7 @@ class CasaModel(CasaPreTrainedModel):
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
         pixel_values (`torch.Tensor` of shape `(num_patches, patch_dim)`):
             Patches of all images of the batch, sample by sample in reading order (Qwen2-VL image processor output).
@@ -498,7 +508,7 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithCrossAttentions:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels, `-100` where no loss is wanted (prompt, padding, image tokens).
@@ -520,12 +530,13 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
