@@ -188,7 +188,7 @@ def test_eviction_keeps_casa_attention_unchanged(model_and_processor, monkeypatc
     finally:
         handle.remove()
     assert saved["excess"] > 0
-    (hidden, images, _, casa_inputs, self_attn, _), output = calls[0]
+    (hidden, images, _, casa_inputs, self_attn, _), (output, _) = calls[0]
 
     delta = saved["excess"]
     rotary = model.model.language_model.rotary_emb
@@ -197,5 +197,5 @@ def test_eviction_keeps_casa_attention_unchanged(model_and_processor, monkeypatc
     image_positions = positions[0][casa_inputs.windows.image_mask[0]].repeat_interleave(4)[None] + delta
     moved_inputs = dataclasses.replace(casa_inputs, image_position_embeddings=rotary(images[None], image_positions))
     with torch.no_grad():
-        expected = casa(hidden, images, original, moved_inputs, self_attn, saved["state"])
+        expected, _ = casa(hidden, images, original, moved_inputs, self_attn, saved["state"])
     assert (output - expected).abs().max() < 1e-5

@@ -119,7 +119,7 @@ def build_casa_windows(
 class CasaInputs:
     """What every CASA layer of one forward needs besides the text hidden states and the image features."""
 
-    windows: CasaWindows
+    windows: CasaWindows | None  # None for a decode step: every sample goes on in its cached window
     image_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # RoPE at each image's insertion point
 
 
@@ -292,12 +292,14 @@ def casa_window_attention(
     value: torch.Tensor,
     image_keys: torch.Tensor | None,
     image_values: torch.Tensor | None,
-    windows: CasaWindows,
+    windows: CasaWindows | None,
     cache_layer: CasaDynamicLayer | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CASA attention of a chunk (`query`/`key`/`value` as `[B, heads, T, D]`, RoPE applied), output `[B, T, heads,
     D]`, and the image weights when the backend returns weights. Windows that continue the cached ones read
     `cache_layer`, which then stores each sample's last window."""
+    if windows is None:
+        return _continue_cached_windows(module, query, key, value, cache_layer)
     with_text = module.mode == "casa"
     implementation = module.config._attn_implementation or "sdpa"
     varlen = is_flash_attention_requested(requested_attention_implementation=implementation)
@@ -362,6 +364,38 @@ def casa_window_attention(
     if image_weights is not None:
         image_weights = image_weights.view(batch, seq_len, heads, -1).transpose(1, 2)
     return output.view(batch, seq_len, heads, head_dim), image_weights
+
+
+def _continue_cached_windows(
+    module: CasaAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache_layer: CasaDynamicLayer
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The decode step: no image, no padding, every sample goes on in its cached window. Its queries attend to the
+    stored window plus the new text directly, one row per sample, with no window bookkeeping."""
+    with_text = module.mode == "casa"
+    width = cache_layer.get_seq_length()
+    keys, values, key_valid = cache_layer.append_text(key, value, with_text)
+    implementation = module.config._attn_implementation or "sdpa"
+    attention_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+        batch_size=query.shape[0],
+        q_length=query.shape[2],
+        kv_length=keys.shape[2],
+        mask_function=casa_window_mask_function(key_valid, width, with_text),
+        allow_is_causal_skip=False,
+        dtype=query.dtype,
+        device=query.device,
+    )
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, module.backbone.eager_attention_forward)
+    output, weights = attention(
+        module, query, keys, values, attention_mask, dropout=0.0, scaling=module.scaling, is_causal=False
+    )
+    if not with_text:  # a cross-attention window before any image has no keys: no update
+        output = output * key_valid.any(-1)[:, None, None, None].to(output.dtype)
+    image_weights = None
+    if weights is not None:
+        image_tokens = cache_layer.image_tokens
+        seen = torch.arange(width, device=weights.device)[None, :] < image_tokens[:, None]
+        image_weights = (weights[..., :width] * seen[:, None, None, :])[..., : int(image_tokens.max())]
+    return output, image_weights
 
 
 def _store_last_windows(

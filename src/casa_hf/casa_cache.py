@@ -58,6 +58,20 @@ class CasaDynamicLayer(CacheLayerMixin):
         self.image_tokens, self.text_tokens = image_tokens, text_tokens
         return self.keys, self.values
 
+    def append_text(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every sample's window goes on with the chunk's text (no image, no padding): the decode step. The text K/V
+        are added after the stored slots when the window attends to its text (CASA; cross-attention only counts it).
+        Returns the windows' keys, values and valid slots."""
+        new = key_states.shape[-2]
+        if with_text:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], new)], dim=-1)
+        self.text_tokens = self.text_tokens + new
+        return self.keys, self.values, self.valid
+
     def get_seq_length(self) -> int:
         """Slots of the stored windows (image tokens + text since the image, for the longest window)."""
         return self.keys.shape[-2] if self.is_initialized else 0

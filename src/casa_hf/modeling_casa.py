@@ -27,7 +27,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.generic import is_flash_attention_requested, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .backbones import BACKBONES
@@ -237,7 +237,11 @@ class CasaTextModel(CasaPreTrainedModel):
         if attention_mask is not None and attention_mask.ndim == 2:
             token_valid = attention_mask[:, -seq_len:].bool()
         segment_starts = _segment_starts(position_ids.expand(batch_size, -1), token_valid) if not past_seen else None
-        windows = build_casa_windows(image_mask, token_valid, image_sizes or [], segment_starts)
+        windows = None  # decode steps: every sample goes on in its cached window, no bookkeeping needed
+        if not past_seen or image_features is not None or is_flash_attention_requested(self.config):
+            windows = build_casa_windows(image_mask, token_valid, image_sizes or [], segment_starts)
+        elif not bool(token_valid.all()):
+            windows = build_casa_windows(image_mask, token_valid, [], None)
         image_position_embeddings = None
         if image_features is not None:
             insertion_points = position_ids.expand(batch_size, -1)[image_mask]
