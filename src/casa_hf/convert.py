@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -475,44 +477,20 @@ def _write_report_files(folder: Path, report: ConversionReport, source_kind: str
     verification = ""
     if report.verification:
         verification = "\n## Verification\n\n" + "\n".join(f"- {k}: {v}" for k, v in report.verification.items())
-    (folder / "README.md").write_text(f"""---
-library_name: transformers
-pipeline_tag: image-text-to-text
-tags: [casa, vision-language, cross-attention]
----
-
-# CASA model converted from {source_kind}
-
-A CASA (Cross-Attention over Self-Attention, arXiv 2512.19535) vision-language model in the `casa_hf` format:
-images enter through CASA sub-layers, never as tokens in the LLM sequence, so the KV cache holds text only.
-The CASA sub-layers were **added by conversion** (output projections start at zero: on text the model computes
-what its source computes); they need training before the model uses images well.
-
-## Usage
-
-```python
-import casa_hf  # registers the CASA classes with the Auto classes
-from transformers import AutoModel, AutoProcessor
-from PIL import Image
-
-model = AutoModel.from_pretrained("{report.output}")
-processor = AutoProcessor.from_pretrained("{report.output}")
-messages = [{{"role": "user", "content": [{{"type": "image", "image": Image.new("RGB", (448, 448))}},
-                                         {{"type": "text", "text": "Describe the image."}}]}}]
-inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                       return_tensors="pt")
-print(processor.batch_decode(model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True))
-```
-
-## Provenance
-
-- source: `{report.source}` ({source_kind})
-- converted on {datetime.date.today().isoformat()} with casa_hf {__version__}
-- options: `{json.dumps(report.options, default=str)}`
-- tensors: {len(report.carried)} carried over, {len(report.created)} created, {len(report.dropped)} dropped
-  (details in `conversion_report.json`)
-{verification}
-""")
+    card = string.Template((resources.files(__package__) / "templates" / "converted_model_card.md").read_text())
+    fields = dict(
+        source_kind=source_kind,
+        source=report.source,
+        output=report.output,
+        date=datetime.date.today().isoformat(),
+        version=__version__,
+        options=json.dumps(report.options, default=str),
+        carried=len(report.carried),
+        created=len(report.created),
+        dropped=len(report.dropped),
+        verification=verification,
+    )
+    (folder / "README.md").write_text(card.substitute(fields))
 
 
 __all__ = ["ConversionReport", "convert_llm_to_casa", "convert_qwen2_5_vl_to_casa"]
