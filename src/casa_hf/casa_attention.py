@@ -331,28 +331,12 @@ def casa_window_attention(
                 module, implementation, queries, keys, values, token_valid & has_keys[:, None], key_valid, dropout
             )
         else:
-            attention_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
-                batch_size=len(group),
-                q_length=num_queries,
-                kv_length=keys.shape[2],
-                mask_function=casa_window_mask_function(key_valid, width, with_text),
-                allow_is_causal_skip=False,
-                dtype=queries.dtype,
-                device=queries.device,
-            )
-            attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, module.backbone.eager_attention_forward)
-            group_output, weights = attention(
-                module, queries, keys, values, attention_mask, dropout=dropout, scaling=module.scaling, is_causal=False
-            )
+            group_output, weights = _masked_attention(module, queries, keys, values, key_valid, width, dropout)
             if weights is not None:
                 if image_weights is None:
                     image_weights = weights.new_zeros(batch * seq_len, heads, int(bank.image_slots.max()))
-                image_slots = bank.image_slots[source]  # the window's image fills its first prefix slots
-                seen = torch.arange(width, device=weights.device)[None, :] < image_slots[:, None]
-                per_token = (weights[..., :width] * seen[:, None, None, :]).transpose(1, 2)[query_valid]
-                image_weights[query_index[query_valid], :, : min(width, image_weights.shape[-1])] = per_token[
-                    ..., : image_weights.shape[-1]
-                ]
+                per_token = _weights_on_images(weights, width, bank.image_slots[source], image_weights.shape[-1])
+                image_weights[query_index[query_valid]] = per_token.transpose(1, 2)[query_valid]
         group_output = group_output * has_keys[:, None, None, None].to(group_output.dtype)
         if output is None:
             output = group_output.new_zeros(batch * seq_len, heads, head_dim)
@@ -371,31 +355,51 @@ def _continue_cached_windows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The decode step: no image, no padding, every sample goes on in its cached window. Its queries attend to the
     stored window plus the new text directly, one row per sample, with no window bookkeeping."""
-    with_text = module.mode == "casa"
     width = cache_layer.get_seq_length()
-    keys, values, key_valid = cache_layer.append_text(key, value, with_text)
-    implementation = module.config._attn_implementation or "sdpa"
-    attention_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
-        batch_size=query.shape[0],
-        q_length=query.shape[2],
-        kv_length=keys.shape[2],
-        mask_function=casa_window_mask_function(key_valid, width, with_text),
-        allow_is_causal_skip=False,
-        dtype=query.dtype,
-        device=query.device,
-    )
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, module.backbone.eager_attention_forward)
-    output, weights = attention(
-        module, query, keys, values, attention_mask, dropout=0.0, scaling=module.scaling, is_causal=False
-    )
-    if not with_text:  # a cross-attention window before any image has no keys: no update
-        output = output * key_valid.any(-1)[:, None, None, None].to(output.dtype)
+    keys, values, key_valid = cache_layer.append_text(key, value, module.mode == "casa")
+    output, weights = _masked_attention(module, query, keys, values, key_valid, width, dropout=0.0)
+    output = output * key_valid.any(-1)[:, None, None, None].to(output.dtype)  # cross-attention before any image
     image_weights = None
     if weights is not None:
         image_tokens = cache_layer.image_tokens
-        seen = torch.arange(width, device=weights.device)[None, :] < image_tokens[:, None]
-        image_weights = (weights[..., :width] * seen[:, None, None, :])[..., : int(image_tokens.max())]
+        image_weights = _weights_on_images(weights, width, image_tokens, int(image_tokens.max()))
     return output, image_weights
+
+
+def _masked_attention(
+    module: CasaAttention,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_valid: torch.Tensor,
+    prefix_width: int,
+    dropout: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of `[prefix | text]` keys through the model's attention backend, the CASA window pattern as its mask."""
+    implementation = module.config._attn_implementation or "sdpa"
+    attention_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+        batch_size=queries.shape[0],
+        q_length=queries.shape[2],
+        kv_length=keys.shape[2],
+        mask_function=casa_window_mask_function(key_valid, prefix_width, module.mode == "casa"),
+        allow_is_causal_skip=False,
+        dtype=queries.dtype,
+        device=queries.device,
+    )
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, module.backbone.eager_attention_forward)
+    return attention(
+        module, queries, keys, values, attention_mask, dropout=dropout, scaling=module.scaling, is_causal=False
+    )
+
+
+def _weights_on_images(
+    weights: torch.Tensor, prefix_width: int, image_slots: torch.Tensor, image_width: int
+) -> torch.Tensor:
+    """`[rows, heads, queries, image_width]` weights on each row's image, which fills its first `image_slots` prefix
+    slots (zeros past them)."""
+    slots = torch.arange(prefix_width, device=weights.device)
+    on_image = weights[..., :prefix_width] * (slots[None, :] < image_slots[:, None])[:, None, None, :]
+    return torch.nn.functional.pad(on_image, (0, max(image_width - prefix_width, 0)))[..., :image_width]
 
 
 def _store_last_windows(
