@@ -5,7 +5,13 @@ import json
 import pytest
 import torch
 from tiny import IMAGE_TOKEN, VOCAB, random_images, random_text, tiny_config, tiny_model
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    FineGrainedFP8Config,
+)
 
 import casa_hf
 from casa_hf import CasaConfig, CasaForConditionalGeneration
@@ -148,7 +154,6 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
 @pytest.mark.parametrize(
     "overrides,field",
     [
-        (dict(casa_attenton="casa"), "casa_attenton"),
         (dict(casa_attention="gated"), "casa_attention"),
         (dict(casa_layers=[0, 5]), "casa_layers"),
         (dict(casa_layers=[1, 1]), "casa_layers"),
@@ -163,6 +168,34 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
 def test_bad_config_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+def test_a_misspelt_casa_field_is_kept_with_a_warning_naming_the_field(caplog):
+    with caplog.at_level("WARNING", logger="casa_hf.configuration_casa"):
+        config = tiny_config(casa_attenton="cross_attention", library_key=1)
+    assert config.casa_attenton == "cross_attention" and config.casa_attention == "casa"
+    assert "'casa_attenton'" in caplog.text and "did you mean the CASA field 'casa_attention'" in caplog.text
+    assert "library_key" not in caplog.text
+
+
+def test_saved_configs_with_keys_casa_does_not_list_reload(tmp_path):
+    """Like built-in configs, keep unknown keys: `quantization_config` after a quantized load, other attributes."""
+    model = tiny_model(attn="sdpa")
+    model.config.quantization_config = FineGrainedFP8Config(dequantize=True)
+    model.config.library_state = {"adapter": "lora", "rank": 4}
+    model.save_pretrained(tmp_path)
+
+    config = AutoConfig.from_pretrained(tmp_path, output_hidden_states=True)
+    assert isinstance(config, CasaConfig) and config.library_state == {"adapter": "lora", "rank": 4}
+    assert config.quantization_config["quant_method"] == "fp8" and config.quantization_config["dequantize"]
+    assert config.output_hidden_states
+
+    # The FP8 quantizer dequantizes on CPU and drops its config; the other keys stay on the loaded model's config.
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, CasaForConditionalGeneration) and loaded.config.library_state["rank"] == 4
+    inputs = image_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
 
 
 def test_a_small_vocabulary_needs_only_the_image_token():
