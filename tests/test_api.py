@@ -4,13 +4,15 @@ import json
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, VOCAB, random_images, random_text, tiny_config, tiny_model
+from tiny import IMAGE_TOKEN, VOCAB, random_images, random_text, tiny_config, tiny_model, tiny_processor
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     FineGrainedFP8Config,
+    Trainer,
+    TrainingArguments,
 )
 
 import casa_hf
@@ -239,3 +241,29 @@ def test_image_key_positions(mode):
         expected += [placeholder + (j if mode == "raster" else 0) for j in range(tokens)]
     cos, _ = model.model.language_model.rotary_emb(torch.zeros(1, 6, 64), position_ids=torch.tensor([expected]))
     assert torch.allclose(seen[0][0], cos)
+
+
+def test_transformers_serve_loads_casa_and_sends_it_images(tmp_path):
+    """`transformers serve` picks the loading class and the modality from the static name tables, as for built-ins."""
+    from transformers.cli.serving.model_manager import Modality, ModelManager
+
+    model = tiny_model(attn="sdpa")
+    model.save_pretrained(tmp_path)
+    tiny_processor().save_pretrained(tmp_path)
+    served, processor = ModelManager(device="cpu", dtype="float32").load_model_and_processor(str(tmp_path))
+    assert isinstance(served, CasaForConditionalGeneration)
+    assert ModelManager.get_model_modality(served, processor) == Modality.MULTIMODAL  # as Qwen2.5-VL: images go in
+    with torch.no_grad():
+        assert torch.equal(model(**image_inputs()).logits, served.eval()(**image_inputs()).logits)
+
+
+def test_trainer_label_smoothing_shifts_casa_labels(tmp_path):
+    """Trainer shifts labels for label smoothing only for class names in its causal-LM name table."""
+    model = tiny_model()
+    inputs = image_inputs()
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=tmp_path, label_smoothing_factor=0.1))
+    loss = trainer.compute_loss(model, {**inputs, "labels": inputs["input_ids"].clone()})
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    expected = torch.nn.functional.cross_entropy(logits[0, :-1], inputs["input_ids"][0, 1:], label_smoothing=0.1)
+    assert (loss.detach() - expected).abs() <= 1e-5
