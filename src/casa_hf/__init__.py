@@ -36,6 +36,7 @@ for _names in (
     MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
 ):
     _names.setdefault(CasaConfig.model_type, CasaForConditionalGeneration.__name__)
+del _names
 AutoProcessor.register(CasaConfig, CasaProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
