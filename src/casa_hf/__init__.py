@@ -27,7 +27,8 @@ AutoModelForCausalLM.register(CasaConfig, CasaForConditionalGeneration, exist_ok
 AutoModelForMultimodalLM.register(CasaConfig, CasaForConditionalGeneration, exist_ok=True)
 # Code that looks models up by class name or model type reads the static `*_MAPPING_NAMES` tables, which `register()`
 # leaves alone: `transformers serve` (loading through AutoModelForMultimodalLM, modality detection), Trainer (label
-# shift when smoothing), pipelines. The CASA entry is added where built-in VLMs have theirs, never over another one.
+# shift when smoothing), Transformers' common model tests (labels). CASA goes in the tables of the Auto classes it is
+# registered with (the multimodal one as built-in VLMs), never over another entry.
 # The lazy Auto mappings stay as they were: they skip model types missing from CONFIG_MAPPING_NAMES, which CASA must
 # be (listed there, iterating them would import `transformers.models.casa`), and find CASA through `register()`.
 for _names in (
