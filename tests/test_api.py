@@ -4,8 +4,16 @@ import json
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, VOCAB, random_images, random_text, tiny_config, tiny_model
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from tiny import IMAGE_TOKEN, VOCAB, random_images, random_text, tiny_config, tiny_model, tiny_processor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    FineGrainedFP8Config,
+    Trainer,
+    TrainingArguments,
+)
 
 import casa_hf
 from casa_hf import CasaConfig, CasaForConditionalGeneration
@@ -166,7 +174,6 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
 @pytest.mark.parametrize(
     "overrides,field",
     [
-        (dict(casa_attenton="casa"), "casa_attenton"),
         (dict(casa_attention="gated"), "casa_attention"),
         (dict(casa_layers=[0, 5]), "casa_layers"),
         (dict(casa_layers=[1, 1]), "casa_layers"),
@@ -181,6 +188,34 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
 def test_bad_config_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+def test_a_misspelt_casa_field_is_kept_with_a_warning_naming_the_field(caplog):
+    with caplog.at_level("WARNING", logger="casa_hf.configuration_casa"):
+        config = tiny_config(casa_attenton="cross_attention", library_key=1)
+    assert config.casa_attenton == "cross_attention" and config.casa_attention == "casa"
+    assert "'casa_attenton'" in caplog.text and "did you mean the CASA field 'casa_attention'" in caplog.text
+    assert "library_key" not in caplog.text
+
+
+def test_saved_configs_with_keys_casa_does_not_list_reload(tmp_path):
+    """Like built-in configs, keep unknown keys: `quantization_config` after a quantized load, other attributes."""
+    model = tiny_model(attn="sdpa")
+    model.config.quantization_config = FineGrainedFP8Config(dequantize=True)
+    model.config.library_state = {"adapter": "lora", "rank": 4}
+    model.save_pretrained(tmp_path)
+
+    config = AutoConfig.from_pretrained(tmp_path, output_hidden_states=True)
+    assert isinstance(config, CasaConfig) and config.library_state == {"adapter": "lora", "rank": 4}
+    assert config.quantization_config["quant_method"] == "fp8" and config.quantization_config["dequantize"]
+    assert config.output_hidden_states
+
+    # The FP8 quantizer dequantizes on CPU and drops its config; the other keys stay on the loaded model's config.
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, CasaForConditionalGeneration) and loaded.config.library_state["rank"] == 4
+    inputs = image_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
 
 
 def test_a_small_vocabulary_needs_only_the_image_token():
@@ -224,3 +259,29 @@ def test_image_key_positions(mode):
         expected += [placeholder + (j if mode == "raster" else 0) for j in range(tokens)]
     cos, _ = model.model.language_model.rotary_emb(torch.zeros(1, 6, 64), position_ids=torch.tensor([expected]))
     assert torch.allclose(seen[0][0], cos)
+
+
+def test_transformers_serve_loads_casa_and_sends_it_images(tmp_path):
+    """`transformers serve` picks the loading class and the modality from the static name tables, as for built-ins."""
+    from transformers.cli.serving.model_manager import Modality, ModelManager
+
+    model = tiny_model(attn="sdpa")
+    model.save_pretrained(tmp_path)
+    tiny_processor().save_pretrained(tmp_path)
+    served, processor = ModelManager(device="cpu", dtype="float32").load_model_and_processor(str(tmp_path))
+    assert isinstance(served, CasaForConditionalGeneration)
+    assert ModelManager.get_model_modality(served, processor) == Modality.MULTIMODAL  # as Qwen2.5-VL: images go in
+    with torch.no_grad():
+        assert torch.equal(model(**image_inputs()).logits, served.eval()(**image_inputs()).logits)
+
+
+def test_trainer_label_smoothing_shifts_casa_labels(tmp_path):
+    """Trainer shifts labels for label smoothing only for class names in its causal-LM name table."""
+    model = tiny_model()
+    inputs = image_inputs()
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=tmp_path, label_smoothing_factor=0.1))
+    loss = trainer.compute_loss(model, {**inputs, "labels": inputs["input_ids"].clone()})
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    expected = torch.nn.functional.cross_entropy(logits[0, :-1], inputs["input_ids"][0, 1:], label_smoothing=0.1)
+    assert (loss.detach() - expected).abs() <= 1e-5

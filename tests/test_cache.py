@@ -1,8 +1,11 @@
 """Cached and streamed computation against one full forward; the cache holds text only."""
 
+import copy
+
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
+from tiny import IMAGE_TOKEN, random_images, random_text, tiny_config, tiny_model
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from casa_hf import CasaCache
 
@@ -57,7 +60,13 @@ def incremental_logits(model, input_ids, pixel_values, grid_thw, chunks):
 )
 @pytest.mark.parametrize("num_images", [0, 1, 4])
 def test_incremental_decoding_matches_full_forward(backbone, mode, shared, num_images):
-    model = tiny_model(backbone, attn="sdpa", casa_attention=mode, casa_shared=shared)
+    assert_decoding_matches_full_forward(
+        tiny_model(backbone, attn="sdpa", casa_attention=mode, casa_shared=shared), num_images
+    )
+
+
+def assert_decoding_matches_full_forward(model, num_images):
+    """Token by token after a prefill, and in uneven chunks, through one `CasaCache`."""
     input_ids, pixel_values, grid_thw = conversation(num_images)
     with torch.no_grad():
         full = model(
@@ -107,3 +116,54 @@ def test_incremental_decoding_with_raster_image_positions():
         full = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw).logits
         steps, _ = incremental_logits(model, input_ids, pixel_values, grid_thw, [6] + [1] * (input_ids.shape[1] - 6))
     assert (full - steps).abs().max() <= TOLERANCE
+
+
+ROPE_PARAMETERS = {
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 8},
+}
+
+
+def rope_model(rope_type: str, max_positions: int = 32, **overrides):
+    text = tiny_config().text_config.to_dict()
+    text.update(rope_parameters=dict(ROPE_PARAMETERS[rope_type]), max_position_embeddings=max_positions)
+    return tiny_model(attn="sdpa", text_config=text, **overrides)
+
+
+@pytest.mark.parametrize("rope_type,positions", [("linear", "raster"), ("yarn", "insertion"), ("dynamic", "raster")])
+def test_scaled_rope_decoding_matches_full_forward(rope_type, positions):
+    """Text and image keys rotated with the scaled RoPE (yarn past its original 8 positions). Dynamic RoPE equals a
+    full forward only within `max_position_embeddings`: past it, cached keys keep the frequencies of their step."""
+    model = rope_model(rope_type, casa_image_positions=positions)
+    assert model.model.language_model.rotary_emb.rope_type == rope_type
+    assert_decoding_matches_full_forward(model, num_images=4)
+    if rope_type != "dynamic":  # fixed frequencies: attention sees relative positions only, image keys included
+        input_ids, pixel_values, grid_thw = conversation(4)
+        inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw)
+        offset = torch.arange(input_ids.shape[1])[None] + 7
+        with torch.no_grad():
+            assert (model(**inputs).logits - model(**inputs, position_ids=offset).logits).abs().max() <= TOLERANCE
+
+
+def test_dynamic_rope_rotates_image_keys_with_the_frequencies_of_the_text():
+    """Past `max_position_embeddings`, dynamic RoPE rescales to the longest position of the forward: a default-RoPE
+    copy holding those frequencies is the reference for text and image keys alike."""
+    model = rope_model("dynamic", max_positions=8)
+    input_ids, pixel_values, grid_thw = conversation(4)
+    reference = copy.deepcopy(model)
+    rotary = reference.model.language_model.rotary_emb
+    rotary.rope_type = "default"
+    rotary.inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](model.config.text_config, seq_len=input_ids.shape[1])
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw).logits
+        logits = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw).logits
+    assert (expected - logits).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE_PARAMETERS))
+def test_key_shift_refuses_scaled_rope(rope_type):
+    """Shifting cached keys (the streaming text budget) is plain RoPE only: yarn scales cos/sin, dynamic rescales."""
+    language_model = rope_model(rope_type).model.language_model
+    with pytest.raises(ValueError, match=f"needs plain RoPE; this backbone uses rope_type='{rope_type}'"):
+        language_model.shift_key_positions(torch.randn(1, 2, 6, 16), -3)

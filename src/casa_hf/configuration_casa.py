@@ -2,37 +2,32 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
-from transformers.generation import GenerationConfig
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+from transformers.utils import logging
 
 from .backbones import SUPPORTED_TEXT_MODEL_TYPES
 
+logger = logging.get_logger(__name__)
+
 CASA_ATTENTION_TYPES = ("casa", "cross_attention")
 
-# Keys that `PreTrainedConfig` itself consumes from a config dict; anything else that is not a dataclass field of
-# `CasaConfig` is a typo or a field of another model, and is refused rather than silently stored.
-_BASE_CONFIG_KWARGS = frozenset(
-    {
-        "model_type",
-        "torch_dtype",
-        "num_labels",
-        "name_or_path",
-        "_name_or_path",
-        "_commit_hash",
-        "output_attentions",
-        "attn_implementation",
-        "experts_implementation",
-        "_attn_implementation_internal",
-        "_experts_implementation_internal",
-        "per_layer_config",
-        "use_cache",
-    }
-)
+
+def _warn_on_misspelt_fields(kwargs: dict) -> None:
+    """Name the CASA field an unknown key most likely meant: a typo is kept as an attribute and would do nothing."""
+    casa_fields = [name for name in CasaConfig.__annotations__ if name not in ("model_type", "sub_configs_defaults")]
+    for key in kwargs:
+        close = difflib.get_close_matches(key, casa_fields, n=1, cutoff=0.85)
+        if close:
+            logger.warning(
+                f"CasaConfig got unknown key {key!r}, kept as a plain attribute with no effect on the model; "
+                f"did you mean the CASA field {close[0]!r}?"
+            )
 
 
 @strict
@@ -105,10 +100,9 @@ class CasaConfig(PreTrainedConfig):
     tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs):
-        unknown = sorted(set(kwargs) - _BASE_CONFIG_KWARGS - set(GenerationConfig._get_default_generation_params()))
-        if unknown:
-            casa_fields = sorted(set(CasaConfig.__annotations__) - {"model_type", "sub_configs_defaults"})
-            raise ValueError(f"CasaConfig got unknown field(s) {unknown}; CASA fields are {casa_fields}")
+        _warn_on_misspelt_fields(kwargs)
+        # Like built-in configs, keys CasaConfig does not list (`quantization_config`, attributes other libraries
+        # set) are kept as attributes, so that everything `save_pretrained` wrote reloads.
         super().__post_init__(**kwargs)
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))

@@ -180,6 +180,21 @@ class CasaTextModel(CasaPreTrainedModel):
         shifted, _ = apply_rotary(keys, keys, cos.reshape(shape), sin.reshape(shape), unsqueeze_dim=0)
         return shifted
 
+    def _position_embeddings(
+        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, image_positions: torch.Tensor | None
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """RoPE cos/sin of the text tokens and of the image keys, from one rotary call: rope types whose frequencies
+        follow the largest position seen (`dynamic`) then rotate an image's keys with the frequencies of the text
+        around it, and the rotary state does not depend on the order of two calls."""
+        if image_positions is None:
+            return self.rotary_emb(inputs_embeds, position_ids=position_ids), None
+        num_text = position_ids.numel()
+        joint = torch.cat([position_ids.reshape(1, -1), image_positions], dim=-1)
+        cos, sin = self.rotary_emb(inputs_embeds, position_ids=joint)
+        shape = (*position_ids.shape, cos.shape[-1])
+        text = (cos[:, :num_text].reshape(shape), sin[:, :num_text].reshape(shape))
+        return text, (cos[:, num_text:], sin[:, num_text:])
+
     def _self_attention_masks(
         self,
         inputs_embeds: torch.Tensor,
@@ -242,7 +257,7 @@ class CasaTextModel(CasaPreTrainedModel):
             windows = build_casa_windows(image_mask, token_valid, image_sizes or [], segment_starts)
         elif not bool(token_valid.all()):
             windows = build_casa_windows(image_mask, token_valid, [], None)
-        image_position_embeddings = None
+        image_positions = None
         if image_features is not None:
             insertion_points = position_ids.expand(batch_size, -1)[image_mask]
             sizes = torch.tensor(image_sizes, device=insertion_points.device)
@@ -255,13 +270,14 @@ class CasaTextModel(CasaPreTrainedModel):
                     - (starts.repeat_interleave(sizes))
                 )
             image_positions = image_positions[None]
-            image_position_embeddings = self.rotary_emb(image_features[None], position_ids=image_positions)
+        position_embeddings, image_position_embeddings = self._position_embeddings(
+            inputs_embeds, position_ids, image_positions
+        )
         casa_inputs = CasaInputs(windows, image_position_embeddings)
 
         segments = segment_starts.cumsum(-1) if segment_starts is not None else None
         masks = self._self_attention_masks(inputs_embeds, attention_mask, cache, position_ids, segments)
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers:
             hidden_states = decoder_layer(
                 hidden_states,
