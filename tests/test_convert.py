@@ -166,6 +166,18 @@ def rewrite_shard(folder, edit):
     return sorted(tensors)
 
 
+def test_options_object_and_keyword_overrides_agree(qwen_source, tmp_path):
+    from casa_hf.convert import ConversionOptions
+
+    source, _ = qwen_source
+    from_object = convert_qwen2_5_vl_to_casa(source, tmp_path / "a", ConversionOptions(casa_layers=[1], seed=3))
+    from_keywords = convert_qwen2_5_vl_to_casa(source, tmp_path / "b", casa_layers=[1], seed=3)
+    assert from_object.options == from_keywords.options and from_object.options["casa_layers"] == [1]
+    with pytest.raises(TypeError, match=r"Unknown conversion option\(s\) \['verfy'\]; the options are .*'verify'"):
+        convert_qwen2_5_vl_to_casa(source, tmp_path / "c", verfy=True)
+    assert not (tmp_path / "c").exists()
+
+
 def test_bad_sources_raise_listed_errors(qwen_source, tmp_path):
     source, _ = qwen_source
     out = tmp_path / "out"

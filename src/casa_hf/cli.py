@@ -29,22 +29,15 @@ def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from .convert import convert_llm_to_casa, convert_qwen2_5_vl_to_casa
+    from dataclasses import fields
 
-    options = dict(
-        casa_layers=args.casa_layers,
-        casa_init=args.casa_init,
-        shared=args.shared,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        verify=args.verify,
-        seed=args.seed,
-    )
+    from .convert import ConversionOptions, convert_llm_to_casa, convert_qwen2_5_vl_to_casa
+
+    options = ConversionOptions(**{option.name: getattr(args, option.name) for option in fields(ConversionOptions)})
     if args.source_kind == "qwen2_5_vl":
-        report = convert_qwen2_5_vl_to_casa(args.source, args.output, **options)
+        report = convert_qwen2_5_vl_to_casa(args.source, args.output, options)
     else:
-        report = convert_llm_to_casa(args.llm, args.vision, args.output, **options)
+        report = convert_llm_to_casa(args.llm, args.vision, args.output, options)
     print(report.summary())
 
 

@@ -13,7 +13,7 @@ import json
 import re
 import string
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -274,20 +274,41 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return getattr(torch, dtype)
 
 
+@dataclass(frozen=True)
+class ConversionOptions:
+    """What both conversions (and `casa-hf convert`) take besides their sources and output folder."""
+
+    casa_layers: list[int] | None = None  # blocks that get a CASA sub-layer (None: every block)
+    casa_init: str = "copy"  # CASA q/k/v copied from the block's self-attention, or "random"
+    shared: bool = False  # the -Shared variant
+    dtype: str | torch.dtype | None = None  # of the written weights (None: the source's)
+    max_shard_size: str | int = "5GB"
+    overwrite: bool = False
+    verify: bool = False  # compare with the source afterwards
+    seed: int = 0
+
+    def recorded(self, config: CasaConfig, **extra) -> dict:
+        """The options as the report and model card record them (with the CASA layers the config resolved)."""
+        kept = {name: getattr(self, name) for name in ("casa_init", "shared", "max_shard_size", "seed")}
+        return dict(casa_layers=config.casa_layers, dtype=str(self.dtype), **kept, **extra)
+
+
+def _options(options: ConversionOptions | None, overrides: dict) -> ConversionOptions:
+    unknown = sorted(set(overrides) - {f.name for f in fields(ConversionOptions)})
+    if unknown:
+        names = [f.name for f in fields(ConversionOptions)]
+        raise TypeError(f"Unknown conversion option(s) {unknown}; the options are {names}")
+    return replace(options or ConversionOptions(), **overrides)
+
+
 def convert_qwen2_5_vl_to_casa(
-    source: str | Path,
-    output: str | Path,
-    *,
-    casa_layers: list[int] | None = None,
-    casa_init: str = "copy",
-    shared: bool = False,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: str | int = "5GB",
-    overwrite: bool = False,
-    verify: bool = False,
-    seed: int = 0,
+    source: str | Path, output: str | Path, options: ConversionOptions | None = None, **overrides
 ) -> ConversionReport:
-    """Qwen2.5-VL checkpoint folder -> CASA folder (loadable with `AutoModel` after `import casa_hf`)."""
+    """Qwen2.5-VL checkpoint folder -> CASA folder (loadable with `AutoModel` after `import casa_hf`).
+
+    `options` (or keyword overrides of its fields, e.g. `verify=True`) as in `ConversionOptions`.
+    """
+    options = _options(options, overrides)
     source, output = Path(source), Path(output)
     source_config = _load_config(source, "Source")
     if source_config.model_type != "qwen2_5_vl":
@@ -295,38 +316,30 @@ def convert_qwen2_5_vl_to_casa(
     config = CasaConfig(
         text_config=_text_config_from_qwen2_5_vl(source_config),
         vision_config=source_config.vision_config.to_dict(),
-        casa_layers=casa_layers,
-        casa_shared=shared,
+        casa_layers=options.casa_layers,
+        casa_shared=options.shared,
         image_token_id=source_config.image_token_id,
         vision_start_token_id=source_config.vision_start_token_id,
         vision_end_token_id=source_config.vision_end_token_id,
         tie_word_embeddings=bool(source_config.tie_word_embeddings),
     )
-    options = dict(
-        casa_layers=config.casa_layers,
-        casa_init=casa_init,
-        shared=shared,
-        dtype=str(dtype),
-        max_shard_size=max_shard_size,
-        seed=seed,
-    )
-    config.dtype = _parse_dtype(dtype) or source_config.dtype  # what `from_pretrained` loads by default
-    report = ConversionReport(str(source), str(output), options)
+    config.dtype = _parse_dtype(options.dtype) or source_config.dtype  # what `from_pretrained` loads by default
+    report = ConversionReport(str(source), str(output), options.recorded(config))
     expected = _expected_shapes(config)
-    with CheckpointReader(source) as reader, staged_output(output, overwrite) as staging:
+    with CheckpointReader(source) as reader, staged_output(output, options.overwrite) as staging:
         plan = _Plan()
         unknown = plan.carry(reader, TEXT_RENAMES + VISION_RENAMES, tied=config.tie_word_embeddings)
-        _casa_init_plan(plan, config, expected, casa_init, seed)
+        _casa_init_plan(plan, config, expected, options.casa_init, options.seed)
         plan.check(expected, unknown)
-        _write(plan, expected, staging, max_shard_size, _parse_dtype(dtype), report)
+        _write(plan, expected, staging, options.max_shard_size, _parse_dtype(options.dtype), report)
 
         tokenizer = AutoTokenizer.from_pretrained(source)
         processor = CasaProcessor(_image_processor(source), tokenizer, chat_template=_chat_template(source, tokenizer))
         _save_companions(staging, config, processor, _generation_config(source, config), report, "Qwen2.5-VL")
-        if verify:
+        if options.verify:
             from .verify_conversion import verify_against_qwen2_5_vl
 
-            report.verification = verify_against_qwen2_5_vl(source, staging, exact=not shared)
+            report.verification = verify_against_qwen2_5_vl(source, staging, exact=not options.shared)
             _write_report_files(staging, report, "Qwen2.5-VL")
     return report
 
@@ -335,21 +348,16 @@ def convert_llm_to_casa(
     llm: str | Path,
     vision: str | Path,
     output: str | Path,
-    *,
-    casa_layers: list[int] | None = None,
-    casa_init: str = "copy",
-    shared: bool = False,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: str | int = "5GB",
-    overwrite: bool = False,
-    verify: bool = False,
-    seed: int = 0,
+    options: ConversionOptions | None = None,
+    **overrides,
 ) -> ConversionReport:
     """Text LLM folder (Qwen2, Llama, Helium) + the vision tower of a Qwen2.5-VL folder -> CASA (the Helium recipe).
 
     The image placeholder and chat tokens are added to the tokenizer when missing (embedding rows: the mean of the
     existing ones); the projector's last layer is re-initialised when the LLM width differs from the source's.
+    `options` (or keyword overrides of its fields) as in `ConversionOptions`.
     """
+    options = _options(options, overrides)
     llm, vision, output = Path(llm), Path(vision), Path(output)
     llm_config = _load_config(llm, "LLM")
     if llm_config.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
@@ -370,31 +378,22 @@ def convert_llm_to_casa(
     config = CasaConfig(
         text_config=text_config,
         vision_config=vision_dict,
-        casa_layers=casa_layers,
-        casa_shared=shared,
+        casa_layers=options.casa_layers,
+        casa_shared=options.shared,
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
         tie_word_embeddings=bool(llm_config.tie_word_embeddings),
     )
-    options = dict(
-        casa_layers=config.casa_layers,
-        casa_init=casa_init,
-        shared=shared,
-        dtype=str(dtype),
-        max_shard_size=max_shard_size,
-        seed=seed,
-        vision_source=str(vision),
-        added_tokens=missing_tokens,
-    )
-    config.dtype = _parse_dtype(dtype) or llm_config.dtype
-    report = ConversionReport(str(llm), str(output), options)
+    config.dtype = _parse_dtype(options.dtype) or llm_config.dtype
+    recorded = options.recorded(config, vision_source=str(vision), added_tokens=missing_tokens)
+    report = ConversionReport(str(llm), str(output), recorded)
     expected = _expected_shapes(config)
     resize = _grow_rows(new_vocab) if new_vocab > old_vocab else None
     with (
         CheckpointReader(llm) as llm_reader,
         CheckpointReader(vision) as vision_reader,
-        staged_output(output, overwrite) as staging,
+        staged_output(output, options.overwrite) as staging,
     ):
         plan = _Plan()
         unknown = plan.carry(llm_reader, TEXT_RENAMES, tied=config.tie_word_embeddings)
@@ -408,7 +407,8 @@ def convert_llm_to_casa(
             merger_out = [n for n in vision_reader.names() if re.search(r"merger\.mlp\.2\.(weight|bias)$", n)]
             drop.update(dict.fromkeys(merger_out, f"projector output sized for width {source_width}, not {hidden}"))
             std = config.text_config.initializer_range
-            plan.made["model.visual.merger.mlp.2.weight"] = _normal(torch.Generator().manual_seed(seed + 1), std)
+            generator = torch.Generator().manual_seed(options.seed + 1)
+            plan.made["model.visual.merger.mlp.2.weight"] = _normal(generator, std)
             plan.recipes["model.visual.merger.mlp.2.weight"] = f"normal(0, {std}) (projector resized to the LLM)"
             plan.made["model.visual.merger.mlp.2.bias"] = torch.zeros
             plan.recipes["model.visual.merger.mlp.2.bias"] = "zeros (projector resized to the LLM)"
@@ -419,9 +419,9 @@ def convert_llm_to_casa(
                 if target in plan.carried:
                     plan.resized[target] = new_vocab
                     transforms[target] = resize
-        _casa_init_plan(plan, config, expected, casa_init, seed)
+        _casa_init_plan(plan, config, expected, options.casa_init, options.seed)
         plan.check(expected, unknown)
-        _write(plan, expected, staging, max_shard_size, _parse_dtype(dtype), report, transforms)
+        _write(plan, expected, staging, options.max_shard_size, _parse_dtype(options.dtype), report, transforms)
         for target in transforms:
             report.created[f"{target}[{old_vocab}:{new_vocab}]"] = "mean of the existing rows (added tokens)"
 
@@ -432,10 +432,10 @@ def convert_llm_to_casa(
         eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
         generation.eos_token_id = [e for e in eos if e is not None] + [im_end]
         _save_companions(staging, config, processor, generation, report, config.text_config.model_type)
-        if verify:
+        if options.verify:
             from .verify_conversion import verify_against_llm
 
-            report.verification = verify_against_llm(llm, staging, old_vocab, exact=not shared)
+            report.verification = verify_against_llm(llm, staging, old_vocab, exact=not options.shared)
             _write_report_files(staging, report, config.text_config.model_type)
     return report
 
@@ -493,4 +493,4 @@ def _write_report_files(folder: Path, report: ConversionReport, source_kind: str
     (folder / "README.md").write_text(card.substitute(fields))
 
 
-__all__ = ["ConversionReport", "convert_llm_to_casa", "convert_qwen2_5_vl_to_casa"]
+__all__ = ["ConversionOptions", "ConversionReport", "convert_llm_to_casa", "convert_qwen2_5_vl_to_casa"]
