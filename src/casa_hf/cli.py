@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     qwen.add_argument("source", help="local Qwen2.5-VL checkpoint folder")
     _add_conversion_options(qwen)
     llm = sources.add_parser("llm", help="a text LLM (Qwen2, Llama, Helium) + a Qwen2.5-VL vision tower -> CASA")
-    llm.add_argument("llm", help="local text LLM checkpoint folder")
+    llm.add_argument("llm", help="local text LLM checkpoint folder, or a .gguf file (dequantized on the way)")
     llm.add_argument("vision", help="local Qwen2.5-VL checkpoint folder whose vision tower is used")
     _add_conversion_options(llm)
 
@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument("--eval-examples", type=int, default=700, help="held-out examples to score afterwards")
 
+    smol = commands.add_parser(
+        "train-smollm2", help="train CASA-SmolLM2's added weights (SmolLM2 frozen) on natural-language VQA"
+    )
+    smol.add_argument("--output-dir", required=True)
+    smol.add_argument("--steps", type=int, default=1000)
+    smol.add_argument("--batch-size", type=int, default=16)
+    smol.add_argument("--learning-rate", type=float, default=1e-3)
+    smol.add_argument("--casa-layers", type=_layer_list, default=None, help="SmolLM2 blocks given CASA (e.g. 26,27)")
+    smol.add_argument("--seed", type=int, default=0)
+
     scorer = commands.add_parser("evaluate", help="held-out synthetic VQA accuracy of a model (default: the demo's)")
     scorer.add_argument("--model", default=None, help="a built-in model name (tiny) or a model folder")
     scorer.add_argument("--examples", type=int, default=700, help="held-out questions, every kind equally often")
@@ -153,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
         run_convert(args)
     elif args.command == "train":
         run_train(args)
+    elif args.command == "train-smollm2":
+        from .training.train_smollm2 import run_train_smollm2
+
+        run_train_smollm2(args)
     elif args.command == "evaluate":
         run_evaluate(args)
 

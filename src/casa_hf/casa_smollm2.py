@@ -1,0 +1,121 @@
+"""CASA-SmolLM2: SmolLM2-135M-Instruct (frozen) + a small Qwen2.5-VL-style vision tower, projector and CASA
+sub-layers in some of its blocks.
+
+Only the weights that are not SmolLM2's (CASA sub-layers, vision tower, projector, the added token rows) are
+trained and shipped; `assemble` joins them with the installed SmolLM2 into a standard checkpoint folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .configuration_casa import CasaConfig
+from .convert import IMAGE_TOKENS
+from .gguf_llm import load_gguf_llm, smollm2_gguf
+from .modeling_casa import CasaForConditionalGeneration
+from .processing_casa import DEFAULT_CHAT_TEMPLATE, CasaProcessor
+
+# SmolLM2's own default system prompt, which its chat template adds to chats without one. CASA-SmolLM2's template
+# adds none (shorter training sequences); pass it as the system message for SmolLM2's usual text answers.
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@dataclass
+class CasaSmolLM2Recipe:
+    """What is added to SmolLM2. CASA sits in the top blocks: gradients then flow back through those blocks only,
+    and the frozen blocks below see text only, so their output is cached while training (`FrozenPrefix`); a step
+    is far cheaper than with CASA everywhere (`benchmarks/smollm2_step_time.py`)."""
+
+    casa_layers: tuple[int, ...] = (26, 27, 28, 29)
+    vision_depth: int = 4
+    vision_hidden: int = 256
+    vision_heads: int = 4
+    image_size: int = 112
+
+    def vision_config(self, out_hidden_size: int) -> dict:
+        return dict(
+            depth=self.vision_depth,
+            hidden_size=self.vision_hidden,
+            intermediate_size=self.vision_hidden * 2,
+            num_heads=self.vision_heads,
+            out_hidden_size=out_hidden_size,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=self.image_size,
+            fullatt_block_indexes=list(range(self.vision_depth)),
+        )
+
+
+def build_processor(tokenizer, image_size: int) -> CasaProcessor:
+    """SmolLM2's tokenizer (+ the image tokens) and fixed square frames of `image_size` pixels."""
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    missing = [token for token in IMAGE_TOKENS if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    area = image_size * image_size
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=area, max_pixels=area)
+    return CasaProcessor(image_processor, tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, image_size=image_size)
+
+
+def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaForConditionalGeneration, CasaProcessor]:
+    """SmolLM2 with new CASA sub-layers, vision tower and projector, computing exactly SmolLM2 on text."""
+    llm, tokenizer = load_gguf_llm(smollm2_gguf())
+    processor = build_processor(tokenizer, recipe.image_size)
+    text = {**llm.config.to_dict(), "vocab_size": len(tokenizer)}
+    config = CasaConfig(
+        text_config=text,
+        vision_config=recipe.vision_config(llm.config.hidden_size),
+        casa_layers=list(recipe.casa_layers),
+        casa_image_positions="raster",
+        image_token_id=processor.image_token_id,
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    config.architectures = ["CasaForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = CasaForConditionalGeneration(config)
+    weights = llm.model.state_dict()
+    embed = weights["embed_tokens.weight"]
+    extra = embed.mean(0, keepdim=True).expand(len(tokenizer) - embed.shape[0], -1)
+    weights["embed_tokens.weight"] = torch.cat([embed, extra])  # added tokens start at the mean row
+    missing, unexpected = model.model.language_model.load_state_dict(weights, strict=False)
+    if unexpected or any(".casa_" not in name for name in missing):
+        raise RuntimeError(f"SmolLM2 weights do not fit: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    init_casa_from_self_attention(model)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), processor
+
+
+@torch.no_grad()
+def init_casa_from_self_attention(model: CasaForConditionalGeneration) -> None:
+    """CASA q/k/v and norms copied from each block's SA, output projection zero: the model starts as its LLM."""
+    for layer in model.model.language_model.layers:
+        if not layer.has_casa:
+            continue
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(layer.casa_attn, name).load_state_dict(getattr(layer.self_attn, name).state_dict())
+        nn.init.zeros_(layer.casa_attn.o_proj.weight)
+        layer.casa_input_layernorm.load_state_dict(layer.input_layernorm.state_dict())
+        layer.casa_image_layernorm.load_state_dict(layer.input_layernorm.state_dict())
+
+
+def is_added(name: str) -> bool:
+    """Whether parameter `name` is one CASA-SmolLM2 adds to SmolLM2 (trained and shipped)."""
+    return ".casa_" in name or name.startswith("model.visual.")
+
+
+def freeze_smollm2(model: CasaForConditionalGeneration) -> dict[str, int]:
+    """SmolLM2 frozen; CASA sub-layers, vision tower and projector train. Returns the parameter counts."""
+    counts = {"trainable": 0, "frozen": 0}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(is_added(name))
+        counts["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
+    return counts
