@@ -7,11 +7,17 @@ trained and shipped; `assemble` joins them with the installed SmolLM2 into a sta
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from .checkpoint_io import staged_output
 from .configuration_casa import CasaConfig
 from .convert import IMAGE_TOKENS
 from .gguf_llm import load_gguf_llm, smollm2_gguf
@@ -119,3 +125,105 @@ def freeze_smollm2(model: CasaForConditionalGeneration) -> dict[str, int]:
         parameter.requires_grad_(is_added(name))
         counts["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
     return counts
+
+
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "casa_smollm2"  # added.safetensors, recipe.json, accuracy.json
+ADDED_ROWS = "model.language_model.embed_tokens.weight.added_rows"
+
+
+def added_state_dict(model: CasaForConditionalGeneration, dtype: torch.dtype = torch.float16) -> dict:
+    """The weights CASA-SmolLM2 adds to SmolLM2 (CASA, vision tower, projector, the added token rows), as `dtype`."""
+    state = {name: tensor for name, tensor in model.state_dict().items() if is_added(name)}
+    state[ADDED_ROWS] = model.get_input_embeddings().weight[-len(IMAGE_TOKENS) :]
+    return {name: tensor.detach().to(dtype).contiguous() for name, tensor in state.items()}
+
+
+@torch.no_grad()
+def load_added_weights(model: CasaForConditionalGeneration, path: str | Path) -> None:
+    """Put trained added weights (from `added_state_dict`) into a model built by `build_casa_smollm2`."""
+    state = load_file(str(path))
+    rows = state.pop(ADDED_ROWS)
+    model.get_input_embeddings().weight[-len(rows) :] = rows.float()
+    expected = {name for name in model.state_dict() if is_added(name)}
+    if set(state) != expected:
+        raise ValueError(f"{path} does not match the recipe: {sorted(set(state) ^ expected)[:5]} ...")
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()}, strict=False)
+
+
+def recipe_from_file(path: str | Path) -> CasaSmolLM2Recipe:
+    """The `recipe` entry of a training run's `recipe.json`."""
+    recipe = json.loads(Path(path).read_text())["recipe"]
+    return CasaSmolLM2Recipe(**{**recipe, "casa_layers": tuple(recipe["casa_layers"])})
+
+
+def assemble_casa_smollm2(weights: str | Path = SHIPPED_WEIGHTS, cache_dir: str | Path | None = None) -> Path:
+    """A standard CASA checkpoint folder: the installed SmolLM2 + the trained added weights of `weights` (a folder
+    with `added.safetensors` and `recipe.json`). Built once (about 20 s) into the cache, then reused."""
+    weights = Path(weights)
+    added = weights / "added.safetensors"
+    digest = hashlib.sha256(added.read_bytes()).hexdigest()[:16]
+    cache_dir = Path(cache_dir or os.environ.get("CASA_HF_CACHE", Path.home() / ".cache" / "casa_hf"))
+    folder = cache_dir / f"casa-smollm2-{digest}"
+    if (folder / "config.json").is_file():
+        return folder
+    model, processor = build_casa_smollm2(recipe_from_file(weights / "recipe.json"))
+    load_added_weights(model, added)
+    with staged_output(folder, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        accuracy = weights / "accuracy.json"
+        scores = json.loads(accuracy.read_text()) if accuracy.is_file() else {}
+        (staging / "README.md").write_text(model_card(recipe_from_file(weights / "recipe.json"), scores))
+    return folder
+
+
+def model_card(recipe: CasaSmolLM2Recipe, accuracy: dict) -> str:
+    """The Hub model card: what the model is, a runnable example, the measured held-out accuracy."""
+    table = accuracy_table(accuracy) if accuracy else "(not measured)"
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+tags: [casa, vision-language, cross-attention, smollm2]
+---
+
+# CASA-SmolLM2
+
+SmolLM2-135M-Instruct (frozen) made a vision-language model with CASA (Cross-Attention over Self-Attention,
+arXiv 2512.19535): a small vision tower trained from scratch, a projector and CASA sub-layers in blocks
+{", ".join(map(str, recipe.casa_layers))} of SmolLM2 ({recipe.image_size}-px images). Images enter
+through the CASA sub-layers, never as tokens in SmolLM2's sequence; on text the model is SmolLM2. It was trained
+only on synthetic images (coloured shapes, digits) asked about in English, in the `casa_hf` package
+(`casa-hf train-smollm2`); it does not know natural photos.
+
+## Usage
+
+```python
+import casa_hf  # registers the CASA classes with the Auto classes
+from PIL import Image, ImageDraw
+from transformers import pipeline
+
+pipe = pipeline("image-text-to-text", model="path/to/this/folder")
+image = Image.new("RGB", (112, 112), (20, 20, 30))
+ImageDraw.Draw(image).ellipse([15, 15, 50, 50], fill=(220, 40, 40))
+messages = [{{"role": "user", "content": [{{"type": "image", "image": image}},
+                                         {{"type": "text", "text": "What colour is the shape?"}}]}}]
+print(pipe(text=messages, max_new_tokens=8, return_full_text=False)[0]["generated_text"])  # The shape is red.
+```
+
+## Held-out accuracy
+
+New images; questions in the training phrasings and in phrasings never seen in training (graded by the answer word
+of the sentence).
+
+{table}
+"""
+
+
+def accuracy_table(accuracy: dict) -> str:
+    """Markdown table of `accuracy.json` (one row per phrasing split) and the command that measured it."""
+    splits = {name: scores for name, scores in accuracy.items() if isinstance(scores, dict)}
+    kinds = [k for k in next(iter(splits.values())) if k != "single_image"] + ["single_image"]
+    lines = ["| phrasings | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{scores[k]:.2f}" for k in kinds) + " |" for name, scores in splits.items()]
+    return "\n".join(lines) + f"\n\nMeasured with `{accuracy.get('command', '')}`."

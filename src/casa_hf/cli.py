@@ -84,6 +84,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     path = resolve_model(args.model)
     model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    if (args.questions or ("natural" if args.model == "casa-smollm2" else "synthetic")) == "natural":
+        from .training.train_smollm2 import natural_accuracy
+
+        print(json.dumps(natural_accuracy(model, processor, args.examples, args.seed), indent=1))
+        return
     held_out = held_out_questions(args.examples, processor.image_size, args.seed)
     insertion = model.config.model_type != "casa"  # a Qwen2.5-VL baseline trained by `casa-hf train --kind insertion`
     print(json.dumps(evaluate(model, processor, held_out, expand_image_tokens=insertion), indent=1))
@@ -93,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casa-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the shipped CASA model answers questions about generated images")
-    demo.add_argument("--model", default=None, help="a built-in model name (tiny) or a CASA checkpoint folder")
+    demo.add_argument("--model", default=None, help="a built-in model name (tiny, casa-smollm2) or a CASA folder")
     demo.add_argument("--images", type=int, default=3, help="images to generate and ask about")
     demo.add_argument("--frames", type=int, default=12, help="frames of the streaming part (0 to skip it)")
     demo.add_argument("--seed", type=int, default=0)
@@ -146,10 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     smol.add_argument("--casa-layers", type=_layer_list, default=None, help="SmolLM2 blocks given CASA (e.g. 26,27)")
     smol.add_argument("--seed", type=int, default=0)
 
+    export = commands.add_parser("export", help="write a built-in model as a standard checkpoint folder")
+    export.add_argument("model", help="a built-in model name (tiny, casa-smollm2) or a checkpoint folder")
+    export.add_argument("output", help="folder to write (appears only when complete)")
+    export.add_argument("--overwrite", action="store_true")
+
     scorer = commands.add_parser("evaluate", help="held-out synthetic VQA accuracy of a model (default: the demo's)")
-    scorer.add_argument("--model", default=None, help="a built-in model name (tiny) or a model folder")
+    scorer.add_argument("--model", default=None, help="a built-in model name (tiny, casa-smollm2) or a model folder")
     scorer.add_argument("--examples", type=int, default=700, help="held-out questions, every kind equally often")
     scorer.add_argument("--seed", type=int, default=0, help="training seed whose held-out questions to use")
+    scorer.add_argument(
+        "--questions",
+        choices=("synthetic", "natural"),
+        default=None,
+        help="one-word synthetic questions, or English phrasings with sentence answers (default for casa-smollm2)",
+    )
     return parser
 
 
@@ -167,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
         from .training.train_smollm2 import run_train_smollm2
 
         run_train_smollm2(args)
+    elif args.command == "export":
+        from .builtin_models import export_model
+
+        print(f"wrote {export_model(args.model, args.output, args.overwrite)}")
     elif args.command == "evaluate":
         run_evaluate(args)
 

