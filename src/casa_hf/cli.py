@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     smol.add_argument("--learning-rate", type=float, default=1e-3)
     smol.add_argument("--casa-layers", type=_layer_list, default=None, help="SmolLM2 blocks given CASA (e.g. 26,27)")
     smol.add_argument("--seed", type=int, default=0)
+    smol.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of the schedule")
 
     export = commands.add_parser("export", help="write a built-in model as a standard checkpoint folder")
     export.add_argument("model", help="a built-in model name (tiny, casa-smollm2) or a checkpoint folder")

@@ -40,6 +40,7 @@ class SmolLM2TrainConfig:
     train_examples: int = 200_000
     kinds: tuple[str, ...] = TRAINING_MIX
     save_every: int = 100  # added weights written every this many steps (a run stopped early keeps its latest)
+    stop_after: int | None = None  # stop after this many steps of the `steps`-long schedule (None: run it all)
     recipe: CasaSmolLM2Recipe = field(default_factory=CasaSmolLM2Recipe)
 
 
@@ -126,10 +127,12 @@ class _AnswerOnlyLossTrainer(Trainer):
 
 
 class _SaveAdded(TrainerCallback):
-    def __init__(self, folder: Path, every: int):
-        self.folder, self.every, self.model = folder, every, None
+    def __init__(self, folder: Path, every: int, stop_after: int | None):
+        self.folder, self.every, self.stop_after = folder, every, stop_after
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.stop_after:
+            control.should_training_stop = True
         if state.global_step % self.every == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             staging = self.folder / "added.safetensors.tmp"
@@ -167,14 +170,14 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
         args=arguments,
         train_dataset=dataset,
         data_collator=CasaDataCollator(processor),
-        callbacks=[_SaveAdded(output, config.save_every)],
+        callbacks=[_SaveAdded(output, config.save_every, config.stop_after)],
     )
     start = time.perf_counter()
     with frozen_prefix(model) as trainer.prefix:
         trainer.train()
-    seconds = time.perf_counter() - start
-    save_file(added_state_dict(model), str(output / "added.safetensors"), metadata={"step": str(config.steps)})
-    print(f"trained {config.steps} steps in {seconds:.0f} s ({seconds / config.steps:.2f} s/step)")
+    seconds, steps = time.perf_counter() - start, trainer.state.global_step
+    save_file(added_state_dict(model), str(output / "added.safetensors"), metadata={"step": str(steps)})
+    print(f"trained {steps} steps in {seconds:.0f} s ({seconds / steps:.2f} s/step)")
     return model.eval(), processor
 
 
@@ -233,7 +236,13 @@ def run_train_smollm2(args) -> None:
     """`casa-hf train-smollm2`: train, then score the held-out phrasings on new images."""
     recipe = CasaSmolLM2Recipe(casa_layers=tuple(args.casa_layers)) if args.casa_layers else CasaSmolLM2Recipe()
     config = SmolLM2TrainConfig(
-        args.output_dir, args.steps, args.batch_size, args.learning_rate, seed=args.seed, recipe=recipe
+        args.output_dir,
+        args.steps,
+        args.batch_size,
+        args.learning_rate,
+        seed=args.seed,
+        stop_after=args.stop_after,
+        recipe=recipe,
     )
     model, processor = train_casa_smollm2(config)
     accuracy = natural_accuracy(model, processor, 140, args.seed)
