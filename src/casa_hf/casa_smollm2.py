@@ -36,6 +36,9 @@ class CasaSmolLM2Recipe:
     is far cheaper than with CASA everywhere (`benchmarks/smollm2_step_time.py`)."""
 
     casa_layers: tuple[int, ...] = (26, 27, 28, 29)
+    # CASA q/k/v: "random" (normal, std 0.02) or "copy" (the block's SA). Copied projections score the window's text
+    # keys as SA does, so random image keys get almost no attention (and the vision tower no gradient) at the start.
+    casa_init: str = "random"
     vision_depth: int = 4
     vision_hidden: int = 256
     vision_heads: int = 4
@@ -94,19 +97,20 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
     if unexpected or any(".casa_" not in name for name in missing):
         raise RuntimeError(f"SmolLM2 weights do not fit: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    init_casa_from_self_attention(model)
+    init_casa(model, copy_qkv=recipe.casa_init == "copy")
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), processor
 
 
 @torch.no_grad()
-def init_casa_from_self_attention(model: CasaForConditionalGeneration) -> None:
-    """CASA q/k/v and norms copied from each block's SA, output projection zero: the model starts as its LLM."""
+def init_casa(model: CasaForConditionalGeneration, copy_qkv: bool) -> None:
+    """CASA norms copied from each block's SA norm, q/k/v copied from its SA (or left at their random init), output
+    projection zero: the model starts as its LLM."""
     for layer in model.model.language_model.layers:
         if not layer.has_casa:
             continue
-        for name in ("q_proj", "k_proj", "v_proj"):
+        for name in ("q_proj", "k_proj", "v_proj") if copy_qkv else ():
             getattr(layer.casa_attn, name).load_state_dict(getattr(layer.self_attn, name).state_dict())
         nn.init.zeros_(layer.casa_attn.o_proj.weight)
         layer.casa_input_layernorm.load_state_dict(layer.input_layernorm.state_dict())
