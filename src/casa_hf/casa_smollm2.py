@@ -165,9 +165,11 @@ def assemble_casa_smollm2(weights: str | Path = SHIPPED_WEIGHTS, cache_dir: str 
     with `added.safetensors` and `recipe.json`). Built once (about 20 s) into the cache, then reused."""
     weights = Path(weights)
     added = weights / "added.safetensors"
-    digest = hashlib.sha256(added.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for part in (added, weights / "recipe.json", weights / "accuracy.json"):  # the model card shows the accuracy
+        digest.update(part.read_bytes() if part.is_file() else b"")
     cache_dir = Path(cache_dir or os.environ.get("CASA_HF_CACHE", Path.home() / ".cache" / "casa_hf"))
-    folder = cache_dir / f"casa-smollm2-{digest}"
+    folder = cache_dir / f"casa-smollm2-{digest.hexdigest()[:16]}"
     if (folder / "config.json").is_file():
         return folder
     model, processor = build_casa_smollm2(recipe_from_file(weights / "recipe.json"))
@@ -212,7 +214,7 @@ image = Image.new("RGB", (112, 112), (20, 20, 30))
 ImageDraw.Draw(image).ellipse([15, 15, 50, 50], fill=(220, 40, 40))
 messages = [{{"role": "user", "content": [{{"type": "image", "image": image}},
                                          {{"type": "text", "text": "What colour is the shape?"}}]}}]
-print(pipe(text=messages, max_new_tokens=8, return_full_text=False)[0]["generated_text"])  # The shape is red.
+print(pipe(text=messages, max_new_tokens=12, return_full_text=False)[0]["generated_text"])
 ```
 
 ## Held-out accuracy

@@ -27,6 +27,7 @@ from .natural_vqa import NaturalVQA, grade
 from .synthetic_vqa import TRAINING_MIX
 
 HELD_OUT_SEED_OFFSET = 10_000
+FIXED_TEST_SET = 28  # held-out phrasings, 4 questions per kind
 
 
 @dataclass
@@ -226,15 +227,21 @@ def answer_batch(model, processor, collator: CasaDataCollator, examples: list[di
 def natural_accuracy(model, processor, examples: int, training_seed: int = 0) -> dict:
     """Accuracy on `examples` new images per phrasing split (training phrasings, held-out phrasings)."""
     size = processor.image_size
+    splits = {"training phrasings": (examples, "train"), "held-out phrasings": (examples, "held_out")}
+    splits["fixed test set"] = (FIXED_TEST_SET, "held_out")  # what tests/test_casa_smollm2.py re-measures
     return {
-        split: evaluate_natural(model, processor, held_out_natural(examples, size, phrasings, training_seed))
-        for split, phrasings in (("training phrasings", "train"), ("held-out phrasings", "held_out"))
+        split: evaluate_natural(model, processor, held_out_natural(count, size, phrasings, training_seed))
+        for split, (count, phrasings) in splits.items()
     }
 
 
 def run_train_smollm2(args) -> None:
     """`casa-hf train-smollm2`: train, then score the held-out phrasings on new images."""
-    recipe = CasaSmolLM2Recipe(casa_layers=tuple(args.casa_layers)) if args.casa_layers else CasaSmolLM2Recipe()
+    recipe = CasaSmolLM2Recipe()
+    if args.casa_layers:
+        recipe.casa_layers = tuple(args.casa_layers)
+    if args.vision_depth:
+        recipe.vision_depth = args.vision_depth
     config = SmolLM2TrainConfig(
         args.output_dir,
         args.steps,
