@@ -49,10 +49,10 @@ def load_gguf_llm(path: str | Path, dtype: torch.dtype = torch.float32):
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
     config = AutoConfig.for_model(**config_dict)
-    with torch.device("meta"):
-        plain = type(loaded)(config)
-    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain = type(loaded)(config)  # on CPU: non-persistent buffers (RoPE frequencies) are built, not left on meta
+    plain.load_state_dict(loaded.state_dict())
     plain.tie_weights()
+    plain.generation_config = loaded.generation_config
     return plain.eval(), tokenizer
 
 
