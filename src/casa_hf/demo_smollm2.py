@@ -68,7 +68,7 @@ def run_natural_demo(model, processor, images: int, frames: int, seed: int, save
     print(f"\n{correct}/{asked} answers right on freshly generated images")
 
     if follow_up:
-        print(f"\nA text-only follow-up in the first image's chat (SmolLM2's weights answer):\n  Q: {FOLLOW_UP}")
+        print(f"\nA text-only follow-up in the first image's chat:\n  Q: {FOLLOW_UP}")
         answer = _generate(model, processor, [*follow_up, {"role": "user", "content": FOLLOW_UP}], 32)
         print(f"  A: {answer}")
 
