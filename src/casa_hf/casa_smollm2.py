@@ -39,6 +39,7 @@ class CasaSmolLM2Recipe:
     # CASA q/k/v: "random" (normal, std 0.02) or "copy" (the block's SA). Copied projections score the window's text
     # keys as SA does, so random image keys get almost no attention (and the vision tower no gradient) at the start.
     casa_init: str = "random"
+    casa_attention: str = "casa"  # or "cross_attention": image keys only (no text-to-text part)
     vision_depth: int = 4
     vision_hidden: int = 256
     vision_heads: int = 4
@@ -81,6 +82,7 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
         vision_config=recipe.vision_config(llm.config.hidden_size),
         casa_layers=list(recipe.casa_layers),
         casa_image_positions="raster",
+        casa_attention=recipe.casa_attention,
         image_token_id=processor.image_token_id,
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
