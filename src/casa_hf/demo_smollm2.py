@@ -28,8 +28,6 @@ def _user(image, question: str) -> dict:
 
 
 def run_natural_demo(model, processor, images: int, frames: int, seed: int, save_images: str | None) -> None:
-    from .streaming import CasaStream
-
     size = processor.image_size or 112
     rng = np.random.default_rng([seed, 424242])
     print(f"CASA-SmolLM2: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {size}px images\n")
@@ -73,22 +71,9 @@ def run_natural_demo(model, processor, images: int, frames: int, seed: int, save
         print(f"  A: {answer}")
 
     if frames:
-        question = PHRASINGS["colour"][0]
-        print(f"\nStreaming {frames} frames through one cache, asking {question!r} after each:")
-        stream = CasaStream(
-            model,
-            processor,
-            max_new_tokens=8,
-            frame_prefix="<|im_start|>user\n",
-            frame_text=f"{question}<|im_end|>\n<|im_start|>assistant\n",
-        )
-        for step_index in range(frames):
-            scene = random_scene(rng, count=1)
-            step = stream.feed(render(scene, size, rng))
-            print(
-                f"  frame {step_index:>2}: {scene.colour:<7} -> {step.text.strip():<22} cache {step.cache_tokens:>4} "
-                f"text tokens, {step.cache_bytes / 1024:>6.1f} KiB; one image in the CASA state"
-            )
+        from .demo import stream_colours
+
+        stream_colours(model, processor, rng, frames, PHRASINGS["colour"][0], max_new_tokens=8)
 
 
 def _save(image, folder: str | None, name: str) -> None:
