@@ -7,9 +7,18 @@ from pathlib import Path
 
 TINY_MODEL = Path(__file__).resolve().parent / "demo_model"
 
+
+def _casa_smollm2() -> Path:
+    """The shipped CASA-SmolLM2 weights joined with the installed SmolLM2 (assembled once into a cached folder)."""
+    from .casa_smollm2 import assemble_casa_smollm2
+
+    return assemble_casa_smollm2()
+
+
 # name -> function returning a local folder that `from_pretrained` loads (a name may assemble its folder on demand)
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
     "tiny": lambda: TINY_MODEL,
+    "casa-smollm2": _casa_smollm2,
 }
 DEFAULT_MODEL = "tiny"
 
@@ -26,3 +35,15 @@ def resolve_model(name_or_folder: str | Path | None) -> Path:
             "nor a folder holding a config.json"
         )
     return folder
+
+
+def export_model(name_or_folder: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Write a built-in model (or any checkpoint folder) as a standard checkpoint folder at `output`."""
+    import shutil
+
+    from .checkpoint_io import staged_output
+
+    source = resolve_model(name_or_folder)
+    with staged_output(output, overwrite) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+    return Path(output)

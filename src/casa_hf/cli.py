@@ -103,6 +103,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     path = resolve_model(args.model)
     model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    if (args.questions or ("natural" if args.model == "casa-smollm2" else "synthetic")) == "natural":
+        from .training.train_smollm2 import natural_accuracy
+
+        print(json.dumps(natural_accuracy(model, processor, args.examples, args.seed), indent=1))
+        return
     held_out = held_out_questions(args.examples, processor.image_size, args.seed)
     insertion = model.config.model_type != "casa"  # a Qwen2.5-VL baseline trained by `casa-hf train --kind insertion`
     print(json.dumps(evaluate(model, processor, held_out, expand_image_tokens=insertion), indent=1))
@@ -136,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casa-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the shipped CASA model answers questions about generated images")
-    demo.add_argument("--model", default=None, help="a built-in model name (tiny) or a CASA checkpoint folder")
+    demo.add_argument("--model", default=None, help="a built-in model name (tiny, casa-smollm2) or a CASA folder")
     demo.add_argument("--images", type=int, default=3, help="images to generate and ask about")
     demo.add_argument("--frames", type=int, default=12, help="frames of the streaming part (0 to skip it)")
     demo.add_argument("--seed", type=int, default=0)
@@ -148,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     qwen.add_argument("source", help="local Qwen2.5-VL checkpoint folder")
     _add_conversion_options(qwen)
     llm = sources.add_parser("llm", help="a text LLM (Qwen2, Llama, Helium) + a Qwen2.5-VL vision tower -> CASA")
-    llm.add_argument("llm", help="local text LLM checkpoint folder")
+    llm.add_argument("llm", help="local text LLM checkpoint folder, or a .gguf file (dequantized on the way)")
     llm.add_argument("vision", help="local Qwen2.5-VL checkpoint folder whose vision tower is used")
     _add_conversion_options(llm)
 
@@ -198,10 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument("--eval-examples", type=int, default=700, help="held-out examples to score afterwards")
 
+    smol = commands.add_parser(
+        "train-smollm2", help="train CASA-SmolLM2's added weights (SmolLM2 frozen) on natural-language VQA"
+    )
+    smol.add_argument("--output-dir", required=True)
+    smol.add_argument("--steps", type=int, default=1000)
+    smol.add_argument("--batch-size", type=int, default=16)
+    smol.add_argument("--learning-rate", type=float, default=1e-3)
+    smol.add_argument("--casa-layers", type=_layer_list, default=None, help="SmolLM2 blocks given CASA (e.g. 26,27)")
+    smol.add_argument("--vision-depth", type=int, default=None, help="vision tower blocks (default: the recipe's)")
+    smol.add_argument("--seed", type=int, default=0)
+    smol.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of the schedule")
+
+    export = commands.add_parser("export", help="write a built-in model as a standard checkpoint folder")
+    export.add_argument("model", help="a built-in model name (tiny, casa-smollm2) or a checkpoint folder")
+    export.add_argument("output", help="folder to write (appears only when complete)")
+    export.add_argument("--overwrite", action="store_true")
+
     scorer = commands.add_parser("evaluate", help="held-out synthetic VQA accuracy of a model (default: the demo's)")
-    scorer.add_argument("--model", default=None, help="a built-in model name (tiny) or a model folder")
+    scorer.add_argument("--model", default=None, help="a built-in model name (tiny, casa-smollm2) or a model folder")
     scorer.add_argument("--examples", type=int, default=700, help="held-out questions, every kind equally often")
     scorer.add_argument("--seed", type=int, default=0, help="training seed whose held-out questions to use")
+    scorer.add_argument(
+        "--questions",
+        choices=("synthetic", "natural"),
+        default=None,
+        help="one-word synthetic questions, or English phrasings with sentence answers (default for casa-smollm2)",
+    )
     _add_serve_parser(commands)
     return parser
 
@@ -216,6 +244,14 @@ def main(argv: list[str] | None = None) -> None:
         run_convert(args)
     elif args.command == "train":
         run_train(args)
+    elif args.command == "train-smollm2":
+        from .training.train_smollm2 import run_train_smollm2
+
+        run_train_smollm2(args)
+    elif args.command == "export":
+        from .builtin_models import export_model
+
+        print(f"wrote {export_model(args.model, args.output, args.overwrite)}")
     elif args.command == "evaluate":
         run_evaluate(args)
     elif args.command == "serve":

@@ -353,12 +353,21 @@ def convert_llm_to_casa(
 ) -> ConversionReport:
     """Text LLM folder (Qwen2, Llama, Helium) + the vision tower of a Qwen2.5-VL folder -> CASA (the Helium recipe).
 
+    `llm` may also be a `.gguf` file: it is dequantized through Transformers into a temporary plain checkpoint first.
+
     The image placeholder and chat tokens are added to the tokenizer when missing (embedding rows: the mean of the
     existing ones); the projector's last layer is re-initialised when the LLM width differs from the source's.
     `options` (or keyword overrides of its fields) as in `ConversionOptions`.
     """
     options = _options(options, overrides)
     llm, vision, output = Path(llm), Path(vision), Path(output)
+    if llm.suffix == ".gguf":
+        from .gguf_llm import gguf_as_folder
+
+        with gguf_as_folder(llm) as folder:
+            report = convert_llm_to_casa(folder, vision, output, options)
+        report.source = str(llm)
+        return report
     llm_config = _load_config(llm, "LLM")
     if llm_config.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
         raise ValueError(f"{llm} is a {llm_config.model_type!r} model; supported LLMs: {SUPPORTED_TEXT_MODEL_TYPES}")

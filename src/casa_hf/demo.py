@@ -41,10 +41,13 @@ def _ask(model, processor, image, question: str) -> str:
 
 
 def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_images: str | None) -> None:
-    from .streaming import CasaStream
     from .training.synthetic_vqa import DIGITS, QUESTIONS, random_scene, render, render_digit
 
     model, processor = load_demo_model(model_path)
+    if model.config.text_config.vocab_size > 1000:  # a real LLM's tokenizer: ask in plain English
+        from .demo_smollm2 import run_natural_demo
+
+        return run_natural_demo(model, processor, images, frames, seed, save_images)
     size = processor.image_size or 112
     rng = np.random.default_rng([seed, 424242])
     print(
@@ -84,21 +87,33 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
     print(f"\n{correct}/{asked} answers right on freshly generated images")
 
     if frames:
-        print(f"\nStreaming {frames} frames through one cache, asking the colour after each:")
         from .training.synthetic_vqa import SYSTEM_TEXT
 
-        stream = CasaStream(
-            model,
-            processor,
-            max_new_tokens=3,
-            prompt=f"<|im_start|>system\n{SYSTEM_TEXT}<|im_end|>\n",
-            frame_prefix="<|im_start|>user\n",
-            frame_text=f"{QUESTIONS['colour']}<|im_end|>\n<|im_start|>assistant\n",
+        prompt = f"<|im_start|>system\n{SYSTEM_TEXT}<|im_end|>\n"
+        stream_colours(model, processor, rng, frames, QUESTIONS["colour"], prompt=prompt, max_new_tokens=3)
+
+
+def stream_colours(
+    model, processor, rng, frames: int, question: str, prompt: str | None = None, max_new_tokens: int = 3
+):
+    """Feed `frames` one-shape frames through one `CasaStream`, asking `question` (the colour) after each."""
+    from .streaming import CasaStream
+    from .training.synthetic_vqa import random_scene, render
+
+    print(f"\nStreaming {frames} frames through one cache, asking {question!r} after each:")
+    stream = CasaStream(
+        model,
+        processor,
+        max_new_tokens=max_new_tokens,
+        prompt=prompt,
+        frame_prefix="<|im_start|>user\n",
+        frame_text=f"{question}<|im_end|>\n<|im_start|>assistant\n",
+    )
+    size = processor.image_size or 112
+    for step_index in range(frames):
+        scene = random_scene(rng, count=1)
+        step = stream.feed(render(scene, size, rng))
+        print(
+            f"  frame {step_index:>2}: {scene.colour:<7} -> {step.text.strip():<22} cache {step.cache_tokens:>4} "
+            f"text tokens, {step.cache_bytes / 1024:>6.1f} KiB; one image in the CASA state"
         )
-        for step_index in range(frames):
-            scene = random_scene(rng, count=1)
-            step = stream.feed(render(scene, size, rng))
-            print(
-                f"  frame {step_index:>2}: {scene.colour:<7} -> {step.text:<10} cache {step.cache_tokens:>4} text "
-                f"tokens, {step.cache_bytes / 1024:>6.1f} KiB; one image in the CASA state"
-            )

@@ -1,0 +1,237 @@
+"""CASA-SmolLM2: SmolLM2-135M-Instruct (frozen) + a small Qwen2.5-VL-style vision tower, projector and CASA
+sub-layers in some of its blocks.
+
+Only the weights that are not SmolLM2's (CASA sub-layers, vision tower, projector, the added token rows) are
+trained and shipped; `assemble` joins them with the installed SmolLM2 into a standard checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .checkpoint_io import staged_output
+from .configuration_casa import CasaConfig
+from .convert import IMAGE_TOKENS
+from .gguf_llm import load_gguf_llm, smollm2_gguf
+from .modeling_casa import CasaForConditionalGeneration
+from .processing_casa import DEFAULT_CHAT_TEMPLATE, CasaProcessor
+
+# SmolLM2's own default system prompt, which its chat template adds to chats without one. CASA-SmolLM2's template
+# adds none (shorter training sequences); pass it as the system message for SmolLM2's usual text answers.
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@dataclass
+class CasaSmolLM2Recipe:
+    """What is added to SmolLM2. CASA sits in the top blocks: gradients then flow back through those blocks only,
+    and the frozen blocks below see text only, so their output is cached while training (`FrozenPrefix`); a step
+    is far cheaper than with CASA everywhere (`benchmarks/smollm2_step_time.py`)."""
+
+    casa_layers: tuple[int, ...] = (26, 27, 28, 29)
+    # CASA q/k/v: "random" (normal, std 0.02) or "copy" (the block's SA). Copied projections score the window's text
+    # keys as SA does, so random image keys get almost no attention (and the vision tower no gradient) at the start.
+    casa_init: str = "random"
+    casa_attention: str = "casa"  # or "cross_attention": image keys only (no text-to-text part)
+    vision_depth: int = 4
+    vision_hidden: int = 256
+    vision_heads: int = 4
+    image_size: int = 112
+
+    def vision_config(self, out_hidden_size: int) -> dict:
+        return dict(
+            depth=self.vision_depth,
+            hidden_size=self.vision_hidden,
+            intermediate_size=self.vision_hidden * 2,
+            num_heads=self.vision_heads,
+            out_hidden_size=out_hidden_size,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=self.image_size,
+            fullatt_block_indexes=list(range(self.vision_depth)),
+        )
+
+
+def build_processor(tokenizer, image_size: int) -> CasaProcessor:
+    """SmolLM2's tokenizer (+ the image tokens) and fixed square frames of `image_size` pixels."""
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    missing = [token for token in IMAGE_TOKENS if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    area = image_size * image_size
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=area, max_pixels=area)
+    return CasaProcessor(image_processor, tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, image_size=image_size)
+
+
+def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaForConditionalGeneration, CasaProcessor]:
+    """SmolLM2 with new CASA sub-layers, vision tower and projector, computing exactly SmolLM2 on text."""
+    llm, tokenizer = load_gguf_llm(smollm2_gguf())
+    processor = build_processor(tokenizer, recipe.image_size)
+    text = {**llm.config.to_dict(), "vocab_size": len(tokenizer)}
+    config = CasaConfig(
+        text_config=text,
+        vision_config=recipe.vision_config(llm.config.hidden_size),
+        casa_layers=list(recipe.casa_layers),
+        casa_image_positions="raster",
+        casa_attention=recipe.casa_attention,
+        image_token_id=processor.image_token_id,
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    config.architectures = ["CasaForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = CasaForConditionalGeneration(config)
+    weights = llm.model.state_dict()
+    embed = weights["embed_tokens.weight"]
+    extra = embed.mean(0, keepdim=True).expand(len(tokenizer) - embed.shape[0], -1)
+    weights["embed_tokens.weight"] = torch.cat([embed, extra])  # added tokens start at the mean row
+    missing, unexpected = model.model.language_model.load_state_dict(weights, strict=False)
+    if unexpected or any(".casa_" not in name for name in missing):
+        raise RuntimeError(f"SmolLM2 weights do not fit: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    init_casa(model, copy_qkv=recipe.casa_init == "copy")
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), processor
+
+
+@torch.no_grad()
+def init_casa(model: CasaForConditionalGeneration, copy_qkv: bool) -> None:
+    """CASA norms copied from each block's SA norm, q/k/v copied from its SA (or left at their random init), output
+    projection zero: the model starts as its LLM."""
+    for layer in model.model.language_model.layers:
+        if not layer.has_casa:
+            continue
+        for name in ("q_proj", "k_proj", "v_proj") if copy_qkv else ():
+            getattr(layer.casa_attn, name).load_state_dict(getattr(layer.self_attn, name).state_dict())
+        nn.init.zeros_(layer.casa_attn.o_proj.weight)
+        layer.casa_input_layernorm.load_state_dict(layer.input_layernorm.state_dict())
+        layer.casa_image_layernorm.load_state_dict(layer.input_layernorm.state_dict())
+
+
+def is_added(name: str) -> bool:
+    """Whether parameter `name` is one CASA-SmolLM2 adds to SmolLM2 (trained and shipped)."""
+    return ".casa_" in name or name.startswith("model.visual.")
+
+
+def freeze_smollm2(model: CasaForConditionalGeneration) -> dict[str, int]:
+    """SmolLM2 frozen; CASA sub-layers, vision tower and projector train. Returns the parameter counts."""
+    counts = {"trainable": 0, "frozen": 0}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(is_added(name))
+        counts["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
+    return counts
+
+
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "casa_smollm2"  # added.safetensors, recipe.json, accuracy.json
+ADDED_ROWS = "model.language_model.embed_tokens.weight.added_rows"
+
+
+def added_state_dict(model: CasaForConditionalGeneration, dtype: torch.dtype = torch.float16) -> dict:
+    """The weights CASA-SmolLM2 adds to SmolLM2 (CASA, vision tower, projector, the added token rows), as `dtype`."""
+    state = {name: tensor for name, tensor in model.state_dict().items() if is_added(name)}
+    state[ADDED_ROWS] = model.get_input_embeddings().weight[-len(IMAGE_TOKENS) :]
+    return {name: tensor.detach().to(dtype).contiguous() for name, tensor in state.items()}
+
+
+@torch.no_grad()
+def load_added_weights(model: CasaForConditionalGeneration, path: str | Path) -> None:
+    """Put trained added weights (from `added_state_dict`) into a model built by `build_casa_smollm2`."""
+    state = load_file(str(path))
+    rows = state.pop(ADDED_ROWS)
+    model.get_input_embeddings().weight[-len(rows) :] = rows.float()
+    expected = {name for name in model.state_dict() if is_added(name)}
+    if set(state) != expected:
+        raise ValueError(f"{path} does not match the recipe: {sorted(set(state) ^ expected)[:5]} ...")
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()}, strict=False)
+
+
+def recipe_from_file(path: str | Path) -> CasaSmolLM2Recipe:
+    """The `recipe` entry of a training run's `recipe.json`."""
+    recipe = json.loads(Path(path).read_text())["recipe"]
+    return CasaSmolLM2Recipe(**{**recipe, "casa_layers": tuple(recipe["casa_layers"])})
+
+
+def assemble_casa_smollm2(weights: str | Path = SHIPPED_WEIGHTS, cache_dir: str | Path | None = None) -> Path:
+    """A standard CASA checkpoint folder: the installed SmolLM2 + the trained added weights of `weights` (a folder
+    with `added.safetensors` and `recipe.json`). Built once (about 20 s) into the cache, then reused."""
+    weights = Path(weights)
+    added = weights / "added.safetensors"
+    digest = hashlib.sha256()
+    for part in (added, weights / "recipe.json", weights / "accuracy.json"):  # the model card shows the accuracy
+        digest.update(part.read_bytes() if part.is_file() else b"")
+    cache_dir = Path(cache_dir or os.environ.get("CASA_HF_CACHE", Path.home() / ".cache" / "casa_hf"))
+    folder = cache_dir / f"casa-smollm2-{digest.hexdigest()[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    model, processor = build_casa_smollm2(recipe_from_file(weights / "recipe.json"))
+    load_added_weights(model, added)
+    with staged_output(folder, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        accuracy = weights / "accuracy.json"
+        scores = json.loads(accuracy.read_text()) if accuracy.is_file() else {}
+        (staging / "README.md").write_text(model_card(recipe_from_file(weights / "recipe.json"), scores))
+    return folder
+
+
+def model_card(recipe: CasaSmolLM2Recipe, accuracy: dict) -> str:
+    """The Hub model card: what the model is, a runnable example, the measured held-out accuracy."""
+    table = accuracy_table(accuracy) if accuracy else "(not measured)"
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+tags: [casa, vision-language, cross-attention, smollm2]
+---
+
+# CASA-SmolLM2
+
+SmolLM2-135M-Instruct (frozen) made a vision-language model with CASA (Cross-Attention over Self-Attention,
+arXiv 2512.19535): a small vision tower trained from scratch, a projector and CASA sub-layers in blocks
+{", ".join(map(str, recipe.casa_layers))} of SmolLM2 ({recipe.image_size}-px images). Images enter
+through the CASA sub-layers, never as tokens in SmolLM2's sequence; on text the model is SmolLM2. It was trained
+only on synthetic images (coloured shapes, digits) asked about in English, in the `casa_hf` package
+(`casa-hf train-smollm2`); it does not know natural photos.
+
+## Usage
+
+```python
+import casa_hf  # registers the CASA classes with the Auto classes
+from PIL import Image, ImageDraw
+from transformers import pipeline
+
+pipe = pipeline("image-text-to-text", model="path/to/this/folder")
+image = Image.new("RGB", (112, 112), (20, 20, 30))
+ImageDraw.Draw(image).ellipse([15, 15, 50, 50], fill=(220, 40, 40))
+messages = [{{"role": "user", "content": [{{"type": "image", "image": image}},
+                                         {{"type": "text", "text": "What colour is the shape?"}}]}}]
+print(pipe(text=messages, max_new_tokens=12, return_full_text=False)[0]["generated_text"])
+```
+
+## Held-out accuracy
+
+New images; questions in the training phrasings and in phrasings never seen in training (graded by the answer word
+of the sentence).
+
+{table}
+"""
+
+
+def accuracy_table(accuracy: dict) -> str:
+    """Markdown table of `accuracy.json` (one row per phrasing split) and the command that measured it."""
+    splits = {name: scores for name, scores in accuracy.items() if isinstance(scores, dict)}
+    kinds = [k for k in next(iter(splits.values())) if k != "single_image"] + ["single_image"]
+    lines = ["| phrasings | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{scores[k]:.2f}" for k in kinds) + " |" for name, scores in splits.items()]
+    return "\n".join(lines) + f"\n\nMeasured with `{accuracy.get('command', '')}`."

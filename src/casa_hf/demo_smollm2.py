@@ -1,0 +1,82 @@
+"""`casa-hf demo` with a real LLM (CASA-SmolLM2): images drawn in code, questions in plain English, sentence answers,
+and a text-only follow-up answered by SmolLM2's own (frozen) language ability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .training.natural_vqa import HELD_OUT_PHRASINGS, PHRASINGS, grade
+from .training.synthetic_vqa import DIGITS, random_scene, render, render_digit
+
+FOLLOW_UP = "Thanks! A different question now: what is the capital of France?"
+
+
+def _generate(model, processor, messages: list[dict], max_new_tokens: int) -> str:
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def _user(image, question: str) -> dict:
+    return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
+
+
+def run_natural_demo(model, processor, images: int, frames: int, seed: int, save_images: str | None) -> None:
+    size = processor.image_size or 112
+    rng = np.random.default_rng([seed, 424242])
+    print(f"CASA-SmolLM2: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {size}px images\n")
+    correct = asked = 0
+    follow_up: list[dict] | None = None
+
+    def ask(image, kind: str, truth: str) -> None:
+        nonlocal correct, asked, follow_up
+        index = int(rng.integers(len(PHRASINGS[kind])))
+        question = PHRASINGS[kind][index]
+        held_out = index >= len(PHRASINGS[kind]) - HELD_OUT_PHRASINGS
+        answer = _generate(model, processor, [_user(image, question)], max_new_tokens=12)
+        ok = grade(kind, answer, truth)
+        correct, asked = correct + ok, asked + 1
+        note = " (phrasing never seen in training)" if held_out else ""
+        print(f"  Q: {question}{note}\n  A: {answer}  [{'ok' if ok else 'expected ' + truth}]")
+        if follow_up is None:
+            follow_up = [_user(image, question), {"role": "assistant", "content": answer}]
+
+    for index in range(images):
+        scene = random_scene(rng, count=int(rng.integers(1, 4)))
+        image = render(scene, size, rng)
+        truth = scene.answers()
+        described = f"{truth['count']} {scene.colour} {scene.shape}"
+        described += f" at the {truth['vertical']}-{truth['horizontal']}" if scene.count == 1 else "s"
+        print(f"image {index + 1}: {described}")
+        _save(image, save_images, f"image_{index + 1}.png")
+        for kind in ("colour", "shape", "count", "horizontal", "vertical"):
+            if scene.count == 1 or kind not in ("horizontal", "vertical"):  # "the shape" is ambiguous among several
+                ask(image, kind, truth[kind])
+    digit = str(rng.choice(DIGITS))
+    image = render_digit(digit, size, rng)
+    print(f"image {images + 1}: the digit {digit}")
+    _save(image, save_images, f"image_{images + 1}.png")
+    ask(image, "digit", digit)
+    print(f"\n{correct}/{asked} answers right on freshly generated images")
+
+    if follow_up:
+        print(f"\nA text-only follow-up in the first image's chat:\n  Q: {FOLLOW_UP}")
+        answer = _generate(model, processor, [*follow_up, {"role": "user", "content": FOLLOW_UP}], 32)
+        print(f"  A: {answer}")
+
+    if frames:
+        from .demo import stream_colours
+
+        stream_colours(model, processor, rng, frames, PHRASINGS["colour"][0], max_new_tokens=8)
+
+
+def _save(image, folder: str | None, name: str) -> None:
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        image.save(Path(folder) / name)

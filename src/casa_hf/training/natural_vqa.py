@@ -1,0 +1,185 @@
+"""The synthetic scenes of `synthetic_vqa`, asked about in plain English and answered in sentences.
+
+Each question kind has several phrasings (British and American spellings, short and long); the last
+`HELD_OUT_PHRASINGS` of each kind never appear in training (`phrasings="train"`) and are used only to evaluate
+(`phrasings="held_out"`), so a score on them says whether the model understood the question or learnt a string.
+Answers are sentences built from one answer word; `grade` finds the answer word in free text.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .synthetic_vqa import COLOURS, COUNTS, DIGITS, SHAPES, SyntheticVQA
+
+PHRASINGS = {
+    "colour": (
+        "What colour is the shape?",
+        "What color is the shape?",
+        "Which colour is it?",
+        "What is the color of the shape in this picture?",
+        "Tell me the colour of the shape, please.",
+        "Color?",
+        "Can you tell me what color the shape in the image is?",
+        "What colour has the shape been painted?",
+    ),
+    "shape": (
+        "What shape is it?",
+        "What shape do you see?",
+        "Which shape is drawn in this image?",
+        "Shape?",
+        "Can you name the shape in the picture?",
+        "Is it a square, a circle or a triangle?",
+        "What kind of shape is shown here?",
+        "Which geometric shape is in the picture?",
+    ),
+    "count": (
+        "How many shapes are there?",
+        "How many shapes can you count?",
+        "Count the shapes.",
+        "How many shapes are drawn in this picture?",
+        "Number of shapes?",
+        "How many objects do you see in the image?",
+        "Can you tell me how many shapes there are?",
+        "How many shapes does the image contain?",
+    ),
+    "horizontal": (
+        "Is the shape on the left or the right?",
+        "Is it on the left side or the right side?",
+        "Left or right?",
+        "On which side of the picture is the shape, left or right?",
+        "Is the shape to the left or to the right?",
+        "Does the shape sit on the left or on the right of the image?",
+        "Which side is the shape on, left or right?",
+        "Is the shape in the left half or the right half?",
+    ),
+    "vertical": (
+        "Is the shape at the top or the bottom?",
+        "Is it near the top or near the bottom?",
+        "Top or bottom?",
+        "Is the shape in the upper part or the lower part of the picture, top or bottom?",
+        "Is the shape at the top of the image or at the bottom?",
+        "Does the shape sit at the top or at the bottom of the picture?",
+        "Which is it, top or bottom?",
+        "Is the shape in the top half or the bottom half?",
+    ),
+    "digit": (
+        "What digit is written?",
+        "Which number is shown in the image?",
+        "What number do you see?",
+        "Digit?",
+        "Read the digit in this picture, please.",
+        "Which digit is written on the image?",
+        "What number is written here?",
+        "Can you read the number in the picture?",
+    ),
+    "change": (
+        "What changed between the frames?",
+        "What is different in the second frame?",
+        "What changed?",
+        "Compared with the first frame, what changed in this one?",
+        "Did the colour, the shape or the position change?",
+        "What is the difference between the two frames?",
+        "What has changed since the first frame?",
+        "Did the color, the shape or the position change?",
+    ),
+}
+HELD_OUT_PHRASINGS = 2  # the last phrasings of each kind: evaluation only
+FIRST_FRAME_TEXTS = ("This is the first frame.", "Here is the first frame.", "First frame.")
+CHANGE_ANSWERS = {"colour": "The colour changed.", "shape": "The shape changed.", "position": "It moved."}
+# The answer word of each kind as found in an answer sentence ("The colour changed." -> "colour").
+ANSWER_WORDS = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "count": COUNTS,
+    "horizontal": ("left", "right"),
+    "vertical": ("top", "bottom"),
+    "digit": DIGITS,
+    "change": ("colour", "shape", "moved"),
+}
+
+
+def answer_sentence(kind: str, answer: str) -> str:
+    """The sentence a kind's answer word is said in."""
+    if kind == "colour":
+        return f"The shape is {answer}."
+    if kind == "shape":
+        return f"It is a {answer}."
+    if kind == "count":
+        return "There is one shape." if answer == "one" else f"There are {answer} shapes."
+    if kind == "horizontal":
+        return f"It is on the {answer}."
+    if kind == "vertical":
+        return f"It is at the {answer}."
+    if kind == "digit":
+        return f"The digit is {answer}."
+    return CHANGE_ANSWERS[answer]
+
+
+def answer_word(kind: str, text: str) -> str | None:
+    """The one answer word of `kind` that `text` says (`None` when it says none or several)."""
+    words = set(re.findall(r"[a-z]+|\d", text.lower().replace("color", "colour")))
+    found = [word for word in ANSWER_WORDS[kind] if word in words]
+    if kind == "change" and found == ["colour", "shape"]:
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+def grade(kind: str, text: str, answer: str) -> bool:
+    """Whether the free-text answer `text` gives `answer` (the change kind's word is its `CHANGE_ANSWERS` key)."""
+    expected = "moved" if kind == "change" and answer == "position" else answer
+    return answer_word(kind, text) == expected
+
+
+class NaturalVQA(SyntheticVQA):
+    """`SyntheticVQA`'s scenes and answers, asked with varied English phrasings and answered in sentences.
+
+    `phrasings`: `"train"` (all but the held-out phrasings), `"held_out"` (only those) or `"all"`. Example i is
+    always the same for a given seed; `system_prompt` is the system message text (`None`: no system message).
+    Each example is `{"messages": [...], "kind": str, "answer": str, "question": str}`.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        image_size: int = 112,
+        kinds: tuple[str, ...] | None = None,
+        phrasings: str = "train",
+        system_prompt: str | None = None,
+    ):
+        super().__init__(size, seed, image_size, kinds, system_prompt=False)
+        if phrasings not in ("train", "held_out", "all"):
+            raise ValueError(f"phrasings={phrasings!r} must be 'train', 'held_out' or 'all'")
+        self.phrasings = phrasings
+        self.system_text = system_prompt
+
+    def _questions(self, kind: str) -> tuple[str, ...]:
+        questions = PHRASINGS[kind]
+        if self.phrasings == "train":
+            return questions[:-HELD_OUT_PHRASINGS]
+        return questions[-HELD_OUT_PHRASINGS:] if self.phrasings == "held_out" else questions
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, index])
+        kind = self.kinds[index % len(self.kinds)]
+        images, answer = self._make(kind, rng)
+        question = str(rng.choice(self._questions(kind)))
+        content = [{"type": "image", "image": images[0]}]
+        if len(images) == 2:
+            first = str(rng.choice(FIRST_FRAME_TEXTS))
+            content += [{"type": "text", "text": first}, {"type": "image", "image": images[1]}]
+        content.append({"type": "text", "text": question})
+        messages = [{"role": "system", "content": self.system_text}] if self.system_text else []
+        messages += [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": answer_sentence(kind, answer)},
+        ]
+        return {"messages": messages, "kind": kind, "answer": answer, "question": question}
+
+
+__all__ = ["HELD_OUT_PHRASINGS", "PHRASINGS", "NaturalVQA", "answer_sentence", "answer_word", "grade"]

@@ -1,0 +1,260 @@
+"""Train CASA-SmolLM2 on the natural-language synthetic VQA data: SmolLM2 frozen, the added weights train.
+
+The loss is taken only where there are labels: the LM head (49k rows) runs on the answer tokens, not on every
+position, and the frozen blocks below the lowest CASA layer run without an autograd graph.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ..casa_smollm2 import CasaSmolLM2Recipe, added_state_dict, build_casa_smollm2, freeze_smollm2
+from .collator import IGNORE_INDEX, CasaDataCollator
+from .natural_vqa import NaturalVQA, grade
+from .synthetic_vqa import TRAINING_MIX
+
+HELD_OUT_SEED_OFFSET = 10_000
+FIXED_TEST_SET = 28  # held-out phrasings, 4 questions per kind
+
+
+@dataclass
+class SmolLM2TrainConfig:
+    output_dir: str
+    steps: int = 1000
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    seed: int = 0
+    train_examples: int = 200_000
+    kinds: tuple[str, ...] = TRAINING_MIX
+    save_every: int = 100  # added weights written every this many steps (a run stopped early keeps its latest)
+    stop_after: int | None = None  # stop after this many steps of the `steps`-long schedule (None: run it all)
+    recipe: CasaSmolLM2Recipe = field(default_factory=CasaSmolLM2Recipe)
+
+
+class FrozenPrefix(nn.Module):
+    """Stands in for the frozen blocks below the lowest CASA layer while training.
+
+    Their output depends on the token ids only (images enter through the CASA layers above), and the templated
+    prompts and answers repeat, so each distinct sequence's output is computed once and then looked up: the forward
+    pass of those blocks disappears from almost every step. Use it through `frozen_prefix(model)`.
+    """
+
+    attention_type = "full_attention"
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.store: dict[tuple[int, ...], torch.Tensor] = {}
+        self.input_ids: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+
+    def forward(
+        self, hidden_states: torch.Tensor, image_features: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        """A decoder block's call (`image_features` are for CASA layers; these blocks have none)."""
+        valid = self.attention_mask.bool()
+        keys = [tuple(ids[keep].tolist()) for ids, keep in zip(self.input_ids, valid, strict=True)]
+        missing = sorted({keys.index(key) for key in keys if key not in self.store})
+        if missing:  # run the blocks on the new sequences only
+            rows = torch.tensor(missing, device=hidden_states.device)
+            size = hidden_states.shape[0]
+
+            def pick(value):
+                if isinstance(value, tuple):
+                    return tuple(pick(v) for v in value)
+                return value[rows] if torch.is_tensor(value) and value.ndim and value.shape[0] == size else value
+
+            computed, kwargs = hidden_states[rows], {name: pick(value) for name, value in kwargs.items()}
+            with torch.no_grad():
+                for block in self.blocks:
+                    computed = block(computed, **kwargs)
+            for index, row in enumerate(missing):
+                self.store[keys[row]] = computed[index, valid[row]].clone()
+        out = torch.zeros_like(hidden_states)
+        for row, key in enumerate(keys):
+            out[row, valid[row]] = self.store[key]
+        return out
+
+
+class _Skip(nn.Module):
+    attention_type = "full_attention"
+
+    def forward(self, hidden_states: torch.Tensor, image_features: torch.Tensor | None = None, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def frozen_prefix(model) -> Iterator[FrozenPrefix]:
+    """Within the block, the frozen blocks below the lowest CASA layer are a `FrozenPrefix` (indices are kept, so
+    parameter names do not move); right-padded batches only (the collator's training layout)."""
+    layers = model.model.language_model.layers
+    lowest = min(model.config.casa_layer_indices)
+    original = list(layers)
+    prefix = FrozenPrefix(original[:lowest])
+    for index in range(lowest):
+        layers[index] = prefix if index == 0 else _Skip()
+    try:
+        yield prefix
+    finally:
+        for index in range(lowest):
+            layers[index] = original[index]
+
+
+class _AnswerOnlyLossTrainer(Trainer):
+    prefix: FrozenPrefix | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        if self is not None and self.prefix is not None:
+            self.prefix.input_ids, self.prefix.attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = model.lm_head(hidden[keep])
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
+        return (loss, logits) if return_outputs else loss
+
+
+class _SaveAdded(TrainerCallback):
+    def __init__(self, folder: Path, every: int, stop_after: int | None):
+        self.folder, self.every, self.stop_after = folder, every, stop_after
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.stop_after:
+            control.should_training_stop = True
+        if state.global_step % self.every == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            staging = self.folder / "added.safetensors.tmp"
+            save_file(added_state_dict(model), str(staging), metadata={"step": str(state.global_step)})
+            staging.rename(self.folder / "added.safetensors")
+
+
+def train_casa_smollm2(config: SmolLM2TrainConfig):
+    """Build CASA-SmolLM2, train its added weights on `NaturalVQA` (training phrasings) and write them to
+    `output_dir/added.safetensors` (fp16) with `recipe.json`."""
+    model, processor = build_casa_smollm2(config.recipe, config.seed)
+    counts = freeze_smollm2(model)
+    print(f"CASA-SmolLM2: {counts['trainable'] / 1e6:.2f}M trainable, {counts['frozen'] / 1e6:.1f}M frozen")
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "recipe.json").write_text(json.dumps(asdict(config), indent=1, default=list))
+    dataset = NaturalVQA(config.train_examples, config.seed, config.recipe.image_size, config.kinds)
+    arguments = TrainingArguments(
+        output_dir=str(output),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.01,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        seed=config.seed,
+        disable_tqdm=False,
+    )
+    trainer = _AnswerOnlyLossTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=dataset,
+        data_collator=CasaDataCollator(processor),
+        callbacks=[_SaveAdded(output, config.save_every, config.stop_after)],
+    )
+    start = time.perf_counter()
+    with frozen_prefix(model) as trainer.prefix:
+        trainer.train()
+    seconds, steps = time.perf_counter() - start, trainer.state.global_step
+    save_file(added_state_dict(model), str(output / "added.safetensors"), metadata={"step": str(steps)})
+    print(f"trained {steps} steps in {seconds:.0f} s ({seconds / steps:.2f} s/step)")
+    return model.eval(), processor
+
+
+def held_out_natural(examples: int, image_size: int, phrasings: str = "held_out", training_seed: int = 0, kinds=None):
+    """Questions on images a run with `training_seed` never draws, every kind equally often."""
+    kinds = tuple(dict.fromkeys(kinds)) if kinds else None
+    return NaturalVQA(examples, training_seed + HELD_OUT_SEED_OFFSET, image_size, kinds, phrasings=phrasings)
+
+
+@torch.no_grad()
+def evaluate_natural(model, processor, dataset: NaturalVQA, batch_size: int = 16, max_new_tokens: int = 8) -> dict:
+    """Greedy sentence answers to every example, graded by their answer word; accuracy per kind and overall."""
+    collator = CasaDataCollator(processor)
+    correct, total = defaultdict(int), defaultdict(int)
+    model.eval()
+    for start in tqdm(range(0, len(dataset), batch_size), desc="Evaluating", unit="batch"):
+        examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        answers = answer_batch(model, processor, collator, examples, max_new_tokens)
+        for example, text in zip(examples, answers, strict=True):
+            correct[example["kind"]] += grade(example["kind"], text, example["answer"])
+            total[example["kind"]] += 1
+    accuracy = {kind: correct[kind] / total[kind] for kind in total}
+    single = [kind for kind in total if kind != "change"]
+    accuracy["single_image"] = sum(correct[k] for k in single) / max(sum(total[k] for k in single), 1)
+    return accuracy
+
+
+def answer_batch(model, processor, collator: CasaDataCollator, examples: list[dict], max_new_tokens: int) -> list[str]:
+    """Greedy answers (decoded text) to the examples' prompts, batched with left padding."""
+    prompts = [collator.encode_prompt(example["messages"][:-1]) for example in examples]
+    width = max(len(ids) for ids, _, _ in prompts)
+    pad = processor.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in prompts])
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=torch.cat([p for _, p, _ in prompts]),
+        image_grid_thw=torch.cat([g for _, _, g in prompts]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
+    return processor.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def natural_accuracy(model, processor, examples: int, training_seed: int = 0) -> dict:
+    """Accuracy on `examples` new images per phrasing split (training phrasings, held-out phrasings)."""
+    size = processor.image_size
+    splits = {"training phrasings": (examples, "train"), "held-out phrasings": (examples, "held_out")}
+    splits["fixed test set"] = (FIXED_TEST_SET, "held_out")  # what tests/test_casa_smollm2.py re-measures
+    return {
+        split: evaluate_natural(model, processor, held_out_natural(count, size, phrasings, training_seed))
+        for split, (count, phrasings) in splits.items()
+    }
+
+
+def run_train_smollm2(args) -> None:
+    """`casa-hf train-smollm2`: train, then score the held-out phrasings on new images."""
+    recipe = CasaSmolLM2Recipe()
+    if args.casa_layers:
+        recipe.casa_layers = tuple(args.casa_layers)
+    if args.vision_depth:
+        recipe.vision_depth = args.vision_depth
+    config = SmolLM2TrainConfig(
+        args.output_dir,
+        args.steps,
+        args.batch_size,
+        args.learning_rate,
+        seed=args.seed,
+        stop_after=args.stop_after,
+        recipe=recipe,
+    )
+    model, processor = train_casa_smollm2(config)
+    accuracy = natural_accuracy(model, processor, 140, args.seed)
+    Path(args.output_dir, "accuracy.json").write_text(json.dumps(accuracy, indent=1))
+    print(json.dumps(accuracy, indent=1))

@@ -1,0 +1,87 @@
+"""The shipped CASA-SmolLM2: assembled with the installed SmolLM2, exported as a standard checkpoint folder that the
+Auto classes and the pipeline load, accurate on held-out questions, still SmolLM2 on text."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModel, AutoProcessor, pipeline
+
+from casa_hf import CasaForConditionalGeneration
+from casa_hf.casa_smollm2 import SHIPPED_WEIGHTS, load_added_weights
+from casa_hf.cli import main
+from casa_hf.training.natural_vqa import answer_word
+from casa_hf.training.train_smollm2 import FIXED_TEST_SET, evaluate_natural, held_out_natural
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export") / "casa-smollm2"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CASA_HF_CACHE", str(tmp_path_factory.mktemp("cache")))
+        main(["export", "casa-smollm2", str(folder)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return AutoModel.from_pretrained(exported).eval(), AutoProcessor.from_pretrained(exported)
+
+
+def test_export_is_a_standard_checkpoint(exported, loaded):
+    files = {path.name for path in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "chat_template.jinja", "README.md"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    card = (exported / "README.md").read_text()
+    accuracy = json.loads((SHIPPED_WEIGHTS / "accuracy.json").read_text())
+    assert "held-out phrasings" in card and accuracy["command"] in card and "pipeline(" in card
+    model, _ = loaded
+    assert isinstance(model, CasaForConditionalGeneration) and model.config.text_config.model_type == "llama"
+
+
+def test_pipeline_answers_in_a_sentence(exported):
+    """The answer is a sentence naming one colour (whether the right one is the accuracy test's business)."""
+    image = Image.new("RGB", (112, 112), (20, 20, 30))
+    ImageDraw.Draw(image).ellipse([15, 15, 55, 55], fill=(220, 40, 40))
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "What colour is the shape?"}],
+        }
+    ]
+    pipe = pipeline("image-text-to-text", model=str(exported))
+    answer = pipe(text=messages, max_new_tokens=8, return_full_text=False)[0]["generated_text"]
+    assert answer_word("colour", answer) is not None and answer.strip().endswith("."), answer
+
+
+def test_shipped_accuracy_on_a_fixed_held_out_set(loaded):
+    """The shipped weights reproduce the accuracy their model card reports on the fixed set (one answer of slack
+    for greedy near-ties across machines)."""
+    model, processor = loaded
+    accuracy = evaluate_natural(
+        model, processor, held_out_natural(FIXED_TEST_SET, processor.image_size, "held_out"), 14
+    )
+    recorded = json.loads((SHIPPED_WEIGHTS / "accuracy.json").read_text())["fixed test set"]
+    assert abs(accuracy["single_image"] - recorded["single_image"]) <= 1 / 24 + 1e-9, (accuracy, recorded)
+
+
+def test_text_only_answers_stay_smollm2s(loaded):
+    model, processor = loaded
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert "Paris" in processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_added_weights_must_match_the_recipe(loaded, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(SHIPPED_WEIGHTS / "added.safetensors"))
+    state.pop(next(name for name in state if ".casa_attn." in name))
+    save_file(state, str(tmp_path / "added.safetensors"))
+    with pytest.raises(ValueError, match="does not match the recipe"):
+        load_added_weights(loaded[0], tmp_path / "added.safetensors")

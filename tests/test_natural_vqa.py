@@ -1,0 +1,50 @@
+"""Natural-language synthetic VQA: phrasings held out of training, sentence answers graded by their answer word."""
+
+import pytest
+
+from casa_hf.training.natural_vqa import HELD_OUT_PHRASINGS, PHRASINGS, NaturalVQA, answer_sentence, grade
+from casa_hf.training.synthetic_vqa import SyntheticVQA
+
+
+def test_held_out_phrasings_never_appear_in_training():
+    train = {NaturalVQA(140, seed=3)[i]["question"] for i in range(140)}
+    held_out = {NaturalVQA(56, seed=3, phrasings="held_out")[i]["question"] for i in range(56)}
+    expected_held_out = {q for questions in PHRASINGS.values() for q in questions[-HELD_OUT_PHRASINGS:]}
+    assert held_out == expected_held_out
+    assert not train & held_out
+    assert train <= {q for questions in PHRASINGS.values() for q in questions[:-HELD_OUT_PHRASINGS]}
+    assert any("colour" in q for q in train) and any("color" in q for q in train)  # both spellings
+
+
+def test_same_scenes_as_synthetic_vqa_with_sentence_answers():
+    natural, plain = NaturalVQA(14, seed=1), SyntheticVQA(14, seed=1)
+    for i in range(14):
+        a, b = natural[i], plain[i]
+        assert (a["kind"], a["answer"]) == (b["kind"], b["answer"])
+        assert a["messages"][-1]["content"] == answer_sentence(a["kind"], a["answer"])
+        assert grade(a["kind"], a["messages"][-1]["content"], a["answer"])
+        images = [item for item in a["messages"][0]["content"] if item["type"] == "image"]
+        assert len(images) == (2 if a["kind"] == "change" else 1)
+    assert NaturalVQA(14, seed=1)[5]["question"] == natural[5]["question"]  # deterministic by seed
+
+
+@pytest.mark.parametrize(
+    "kind,text,answer,expected",
+    [
+        ("colour", "The shape is red.", "red", True),
+        ("colour", "The shape is red or blue.", "red", False),  # two answers are no answer
+        ("count", "There are two shapes.", "two", True),
+        ("digit", "The digit is 7.", "1", False),
+        ("change", "The color changed.", "colour", True),
+        ("change", "It moved.", "position", True),
+        ("change", "The shape changed.", "position", False),
+        ("horizontal", "I cannot tell.", "left", False),
+    ],
+)
+def test_grade(kind, text, answer, expected):
+    assert grade(kind, text, answer) is expected
+
+
+def test_bad_phrasings_option():
+    with pytest.raises(ValueError, match="phrasings="):
+        NaturalVQA(4, phrasings="test")
