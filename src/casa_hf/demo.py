@@ -5,10 +5,12 @@ Everything runs offline: images are drawn in code, the model and processor load 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .builtin_models import resolve_model
 
@@ -41,7 +43,7 @@ def _ask(model, processor, image, question: str) -> str:
 
 
 def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_images: str | None) -> None:
-    from .training.synthetic_vqa import DIGITS, QUESTIONS, random_scene, render, render_digit
+    from .training.synthetic_vqa import QUESTIONS
 
     model, processor = load_demo_model(model_path)
     if model.config.text_config.vocab_size > 1000:  # a real LLM's tokenizer: ask in plain English
@@ -63,27 +65,9 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
         correct, asked = correct + ok, asked + 1
         print(f"  Q: {QUESTIONS[kind]:<42} A: {answer:<10} {'ok' if ok else 'expected ' + truth}")
 
-    def save(image, name: str) -> None:
-        if save_images:
-            Path(save_images).mkdir(parents=True, exist_ok=True)
-            image.save(Path(save_images) / name)
-
-    for index in range(images):
-        scene = random_scene(rng, count=int(rng.integers(1, 4)))
-        image = render(scene, size, rng)
-        truth = scene.answers()
-        described = f"{truth['count']} {scene.colour} {scene.shape}"
-        described += f" at the {truth['vertical']}-{truth['horizontal']}" if scene.count == 1 else "s"
-        print(f"image {index + 1}: {described}")
-        save(image, f"image_{index + 1}.png")
-        for kind in DEMO_QUESTIONS:
-            if scene.count == 1 or kind not in ("horizontal", "vertical"):  # "the shape" is ambiguous among several
-                ask_and_check(image, kind, truth[kind])
-    digit = str(rng.choice(DIGITS))
-    image = render_digit(digit, size, rng)
-    print(f"image {images + 1}: the digit {digit}")
-    save(image, f"image_{images + 1}.png")
-    ask_and_check(image, "digit", digit)
+    for image, truths in demo_images(rng, size, images, save_images):
+        for kind, truth in truths.items():
+            ask_and_check(image, kind, truth)
     print(f"\n{correct}/{asked} answers right on freshly generated images")
 
     if frames:
@@ -91,6 +75,30 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
 
         prompt = f"<|im_start|>system\n{SYSTEM_TEXT}<|im_end|>\n"
         stream_colours(model, processor, rng, frames, QUESTIONS["colour"], prompt=prompt, max_new_tokens=3)
+
+
+def demo_images(rng, size: int, images: int, save_images: str | None) -> Iterator[tuple[Image.Image, dict]]:
+    """The demo's images, described as they come: `images` scenes of one to three shapes, then a digit; each with
+    the answers to the questions it is asked (positions only of single shapes: "the shape" is ambiguous among
+    several). With `save_images`, each is also written there."""
+    from .training.synthetic_vqa import DIGITS, random_scene, render, render_digit
+
+    for index in range(images + 1):
+        if index < images:
+            scene = random_scene(rng, count=int(rng.integers(1, 4)))
+            image, truth = render(scene, size, rng), scene.answers()
+            described = f"{truth['count']} {scene.colour} {scene.shape}"
+            described += f" at the {truth['vertical']}-{truth['horizontal']}" if scene.count == 1 else "s"
+            kinds = [kind for kind in DEMO_QUESTIONS if scene.count == 1 or kind not in ("horizontal", "vertical")]
+            truths = {kind: truth[kind] for kind in kinds}
+        else:
+            digit = str(rng.choice(DIGITS))
+            image, described, truths = render_digit(digit, size, rng), f"the digit {digit}", {"digit": digit}
+        print(f"image {index + 1}: {described}")
+        if save_images:
+            Path(save_images).mkdir(parents=True, exist_ok=True)
+            image.save(Path(save_images) / f"image_{index + 1}.png")
+        yield image, truths
 
 
 def stream_colours(

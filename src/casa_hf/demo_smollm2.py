@@ -3,13 +3,11 @@ and a text-only follow-up answered by SmolLM2's own (frozen) language ability.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from .demo import demo_images, stream_colours
 from .training.natural_vqa import HELD_OUT_PHRASINGS, PHRASINGS, grade
-from .training.synthetic_vqa import DIGITS, random_scene, render, render_digit
 
 FOLLOW_UP = "Thanks! A different question now: what is the capital of France?"
 
@@ -47,22 +45,9 @@ def run_natural_demo(model, processor, images: int, frames: int, seed: int, save
         if follow_up is None:
             follow_up = [_user(image, question), {"role": "assistant", "content": answer}]
 
-    for index in range(images):
-        scene = random_scene(rng, count=int(rng.integers(1, 4)))
-        image = render(scene, size, rng)
-        truth = scene.answers()
-        described = f"{truth['count']} {scene.colour} {scene.shape}"
-        described += f" at the {truth['vertical']}-{truth['horizontal']}" if scene.count == 1 else "s"
-        print(f"image {index + 1}: {described}")
-        _save(image, save_images, f"image_{index + 1}.png")
-        for kind in ("colour", "shape", "count", "horizontal", "vertical"):
-            if scene.count == 1 or kind not in ("horizontal", "vertical"):  # "the shape" is ambiguous among several
-                ask(image, kind, truth[kind])
-    digit = str(rng.choice(DIGITS))
-    image = render_digit(digit, size, rng)
-    print(f"image {images + 1}: the digit {digit}")
-    _save(image, save_images, f"image_{images + 1}.png")
-    ask(image, "digit", digit)
+    for image, truths in demo_images(rng, size, images, save_images):
+        for kind, truth in truths.items():
+            ask(image, kind, truth)
     print(f"\n{correct}/{asked} answers right on freshly generated images")
 
     if follow_up:
@@ -71,12 +56,4 @@ def run_natural_demo(model, processor, images: int, frames: int, seed: int, save
         print(f"  A: {answer}")
 
     if frames:
-        from .demo import stream_colours
-
         stream_colours(model, processor, rng, frames, PHRASINGS["colour"][0], max_new_tokens=8)
-
-
-def _save(image, folder: str | None, name: str) -> None:
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        image.save(Path(folder) / name)
