@@ -14,6 +14,11 @@ class InsertionStream(CasaStream):
     """Transformers' Qwen2.5-VL (token insertion) through the same streaming loop as CASA: one persistent cache,
     each frame's image tokens inserted into the sequence (and so into the cache)."""
 
+    def __init__(self, model, processor, **kwargs):
+        super().__init__(model, processor, **kwargs)
+        # like CASA (whose generation config suppresses it), the baseline never generates its image token
+        model.generation_config.suppress_tokens = [model.config.image_token_id]
+
     def _new_cache(self) -> DynamicCache:
         return DynamicCache()
 

@@ -102,7 +102,7 @@ class CasaStream:
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         # each frame is its placeholder, wrapped in the vision start / end tokens when the model has them
         config, tokenizer = model.config, processor.tokenizer
-        wrapping = (config.vision_start_token_id, config.vision_end_token_id)
+        wrapping = (getattr(config, "vision_start_token_id", None), getattr(config, "vision_end_token_id", None))
         start, end = tokenizer.convert_ids_to_tokens(list(wrapping)) if None not in wrapping else ("", "")
         self.image_text = f"{start}{processor.image_token}{end}"
         self.reset()
