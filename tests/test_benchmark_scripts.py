@@ -1,0 +1,19 @@
+"""The benchmark scripts run end to end at a tiny size (their figures are measured by hand, never asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decode_benchmark_runs_casa_insertion_and_text_llm_side_by_side(tmp_path):
+    out = tmp_path / "decode"
+    command = [sys.executable, "benchmarks/bench_decode.py", "--size", "tiny", "--images", "1,2", "--image-size", "56"]
+    command += ["--new-tokens", "2", "--repeats", "1", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [row["images"] for row in rows] == [1, 2]
+    assert all(row["casa_ms"] > 0 and row["insertion_ms"] > 0 and row["text_llm_ms"] > 0 for row in rows)
+    assert out.with_suffix(".png").stat().st_size > 0
