@@ -133,7 +133,7 @@ def freeze_smollm2(model: CasaForConditionalGeneration) -> dict[str, int]:
     return counts
 
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "casa_smollm2"  # added.safetensors, recipe.json, accuracy.json
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "casa_smollm2_weights"  # added.safetensors, recipe, accuracy
 ADDED_ROWS = "model.language_model.embed_tokens.weight.added_rows"
 
 
