@@ -27,23 +27,23 @@ def load_demo_model(path: str | Path | None = None):
     return AutoModel.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
 
 
-def _ask(model, processor, image, question: str) -> str:
-    from .training.synthetic_vqa import SYSTEM_TEXT
+def user_turn(image, question: str) -> dict:
+    """A user message holding one image and a question."""
+    return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
 
-    messages = [
-        {"role": "system", "content": SYSTEM_TEXT},
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
-    ]
+
+def answer_chat(model, processor, messages: list[dict], max_new_tokens: int) -> str:
+    """The model's greedy answer to a chat, decoded without special tokens."""
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_images: str | None) -> None:
-    from .training.synthetic_vqa import QUESTIONS
+    from .training.synthetic_vqa import QUESTIONS, SYSTEM_TEXT
 
     model, processor = load_demo_model(model_path)
     if model.config.text_config.vocab_size > 1000:  # a real LLM's tokenizer: ask in plain English
@@ -60,7 +60,8 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
 
     def ask_and_check(image, kind: str, truth: str) -> None:
         nonlocal correct, asked
-        answer = _ask(model, processor, image, QUESTIONS[kind])
+        system = {"role": "system", "content": SYSTEM_TEXT}
+        answer = answer_chat(model, processor, [system, user_turn(image, QUESTIONS[kind])], max_new_tokens=3)
         ok = answer.split(" ")[0].rstrip(".") == truth
         correct, asked = correct + ok, asked + 1
         print(f"  Q: {QUESTIONS[kind]:<42} A: {answer:<10} {'ok' if ok else 'expected ' + truth}")
@@ -71,8 +72,6 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
     print(f"\n{correct}/{asked} answers right on freshly generated images")
 
     if frames:
-        from .training.synthetic_vqa import SYSTEM_TEXT
-
         prompt = f"<|im_start|>system\n{SYSTEM_TEXT}<|im_end|>\n"
         stream_colours(model, processor, rng, frames, QUESTIONS["colour"], prompt=prompt, max_new_tokens=3)
 

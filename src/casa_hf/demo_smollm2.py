@@ -4,25 +4,11 @@ and a text-only follow-up answered by SmolLM2's own (frozen) language ability.""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from .demo import demo_images, stream_colours
+from .demo import answer_chat, demo_images, stream_colours, user_turn
 from .training.natural_vqa import HELD_OUT_PHRASINGS, PHRASINGS, grade
 
 FOLLOW_UP = "Thanks! A different question now: what is the capital of France?"
-
-
-def _generate(model, processor, messages: list[dict], max_new_tokens: int) -> str:
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def _user(image, question: str) -> dict:
-    return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
 
 
 def run_natural_demo(model, processor, images: int, frames: int, seed: int, save_images: str | None) -> None:
@@ -37,13 +23,13 @@ def run_natural_demo(model, processor, images: int, frames: int, seed: int, save
         index = int(rng.integers(len(PHRASINGS[kind])))
         question = PHRASINGS[kind][index]
         held_out = index >= len(PHRASINGS[kind]) - HELD_OUT_PHRASINGS
-        answer = _generate(model, processor, [_user(image, question)], max_new_tokens=12)
+        answer = answer_chat(model, processor, [user_turn(image, question)], max_new_tokens=12)
         ok = grade(kind, answer, truth)
         correct, asked = correct + ok, asked + 1
         note = " (phrasing never seen in training)" if held_out else ""
         print(f"  Q: {question}{note}\n  A: {answer}  [{'ok' if ok else 'expected ' + truth}]")
         if follow_up is None:
-            follow_up = [_user(image, question), {"role": "assistant", "content": answer}]
+            follow_up = [user_turn(image, question), {"role": "assistant", "content": answer}]
 
     for image, truths in demo_images(rng, size, images, save_images):
         for kind, truth in truths.items():
@@ -52,7 +38,7 @@ def run_natural_demo(model, processor, images: int, frames: int, seed: int, save
 
     if follow_up:
         print(f"\nA text-only follow-up in the first image's chat:\n  Q: {FOLLOW_UP}")
-        answer = _generate(model, processor, [*follow_up, {"role": "user", "content": FOLLOW_UP}], 32)
+        answer = answer_chat(model, processor, [*follow_up, {"role": "user", "content": FOLLOW_UP}], 32)
         print(f"  A: {answer}")
 
     if frames:
