@@ -205,18 +205,22 @@ def casa_window_mask_function(key_valid: torch.Tensor, prefix_width: int, with_t
     (`[windows, keys]`) marks the usable ones. A query sees the valid prefix and, for CASA, the window's valid text
     up to itself; it always sees itself (or, without text, the first key), so that no softmax row is empty.
     """
-    has_keys = key_valid.any(-1)
     # flex_attention evaluates whole blocks of keys, past the last one: pad the table with unusable keys
     padding = -key_valid.shape[1] % _FLEX_BLOCK_SIZE
-    key_valid = torch.nn.functional.pad(key_valid, (0, padding), value=False)
+    padded = torch.nn.functional.pad(key_valid, (0, padding), value=False)
+    if with_text:
 
-    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
-        if with_text:
+        def window_mask(batch_idx, head_idx, q_idx, kv_idx):
             text_idx = kv_idx - prefix_width
-            return (key_valid[batch_idx, kv_idx] & (text_idx <= q_idx)) | (text_idx == q_idx)
-        return key_valid[batch_idx, kv_idx] | (~has_keys[batch_idx] & (kv_idx == 0))
+            return (padded[batch_idx, kv_idx] & (text_idx <= q_idx)) | (text_idx == q_idx)
 
-    return inner_mask
+        return window_mask
+    no_keys = ~key_valid.any(-1)
+
+    def image_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return padded[batch_idx, kv_idx] | (no_keys[batch_idx] & (kv_idx == 0))
+
+    return image_mask
 
 
 class CasaAttention(nn.Module):
@@ -358,7 +362,8 @@ def _continue_cached_windows(
     width = cache_layer.get_seq_length()
     keys, values, key_valid = cache_layer.append_text(key, value, module.mode == "casa")
     output, weights = _masked_attention(module, query, keys, values, key_valid, width, dropout=0.0)
-    output = output * key_valid.any(-1)[:, None, None, None].to(output.dtype)  # cross-attention before any image
+    if module.mode != "casa":  # a cross-attention window before any image has no keys: no update
+        output = output * key_valid.any(-1)[:, None, None, None].to(output.dtype)
     image_weights = None
     if weights is not None:
         image_tokens = cache_layer.image_tokens
