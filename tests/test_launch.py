@@ -70,6 +70,26 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(one_proce
     assert max_difference(weights, load_file(folder / "model.safetensors")) <= WEIGHT_TOLERANCE
 
 
+LEAVES_ITS_PROCESS_GROUP = """
+import sys, torch.distributed as dist
+from casa_hf.cli import main
+destroy, destroyed = dist.destroy_process_group, []
+dist.destroy_process_group = lambda *a, **k: destroyed.append(dist.get_world_size()) or destroy(*a, **k)
+main(sys.argv[1:])
+assert destroyed == [1] and not dist.is_initialized(), destroyed
+"""
+
+
+def test_a_launched_process_leaves_its_process_group_before_exit(tmp_path):
+    """A gloo group alive at interpreter exit can abort a launched process (SIGABRT) after training succeeded: each
+    process destroys its group when the run is done. Launched as torchrun does, with a world of one process."""
+    launch = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    launch["MASTER_PORT"] = str(29_500 + os.getpid() % 1000)
+    command = [sys.executable, "-c", LEAVES_ITS_PROCESS_GROUP, *TRAIN[:3], "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, env=os.environ | launch, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_two_process_fsdp_shards_and_saves_a_full_checkpoint_equal_to_one_process(one_process, tmp_path):
     folder, reference = one_process
     summary = casa_hf_train(tmp_path, "--fsdp", launcher=TWO_CPU_PROCESSES)

@@ -83,6 +83,10 @@ def run_train(args: argparse.Namespace) -> None:
     )
     config = TrainConfig(args.output_dir, **{name: value for name, value in options.items() if value is not None})
     model, processor, trainer = train(config)
+    # every process of a launch leaves its process group here: a gloo group still alive at interpreter exit can
+    # abort the process (SIGABRT) as its worker threads are torn down (FSDP's rank 0 scores the saved checkpoint)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     if args.eval_examples and trainer.is_world_process_zero():  # the other processes of a launch are done
         if model.is_distributed_loading_by_transformers:  # FSDP shards: score the gathered checkpoint instead
             from transformers import AutoModelForImageTextToText
