@@ -58,6 +58,8 @@ def _non_negative_int(text: str) -> int:
 def run_train(args: argparse.Namespace) -> None:
     import json
 
+    import torch
+
     from .training.train import TrainConfig, evaluate, held_out_questions, train
 
     options = dict(
@@ -85,8 +87,9 @@ def run_train(args: argparse.Namespace) -> None:
     model, processor, trainer = train(config)
     # every process of a launch leaves its process group here: a gloo group still alive at interpreter exit can
     # abort the process (SIGABRT) as its worker threads are torn down (FSDP's rank 0 scores the saved checkpoint)
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if args.eval_examples and trainer.is_world_process_zero():  # the other processes of a launch are done
         if model.is_distributed_loading_by_transformers:  # FSDP shards: score the gathered checkpoint instead
             from transformers import AutoModelForImageTextToText
