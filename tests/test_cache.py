@@ -101,6 +101,29 @@ def test_cache_holds_text_and_one_image_per_sample():
         assert state.image_tokens.tolist() == [latest_tokens]
 
 
+def test_decode_steps_write_the_window_in_place_and_stay_differentiable():
+    """A decode step writes its text K/V into free slots after the stored window (no copy of the window per step);
+    with gradients it concatenates instead, so that a backward pass through several steps still works."""
+    model = tiny_model(attn="sdpa")
+    input_ids, pixel_values, grid_thw = conversation(2, seed=1)
+    prefill = int((input_ids[0] == IMAGE_TOKEN).nonzero().max()) + 1
+    steps = input_ids.shape[1] - prefill
+    with torch.no_grad():
+        _, cache = incremental_logits(model, input_ids[:, :prefill], pixel_values, grid_thw, [prefill])
+        storages = []
+        for t in range(prefill, input_ids.shape[1]):
+            cache = model(input_ids=input_ids[:, t : t + 1], cache=cache, use_cache=True).cache
+            storages.append(cache.get_casa_state(0).keys.untyped_storage().data_ptr())
+    assert steps >= 3 and len(set(storages[1:])) == 1  # the first step makes room, the next ones write in place
+    chunks = [prefill] + [1] * steps
+    with torch.no_grad():
+        reference, _ = incremental_logits(model, input_ids, pixel_values, grid_thw, chunks)
+    differentiable, _ = incremental_logits(model, input_ids, pixel_values, grid_thw, chunks)
+    differentiable.square().sum().backward()
+    assert (differentiable.detach() - reference).abs().max() <= TOLERANCE
+    assert model.model.language_model.layers[0].casa_attn.k_proj.weight.grad.abs().sum() > 0
+
+
 def test_passed_back_cache_on_plain_dynamic_cache_is_refused():
     from transformers import DynamicCache
 

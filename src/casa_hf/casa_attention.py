@@ -23,7 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import is_flash_attention_requested
 
 from .backbones import BACKBONES
-from .casa_cache import CasaDynamicLayer
+from .casa_cache import CasaDynamicLayer, pad_slots
 
 _FLEX_BLOCK_SIZE = 128  # torch's default BlockMask block size
 
@@ -123,15 +123,6 @@ class CasaInputs:
     image_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # RoPE at each image's insertion point
 
 
-def _pad_slots(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
-
-
 @dataclass
 class _PrefixBank:
     """Cached windows (rows `0..B-1`) and new images (rows `B + i`) stacked, padded to a common width."""
@@ -157,13 +148,13 @@ def _prefix_bank(
         past_keys = like.new_zeros(batch, kv_heads, width, head_dim)
         past_values, past_valid = past_keys, torch.zeros(batch, width, dtype=torch.bool, device=like.device)
     else:
-        past_keys, past_values = _pad_slots(past.keys, width, 2), _pad_slots(past.values, width, 2)
-        past_valid = _pad_slots(past.valid, width, 1)
+        past_keys, past_values = pad_slots(past.keys, width, 2), pad_slots(past.values, width, 2)
+        past_valid = pad_slots(past.valid, width, 1)
     keys, values, valid = [past_keys], [past_values], [past_valid]
     if image_keys is not None:
-        keys.append(_pad_slots(image_keys, width, 2))
-        values.append(_pad_slots(image_values, width, 2))
-        valid.append(_pad_slots(windows.image_token_valid, width, 1))
+        keys.append(pad_slots(image_keys, width, 2))
+        values.append(pad_slots(image_values, width, 2))
+        valid.append(pad_slots(windows.image_token_valid, width, 1))
     # the empty row: windows that open a packed conversation start with nothing
     keys.append(past_keys[:1].new_zeros(1, kv_heads, width, head_dim))
     values.append(keys[-1])
@@ -361,7 +352,9 @@ def _continue_cached_windows(
     stored window plus the new text directly, one row per sample, with no window bookkeeping."""
     width = cache_layer.get_seq_length()
     keys, values, key_valid = cache_layer.append_text(key, value, module.mode == "casa")
-    output, weights = _masked_attention(module, query, keys, values, key_valid, width, dropout=0.0)
+    # one query per sample over windows without unused slots sees every key: no mask to build
+    unmasked = cache_layer.all_valid and query.shape[2] == 1
+    output, weights = _masked_attention(module, query, keys, values, None if unmasked else key_valid, width, 0.0)
     if module.mode != "casa":  # a cross-attention window before any image has no keys: no update
         output = output * key_valid.any(-1)[:, None, None, None].to(output.dtype)
     image_weights = None
@@ -376,21 +369,24 @@ def _masked_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    key_valid: torch.Tensor,
+    key_valid: torch.Tensor | None,
     prefix_width: int,
     dropout: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows of `[prefix | text]` keys through the model's attention backend, the CASA window pattern as its mask."""
+    """Rows of `[prefix | text]` keys through the model's attention backend, the CASA window pattern as its mask
+    (none when `key_valid` is None: every query sees every key)."""
     implementation = module.config._attn_implementation or "sdpa"
-    attention_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
-        batch_size=queries.shape[0],
-        q_length=queries.shape[2],
-        kv_length=keys.shape[2],
-        mask_function=casa_window_mask_function(key_valid, prefix_width, module.mode == "casa"),
-        allow_is_causal_skip=False,
-        dtype=queries.dtype,
-        device=queries.device,
-    )
+    attention_mask = None
+    if key_valid is not None:
+        attention_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+            batch_size=queries.shape[0],
+            q_length=queries.shape[2],
+            kv_length=keys.shape[2],
+            mask_function=casa_window_mask_function(key_valid, prefix_width, module.mode == "casa"),
+            allow_is_causal_skip=False,
+            dtype=queries.dtype,
+            device=queries.device,
+        )
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, module.backbone.eager_attention_forward)
     return attention(
         module, queries, keys, values, attention_mask, dropout=dropout, scaling=module.scaling, is_causal=False

@@ -8,6 +8,19 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 from transformers.configuration_utils import PreTrainedConfig
 
+SLOT_DIMS = (2, 2, 1)  # the slot dimension of a window's keys, values and valid flags
+WINDOW_HEADROOM = 64  # free slots kept after a window, so that the text appended by decode steps is written in place
+
+
+def pad_slots(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros (False) appended along `dim` up to `width` slots."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
 
 class CasaDynamicLayer(CacheLayerMixin):
     """The window one CASA sub-layer continues from: the latest image's K/V and the text K/V since that image.
@@ -28,6 +41,10 @@ class CasaDynamicLayer(CacheLayerMixin):
         self.valid: torch.Tensor | None = None
         self.image_tokens: torch.Tensor | None = None
         self.text_tokens: torch.Tensor | None = None
+        self.all_valid = False  # every slot of every window in use: a one-token decode step then needs no mask
+        # keys, values and valid slots with free slots after them; `keys` etc. are their leading views while
+        # decode steps append in place (anything that replaces the windows, e.g. `update`, ends that)
+        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -56,6 +73,7 @@ class CasaDynamicLayer(CacheLayerMixin):
             valid = valid.gather(1, order)
         self.keys, self.values, self.valid = key_states, value_states, valid
         self.image_tokens, self.text_tokens = image_tokens, text_tokens
+        self.all_valid = bool(valid.all())  # read here, once per stored window, rather than by each decode step
         return self.keys, self.values
 
     def append_text(
@@ -66,11 +84,37 @@ class CasaDynamicLayer(CacheLayerMixin):
         Returns the windows' keys, values and valid slots."""
         new = key_states.shape[-2]
         if with_text:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-            self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], new)], dim=-1)
+            self._append_slots(key_states, value_states, self.valid.new_ones(self.valid.shape[0], new))
         self.text_tokens = self.text_tokens + new
         return self.keys, self.values, self.valid
+
+    def _append_slots(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor) -> None:
+        """Write new slots after the stored ones: in place while the buffers behind the windows have room, so that a
+        decode step copies nothing already stored; otherwise into new buffers with `WINDOW_HEADROOM` free slots.
+        Under autograd it concatenates, as in-place writes would alter slots saved for the backward pass."""
+        used, new = self.keys.shape[-2], key_states.shape[-2]
+        stored, added = (self.keys, self.values, self.valid), (key_states, value_states, valid)
+        if torch.is_grad_enabled() and (key_states.requires_grad or self.keys.requires_grad):
+            self.keys, self.values, self.valid = (
+                torch.cat([old, extra], dim=dim) for old, extra, dim in zip(stored, added, SLOT_DIMS, strict=True)
+            )
+            return
+        if not self._holds_views() or used + new > self._buffers[2].shape[1]:
+            capacity = used + new + WINDOW_HEADROOM
+            self._buffers = tuple(
+                pad_slots(tensor, capacity, dim) for tensor, dim in zip(stored, SLOT_DIMS, strict=True)
+            )
+        for buffer, tensor, dim in zip(self._buffers, added, SLOT_DIMS, strict=True):
+            buffer.narrow(dim, used, new).copy_(tensor)
+        self.keys, self.values, self.valid = (
+            buffer.narrow(dim, 0, used + new) for buffer, dim in zip(self._buffers, SLOT_DIMS, strict=True)
+        )
+
+    def _holds_views(self) -> bool:
+        """Whether the stored windows are still the leading slots of `_buffers`."""
+        return (
+            self._buffers is not None and self.keys._base is self._buffers[0] and self.valid._base is self._buffers[2]
+        )
 
     def get_seq_length(self) -> int:
         """Slots of the stored windows (image tokens + text since the image, for the longest window)."""
@@ -87,10 +131,11 @@ class CasaDynamicLayer(CacheLayerMixin):
         return self.valid.sum(1)
 
     def nbytes(self) -> int:
-        """Memory of the stored window K/V (the per-slot and per-sample bookkeeping is a few bytes more)."""
+        """Memory of the window K/V, free slots kept for decoding included (the bookkeeping is a few bytes more)."""
         if not self.is_initialized:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        keys, values = self._buffers[:2] if self._holds_views() else (self.keys, self.values)
+        return keys.numel() * keys.element_size() + values.numel() * values.element_size()
 
     def shift_positions(self, shift: Callable[[torch.Tensor, int], torch.Tensor], delta: int) -> None:
         """Move the RoPE'd keys by `delta` positions (a bounded text cache dropped `-delta` older tokens)."""
@@ -116,7 +161,8 @@ class CasaDynamicLayer(CacheLayerMixin):
         self._select(torch.as_tensor(indices).reshape(-1))
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.image_tokens = self.text_tokens = None
+        self.keys = self.values = self.valid = self.image_tokens = self.text_tokens = self._buffers = None
+        self.all_valid = False
         self.is_initialized = False
 
     def check_crop(self, tokens_to_remove: int) -> None:
