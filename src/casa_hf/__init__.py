@@ -14,7 +14,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
 )
 
-from .casa_cache import CasaCache, CasaDynamicLayer
+from .casa_cache import CasaCache, CasaDynamicLayer, CasaStaticCache, CasaStaticLayer
 from .configuration_casa import CasaConfig
 from .modeling_casa import CasaForConditionalGeneration, CasaModel, CasaPreTrainedModel, CasaTextModel
 from .processing_casa import CasaProcessor
@@ -50,5 +50,7 @@ __all__ = [
     "CasaModel",
     "CasaPreTrainedModel",
     "CasaProcessor",
+    "CasaStaticCache",
+    "CasaStaticLayer",
     "CasaTextModel",
 ]

@@ -189,12 +189,14 @@ def _to_windows(states: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor
     return flat[query_index].transpose(1, 2)
 
 
-def casa_window_mask_function(key_valid: torch.Tensor, prefix_width: int, with_text: bool) -> Callable:
+def casa_window_mask_function(key_valid: torch.Tensor, prefix_width: int | torch.Tensor, with_text: bool) -> Callable:
     """The CASA window pattern over the window layout, as a Transformers mask function.
 
     `batch_idx` is a window, keys are `[prefix (image or cached window) | the window's text]` and `key_valid`
     (`[windows, keys]`) marks the usable ones. A query sees the valid prefix and, for CASA, the window's valid text
     up to itself; it always sees itself (or, without text, the first key), so that no softmax row is empty.
+    `prefix_width` is where the text starts: one slot for all windows, or one per window (`[windows]`, a static
+    cache's windows, each followed by its own free slots).
     """
     # flex_attention evaluates whole blocks of keys, past the last one: pad the table with unusable keys
     padding = -key_valid.shape[1] % _FLEX_BLOCK_SIZE
@@ -202,7 +204,8 @@ def casa_window_mask_function(key_valid: torch.Tensor, prefix_width: int, with_t
     if with_text:
 
         def window_mask(batch_idx, head_idx, q_idx, kv_idx):
-            text_idx = kv_idx - prefix_width
+            start = prefix_width[batch_idx] if isinstance(prefix_width, torch.Tensor) else prefix_width
+            text_idx = kv_idx - start
             return (padded[batch_idx, kv_idx] & (text_idx <= q_idx)) | (text_idx == q_idx)
 
         return window_mask
@@ -350,17 +353,17 @@ def _continue_cached_windows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The decode step: no image, no padding, every sample goes on in its cached window. Its queries attend to the
     stored window plus the new text directly, one row per sample, with no window bookkeeping."""
-    width = cache_layer.get_seq_length()
-    keys, values, key_valid = cache_layer.append_text(key, value, module.mode == "casa")
+    keys, values, key_valid, first_new_slot = cache_layer.append_text(key, value, module.mode == "casa")
     # one query per sample over windows without unused slots sees every key: no mask to build
     unmasked = cache_layer.all_valid and query.shape[2] == 1
-    output, weights = _masked_attention(module, query, keys, values, None if unmasked else key_valid, width, 0.0)
+    key_valid = None if unmasked else key_valid
+    output, weights = _masked_attention(module, query, keys, values, key_valid, first_new_slot, dropout=0.0)
     if module.mode != "casa":  # a cross-attention window before any image has no keys: no update
-        output = output * key_valid.any(-1)[:, None, None, None].to(output.dtype)
+        output = output * cache_layer.valid.any(-1)[:, None, None, None].to(output.dtype)
     image_weights = None
     if weights is not None:
         image_tokens = cache_layer.image_tokens
-        image_weights = _weights_on_images(weights, width, image_tokens, int(image_tokens.max()))
+        image_weights = _weights_on_images(weights, keys.shape[2], image_tokens, int(image_tokens.max()))
     return output, image_weights
 
 
@@ -370,7 +373,7 @@ def _masked_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     key_valid: torch.Tensor | None,
-    prefix_width: int,
+    prefix_width: int | torch.Tensor,
     dropout: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows of `[prefix | text]` keys through the model's attention backend, the CASA window pattern as its mask

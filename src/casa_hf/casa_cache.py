@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicCache
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, StaticCache
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.utils import is_torchdynamo_compiling
 
 SLOT_DIMS = (2, 2, 1)  # the slot dimension of a window's keys, values and valid flags
 WINDOW_HEADROOM = 64  # free slots kept after a window, so that the text appended by decode steps is written in place
@@ -20,6 +21,15 @@ def pad_slots(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
+def front_aligned(
+    keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows with their used slots moved to the front, in order, and the slots no sample uses dropped."""
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, : int(valid.sum(1).max())]
+    gather = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+    return keys.gather(2, gather), values.gather(2, gather), valid.gather(1, order)
 
 
 class CasaDynamicLayer(CacheLayerMixin):
@@ -67,10 +77,7 @@ class CasaDynamicLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if compact and not bool(valid.all()):
-            order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, : int(valid.sum(1).max())]
-            gather = order[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
-            key_states, value_states = key_states.gather(2, gather), value_states.gather(2, gather)
-            valid = valid.gather(1, order)
+            key_states, value_states, valid = front_aligned(key_states, value_states, valid)
         self.keys, self.values, self.valid = key_states, value_states, valid
         self.image_tokens, self.text_tokens = image_tokens, text_tokens
         self.all_valid = bool(valid.all())  # read here, once per stored window, rather than by each decode step
@@ -78,15 +85,16 @@ class CasaDynamicLayer(CacheLayerMixin):
 
     def append_text(
         self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | torch.Tensor]:
         """Every sample's window goes on with the chunk's text (no image, no padding): the decode step. The text K/V
         are added after the stored slots when the window attends to its text (CASA; cross-attention only counts it).
-        Returns the windows' keys, values and valid slots."""
-        new = key_states.shape[-2]
+        Returns the windows' keys, values and valid slots, and the slot of the chunk's first token (the same for
+        every sample here)."""
+        new, first_new_slot = key_states.shape[-2], self.keys.shape[-2]
         if with_text:
             self._append_slots(key_states, value_states, self.valid.new_ones(self.valid.shape[0], new))
         self.text_tokens = self.text_tokens + new
-        return self.keys, self.values, self.valid
+        return self.keys, self.values, self.valid, first_new_slot
 
     def _append_slots(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor) -> None:
         """Write new slots after the stored ones: in place while the buffers behind the windows have room, so that a
@@ -191,7 +199,207 @@ class CasaDynamicLayer(CacheLayerMixin):
         self.update(self.keys, self.values, valid, self.image_tokens, self.text_tokens - remove)
 
 
-class CasaCache(DynamicCache):
+class CasaStaticLayer(CasaDynamicLayer):
+    """A `CasaDynamicLayer` preallocated for `torch.compile` and CUDA graphs, as Transformers' `StaticLayer` is for
+    text K/V: `keys` / `values` / `valid` hold `max_image_tokens + max_text_since_image` slots per sample and are
+    written in place at fixed addresses, each window front-aligned with `used` slots (`valid` = slot < `used`).
+
+    A window that outgrows it (a larger image, or more text since the latest image) is refused with a `ValueError`
+    when the window is stored, and before a decode step writes past the end (in eager mode; compiled steps trust the
+    sizes `generate()` chose, which cannot be exceeded).
+    """
+
+    is_compileable = True
+
+    def __init__(self, max_image_tokens: int, max_text_since_image: int, **kwargs):
+        super().__init__()
+        self.max_image_tokens, self.max_text_since_image = max_image_tokens, max_text_since_image
+        self.max_slots = max_image_tokens + max_text_since_image
+        self.used: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads = key_states.shape[:2]
+        self.keys = key_states.new_zeros(batch, heads, self.max_slots, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, self.max_slots, value_states.shape[-1])
+        self.valid = torch.zeros(batch, self.max_slots, dtype=torch.bool, device=key_states.device)
+        self.used, self.image_tokens, self.text_tokens = (
+            torch.zeros(batch, dtype=torch.long, device=key_states.device) for _ in range(3)
+        )
+        if not is_torchdynamo_compiling():  # fixed addresses: no recompiles, and CUDA graphs can replay the step
+            for tensor in self._state():
+                torch._dynamo.mark_static_address(tensor)
+        super().lazy_initialization(key_states, value_states)
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        return self.keys, self.values, self.valid, self.used, self.image_tokens, self.text_tokens
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        valid: torch.Tensor,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        compact: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy each sample's new window, front-aligned, into the preallocated slots."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        key_states, value_states, valid = front_aligned(key_states, value_states, valid)
+        largest_image, slots = int(image_tokens.max()), key_states.shape[2]
+        if largest_image > self.max_image_tokens:
+            raise ValueError(
+                f"An image of {largest_image} tokens does not fit this static CASA cache (max_image_tokens="
+                f"{self.max_image_tokens}): build the cache with a larger max_image_tokens, or use the dynamic cache"
+            )
+        if slots > self.max_slots:
+            raise ValueError(
+                f"A CASA window of {slots} slots (its image and the text since it) does not fit this static cache "
+                f"(max_image_tokens + max_text_since_image = {self.max_slots}): build the cache with a larger "
+                "max_text_since_image, or use the dynamic cache"
+            )
+        self.keys[:, :, :slots].copy_(key_states)
+        self.values[:, :, :slots].copy_(value_states)
+        self.valid.zero_()
+        self.valid[:, :slots].copy_(valid)
+        self.used.copy_(valid.sum(1))
+        self.image_tokens.copy_(image_tokens)
+        self.text_tokens.copy_(text_tokens)
+        return self.keys, self.values
+
+    def append_text(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decode step, in place: each sample's text K/V go to its next free slots (`used` onwards)."""
+        new = key_states.shape[-2]
+        first_new_slot = self.used.clone()
+        if with_text:
+            if not is_torchdynamo_compiling() and bool((self.used + new > self.max_slots).any()):
+                raise ValueError(
+                    f"The text since the latest image no longer fits this static CASA cache (max_image_tokens + "
+                    f"max_text_since_image = {self.max_slots} slots): build it with a larger max_text_since_image"
+                )
+            slots = first_new_slot[:, None] + torch.arange(new, device=self.used.device)
+            index = slots[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
+            self.keys.scatter_(2, index, key_states)
+            self.values.scatter_(2, index, value_states)
+            self.valid.scatter_(1, slots, True)
+            self.used.add_(new)
+        self.text_tokens.add_(new)
+        return self.keys, self.values, self.valid, first_new_slot
+
+    def shift_positions(self, shift: Callable[[torch.Tensor, int], torch.Tensor], delta: int) -> None:
+        if self.is_initialized:
+            self.keys.copy_(shift(self.keys, delta))
+
+    def _select(self, rows: torch.Tensor) -> None:
+        """Beam search reorders samples in place; a static cache cannot change its batch size."""
+        if not self.is_initialized:
+            return
+        if rows.numel() != self.keys.shape[0]:
+            raise ValueError(
+                f"A static CASA cache keeps the batch size it was allocated for ({self.keys.shape[0]}), "
+                f"{rows.numel()} rows were asked for"
+            )
+        for tensor in self._state():
+            tensor.copy_(tensor.index_select(0, rows.to(tensor.device)))
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            for tensor in self._state():
+                tensor.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` text tokens of every window: their slots become free again."""
+        self.check_crop(tokens_to_remove)
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        remove = -tokens_to_remove
+        holds_text = (self.used > self.image_tokens).long()  # CASA windows hold their text, cross-attention's not
+        self.used.sub_(remove * holds_text)
+        self.text_tokens.sub_(remove)
+        self.valid.copy_(torch.arange(self.max_slots, device=self.used.device)[None] < self.used[:, None])
+
+
+class CasaWindowCache:
+    """What `CasaCache` and `CasaStaticCache` add to Transformers' caches: one CASA window layer per CASA block,
+    after the blocks' self-attention layers (`layers[num_blocks + j]` for the j-th CASA block)."""
+
+    casa_layer_positions: dict[int, int]  # CASA block index -> its layer in `self.layers`
+
+    def _new_casa_layer(self) -> CasaDynamicLayer:
+        raise NotImplementedError
+
+    def add_casa_layers(self, num_blocks: int, casa_blocks: list[int]) -> None:
+        """Append the CASA window layers after the blocks' self-attention layers (once)."""
+        if self.casa_layer_positions:
+            if sorted(self.casa_layer_positions) != list(casa_blocks):
+                raise ValueError(
+                    f"This {type(self).__name__} holds CASA layers for blocks {sorted(self.casa_layer_positions)}, "
+                    f"the model has them in blocks {list(casa_blocks)}"
+                )
+            return
+        for block in casa_blocks:
+            self.casa_layer_positions[block] = len(self.layers)
+            self.layers.append(self._new_casa_layer())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Crop every layer or none: the CASA windows, which cannot lose an image, are checked first."""
+        for layer in self.layers:
+            if isinstance(layer, CasaDynamicLayer):
+                layer.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
+
+    def has_windows(self) -> bool:
+        """Whether a forward has gone through this cache (its CASA windows are stored): later chunks continue them."""
+        return bool(self.casa_layer_positions) and self.get_casa_state(min(self.casa_layer_positions)).is_initialized
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """A cache continues the conversations it holds, one per sample: the batch must match them."""
+        if self.has_windows():
+            held = self.get_casa_state(min(self.casa_layer_positions)).keys.shape[0]
+            if held != batch_size:
+                raise ValueError(
+                    f"This {type(self).__name__} holds {held} conversation(s) but the input has a batch of "
+                    f"{batch_size}: pass a new cache (or none) to start other conversations"
+                )
+
+    def get_casa_state(self, layer_idx: int) -> CasaDynamicLayer:
+        """The CASA window layer of block `layer_idx`."""
+        return self.layers[self.casa_layer_positions[layer_idx]]
+
+    def casa_state_lengths(self, layer_idx: int) -> torch.Tensor:
+        """Used slots per sample of one CASA layer's window (image tokens + text since that image)."""
+        return self.get_casa_state(layer_idx).window_lengths()
+
+
+class CasaStaticCache(CasaWindowCache, StaticCache):
+    """Transformers' `StaticCache` for the text K/V of the self-attention layers, followed by one `CasaStaticLayer`
+    per CASA block: what `generate(..., cache_implementation="static")` uses, and what compiled decode steps need.
+
+    `max_image_tokens` bounds the images a window holds (tokens after the merger), `max_text_since_image` the text
+    since the latest image (default: `max_cache_len`, which no window can exceed).
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        max_cache_len: int,
+        max_image_tokens: int,
+        max_text_since_image: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        self.max_image_tokens = max_image_tokens
+        self.max_text_since_image = max_text_since_image or max_cache_len
+        self.casa_layer_positions = {}
+        self.add_casa_layers(config.get_text_config(decoder=True).num_hidden_layers, config.casa_layer_indices)
+
+    def _new_casa_layer(self) -> CasaStaticLayer:
+        return CasaStaticLayer(self.max_image_tokens, self.max_text_since_image)
+
+
+class CasaCache(CasaWindowCache, DynamicCache):
     """A `DynamicCache` whose self-attention layers hold text K/V only, followed by one `CasaDynamicLayer` per CASA
     sub-layer (`layers[num_blocks + j]` for the j-th CASA block).
 
@@ -202,44 +410,21 @@ class CasaCache(DynamicCache):
 
     def __init__(self, config: PreTrainedConfig | None = None, **kwargs):
         super().__init__(config=config, **kwargs)
-        self.casa_layer_positions: dict[int, int] = {}  # CASA block index -> its layer in `self.layers`
+        self.casa_layer_positions = {}
         if getattr(config, "casa_layer_indices", None) is not None:
             self.add_casa_layers(config.get_text_config(decoder=True).num_hidden_layers, config.casa_layer_indices)
 
-    def add_casa_layers(self, num_blocks: int, casa_blocks: list[int]) -> None:
-        """Append the CASA window layers after the blocks' self-attention layers (once).
+    def _new_casa_layer(self) -> CasaDynamicLayer:
+        return CasaDynamicLayer()
 
-        A config-less cache first gets the plain `DynamicLayer`s its lazy `update` would have created.
-        """
-        if self.casa_layer_positions:
-            if sorted(self.casa_layer_positions) != list(casa_blocks):
-                raise ValueError(
-                    f"This CasaCache holds CASA layers for blocks {sorted(self.casa_layer_positions)}, "
-                    f"the model has them in blocks {list(casa_blocks)}"
-                )
-            return
-        if self.layer_class_to_replicate is not None:
+    def add_casa_layers(self, num_blocks: int, casa_blocks: list[int]) -> None:
+        """As `CasaWindowCache.add_casa_layers`; a config-less cache first gets the plain `DynamicLayer`s its lazy
+        `update` would have created."""
+        if not self.casa_layer_positions and self.layer_class_to_replicate is not None:
             while len(self.layers) < num_blocks:
                 self.layers.append(self.layer_class_to_replicate())
             self.layer_class_to_replicate = None
-        for block in casa_blocks:
-            self.casa_layer_positions[block] = len(self.layers)
-            self.layers.append(CasaDynamicLayer())
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Crop every layer or none: the CASA windows, which cannot lose an image, are checked first."""
-        for layer in self.layers:
-            if isinstance(layer, CasaDynamicLayer):
-                layer.check_crop(tokens_to_remove)
-        super().crop(tokens_to_remove)
-
-    def get_casa_state(self, layer_idx: int) -> CasaDynamicLayer:
-        """The CASA window layer of block `layer_idx`."""
-        return self.layers[self.casa_layer_positions[layer_idx]]
-
-    def casa_state_lengths(self, layer_idx: int) -> torch.Tensor:
-        """Used slots per sample of one CASA layer's window (image tokens + text since that image)."""
-        return self.get_casa_state(layer_idx).window_lengths()
+        super().add_casa_layers(num_blocks, casa_blocks)
 
     def evict_text(
         self, sink_tokens: int, window_tokens: int, shift: Callable[[torch.Tensor, int], torch.Tensor]
@@ -266,4 +451,4 @@ class CasaCache(DynamicCache):
         return excess
 
 
-__all__ = ["CasaCache", "CasaDynamicLayer"]
+__all__ = ["CasaCache", "CasaDynamicLayer", "CasaStaticCache", "CasaStaticLayer", "CasaWindowCache"]

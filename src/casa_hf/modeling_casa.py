@@ -28,11 +28,12 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import is_flash_attention_requested, merge_with_config_defaults
+from transformers.utils.import_utils import torch_compilable_check
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .backbones import BACKBONES
 from .casa_attention import CasaAttention, CasaInputs, build_casa_windows
-from .casa_cache import CasaCache
+from .casa_cache import CasaCache, CasaStaticCache, CasaWindowCache
 from .configuration_casa import CasaConfig
 
 BACKBONE_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -204,7 +205,10 @@ class CasaTextModel(CasaPreTrainedModel):
         segments: torch.Tensor | None,
     ) -> dict[str, Any]:
         """Causal text-only masks for the SA layers, one per attention type the backbone uses; packed
-        conversations (`segments`) never attend to each other."""
+        conversations (`segments`) never attend to each other. Masks `generate()` prepared (for a static cache)
+        are used as they are."""
+        if isinstance(attention_mask, dict):
+            return attention_mask
         mask_kwargs = {
             "config": self.config,
             "inputs_embeds": inputs_embeds,
@@ -237,25 +241,31 @@ class CasaTextModel(CasaPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         if use_cache and cache is None:
             cache = CasaCache(config=self.config)
-        if cache is not None and not isinstance(cache, CasaCache):
+        if cache is not None and not isinstance(cache, CasaWindowCache):
             raise TypeError(
                 f"CASA models keep their per-layer window state in a `CasaCache`, got {type(cache).__name__}; "
-                "pass `casa_hf.CasaCache()` (or no cache) instead"
+                "pass `casa_hf.CasaCache()`, `casa_hf.CasaStaticCache(...)` or no cache instead"
             )
         if cache is not None:
             cache.add_casa_layers(len(self.layers), self.casa_layer_indices)
-        past_seen = cache.get_seq_length() if cache is not None else 0
+            cache.check_batch_size(batch_size)
+        continues = cache is not None and cache.has_windows()  # a Python bool, also for a static cache
         if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = _text_positions(attention_mask, past_seen, batch_size, seq_len, inputs_embeds.device)
 
-        token_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=inputs_embeds.device)
-        if attention_mask is not None and attention_mask.ndim == 2:
+        # padding, from a 2D mask (compiled decode steps get generate()'s prepared 4D masks: no padding there)
+        token_valid = None
+        if attention_mask is not None and not isinstance(attention_mask, dict) and attention_mask.ndim == 2:
             token_valid = attention_mask[:, -seq_len:].bool()
-        segment_starts = _segment_starts(position_ids.expand(batch_size, -1), token_valid) if not past_seen else None
+        chunk_valid = token_valid
+        if chunk_valid is None:
+            chunk_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=inputs_embeds.device)
+        segment_starts = None if continues else _segment_starts(position_ids.expand(batch_size, -1), chunk_valid)
         windows = None  # decode steps: every sample goes on in its cached window, no bookkeeping needed
-        if not past_seen or image_features is not None or is_flash_attention_requested(self.config):
-            windows = build_casa_windows(image_mask, token_valid, image_sizes or [], segment_starts)
-        elif not bool(token_valid.all()):
+        if not continues or image_features is not None or is_flash_attention_requested(self.config):
+            windows = build_casa_windows(image_mask, chunk_valid, image_sizes or [], segment_starts)
+        elif token_valid is not None and not bool(token_valid.all()):
             windows = build_casa_windows(image_mask, token_valid, [], None)
         image_positions = None
         if image_features is not None:
@@ -408,12 +418,13 @@ class CasaModel(CasaPreTrainedModel):
         num_images = _count_images(pixel_values, image_grid_thw)
         if image_outputs is not None:
             num_images = len(image_outputs.pooler_output)
-        num_placeholders = int(image_mask.sum())
-        if num_images != num_placeholders:
-            raise ValueError(
-                f"Found {num_placeholders} image tokens (id {self.config.image_token_id}) in the input but "
+        torch_compilable_check(
+            image_mask.sum() == num_images,
+            lambda: (
+                f"Found {int(image_mask.sum())} image tokens (id {self.config.image_token_id}) in the input but "
                 f"{num_images} images; each image needs exactly one image token at its insertion point"
-            )
+            ),
+        )
         image_features = image_sizes = None
         if num_images:
             if image_outputs is None:
@@ -434,6 +445,17 @@ class CasaModel(CasaPreTrainedModel):
         )
 
 
+def _largest_image(config: CasaConfig, model_kwargs: dict) -> int:
+    """Tokens of the largest image `generate()` was given (after the merger), 0 without images."""
+    encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+    if encoded is not None:
+        return max((image.shape[1] for image in encoded.pooler_output), default=0)
+    grid = model_kwargs.get("image_grid_thw")
+    if grid is None or grid.numel() == 0:
+        return 0
+    return int(grid.prod(-1).max()) // config.vision_config.spatial_merge_size**2
+
+
 def _check_tensor(name: str, value: Any) -> None:
     if value is not None and not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -445,6 +467,8 @@ def _check_text_inputs(
     """Exactly one of `input_ids` / `inputs_embeds`, as tensors of a non-empty (batch, sequence) shape."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+    if isinstance(attention_mask, dict):  # the per-layer-type masks generate() prepares for a static cache
+        attention_mask = None
     for name, value in (
         ("input_ids", input_ids),
         ("inputs_embeds", inputs_embeds),
@@ -560,16 +584,37 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        """`generate()` gets a `CasaCache`: text K/V for the SA layers plus each CASA layer's window state."""
+        """`generate()` gets a `CasaCache` (text K/V for the SA layers plus each CASA layer's window state), or with
+        `cache_implementation="static"` a `CasaStaticCache`."""
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
-            if generation_config.cache_implementation not in (None, "dynamic"):
+            if generation_config.cache_implementation not in (None, "dynamic", "static"):
                 raise ValueError(
                     f"cache_implementation={generation_config.cache_implementation!r} is not supported by CASA "
-                    "models, whose cache is the dynamic, text-only `CasaCache`"
+                    "models: use the default dynamic `CasaCache` or 'static' (`CasaStaticCache`)"
                 )
-            model_kwargs["cache"] = CasaCache(config=self.config)
-            return
+            if generation_config.cache_implementation != "static":
+                model_kwargs["cache"] = CasaCache(config=self.config)
+                return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _prepare_static_cache(
+        self, cache_implementation: str, batch_size: int, max_cache_len: int, prefill_chunk_size, model_kwargs
+    ) -> CasaStaticCache:
+        """A `CasaStaticCache` whose windows hold the call's largest image and as much text as the whole cache. Sizes
+        never shrink from one call to the next, so that compiled decode steps are not recompiled."""
+        max_cache_len = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))
+        max_image_tokens = max(_largest_image(self.config, model_kwargs), getattr(self, "_previous_max_image", 1))
+        self._previous_max_cache_length, self._previous_max_image = max_cache_len, max_image_tokens
+        return CasaStaticCache(self.config, max_cache_len=max_cache_len, max_image_tokens=max_image_tokens)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
+        """As for any model; on the first step the 2D attention mask goes to the forward as it is (a static cache
+        would have it replaced by prepared 4D masks), as it marks the padding the CASA windows must skip."""
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        attention_mask = kwargs.get("attention_mask")
+        if is_first_iteration and attention_mask is not None and attention_mask.ndim == 2:
+            model_inputs["attention_mask"] = attention_mask
+        return model_inputs
 
     def adjust_generation_fn(self, *args, **kwargs) -> None:
         """After loading a checkpoint's generation config: it too must suppress the image token."""
