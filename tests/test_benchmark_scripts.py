@@ -11,9 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_decode_benchmark_runs_casa_insertion_and_text_llm_side_by_side(tmp_path):
     out = tmp_path / "decode"
     command = [sys.executable, "benchmarks/bench_decode.py", "--size", "tiny", "--images", "1,2", "--image-size", "56"]
-    command += ["--new-tokens", "2", "--repeats", "1", "--out", str(out)]
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    command += ["--new-tokens", "3", "--repeats", "1", "--generate-images", "1", "--caches", "dynamic,static"]
+    subprocess.run([*command, "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    summary = json.loads(out.with_suffix(".json").read_text())
+    rows = summary["rows"]
     assert [row["images"] for row in rows] == [1, 2]
     assert all(row["casa_ms"] > 0 and row["insertion_ms"] > 0 and row["text_llm_ms"] > 0 for row in rows)
+    [row] = summary["generate_rows"]  # generate() with each cache, for the three models
+    assert all(
+        row[f"{model}_{cache}_ms"] > 0
+        for model in ("casa", "insertion", "text_llm")
+        for cache in ("dynamic", "static")
+    )
     assert out.with_suffix(".png").stat().st_size > 0

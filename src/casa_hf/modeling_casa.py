@@ -254,7 +254,9 @@ class CasaTextModel(CasaPreTrainedModel):
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = _text_positions(attention_mask, past_seen, batch_size, seq_len, inputs_embeds.device)
 
-        # padding, from a 2D mask (compiled decode steps get generate()'s prepared 4D masks: no padding there)
+        # padding, from a 2D mask. With a static cache generate() prepares 4D masks instead: its decode steps have
+        # no padding, and in its prefill left padding sits at position 0 before a sample's first position 0, which
+        # `_segment_starts` separates as packed conversations are (tested equal to the dynamic cache)
         token_valid = None
         if attention_mask is not None and not isinstance(attention_mask, dict) and attention_mask.ndim == 2:
             token_valid = attention_mask[:, -seq_len:].bool()
@@ -606,15 +608,6 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         max_image_tokens = max(_largest_image(self.config, model_kwargs), getattr(self, "_previous_max_image", 1))
         self._previous_max_cache_length, self._previous_max_image = max_cache_len, max_image_tokens
         return CasaStaticCache(self.config, max_cache_len=max_cache_len, max_image_tokens=max_image_tokens)
-
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
-        """As for any model; on the first step the 2D attention mask goes to the forward as it is (a static cache
-        would have it replaced by prepared 4D masks), as it marks the padding the CASA windows must skip."""
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        attention_mask = kwargs.get("attention_mask")
-        if is_first_iteration and attention_mask is not None and attention_mask.ndim == 2:
-            model_inputs["attention_mask"] = attention_mask
-        return model_inputs
 
     def adjust_generation_fn(self, *args, **kwargs) -> None:
         """After loading a checkpoint's generation config: it too must suppress the image token."""

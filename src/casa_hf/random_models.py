@@ -41,6 +41,8 @@ SIZES = {
     "small": ModelSize(256, 4, 4, 2, 704, 4, 128, 4, **_QWEN_LIKE),
     "medium": ModelSize(512, 8, 8, 2, 1408, 6, 256, 4, **_QWEN_LIKE),
     "base": ModelSize(896, 24, 14, 2, 4864, 8, 640, 10, **_QWEN_LIKE),
+    # SmolLM2-135M's LLM shape (30 blocks, hidden 576, 9 heads / 3 KV heads) on a Qwen2-style block
+    "smollm2": ModelSize(576, 30, 9, 3, 1536, 4, 256, 4, vision_mlp_ratio=4, rope_theta=1e5),
 }
 SPECIAL_TOKENS = (
     "<|endoftext|>",
