@@ -1,7 +1,8 @@
 """GPU correctness check of the CASA attention backends (run by hand on a CUDA machine; CI has none).
 
 For each backend: a padded multi-image batch against the slow reference (fp32), and cached token-by-token
-decoding against one full forward (fp32 and bf16). `flash_torch_varlen` (a "flash" name: what sends CASA to its
+decoding against one full forward (fp32 and bf16); then `generate()` on the static cache with compiled decode steps
+(CUDA graphs on a GPU) against the dynamic cache. `flash_torch_varlen` (a "flash" name: what sends CASA to its
 packed-window path) drives that path through PyTorch's own flash varlen kernel, so the `cu_seqlens` packing is
 checked on a real flash kernel even where the flash-attn package is not installed; `flash_attention_2` runs too
 when flash-attn is importable.
@@ -16,12 +17,14 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import CompileConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from reference import reference_casa_window_attention  # noqa: E402
 from test_attention import batch_inputs  # noqa: E402
 from test_cache import conversation, incremental_logits  # noqa: E402
+from test_static_cache import batch_inputs as static_batch_inputs  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 from varlen import register_varlen_stand_in  # noqa: E402
 
@@ -73,6 +76,20 @@ def check(attn, mode, device, dtype):
     return vs_reference, vs_full, full.abs().max().item()
 
 
+def check_compiled_static(device, dtype):
+    """generate() on the static cache with compiled decode steps (on CUDA: CUDA graphs) against the dynamic cache."""
+    model = tiny_model(attn="sdpa").to(device=device, dtype=dtype)
+    inputs = to_device(static_batch_inputs(), device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    options = dict(inputs, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    dynamic = model.generate(**options)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # CPU dry runs
+    static = model.generate(**options, cache_implementation="static", compile_config=compile_config)
+    logits = (torch.stack(static.logits) - torch.stack(dynamic.logits)).float().abs().max().item()
+    return dict(same_tokens=torch.equal(static.sequences, dynamic.sequences), static_vs_dynamic_logits=logits)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="cuda_check.json")
@@ -113,6 +130,13 @@ def main():
                 except Exception as error:  # report and go on: one broken backend must not hide the others
                     rows.append(dict(attn=attn, dtype=str(dtype), mode=mode, error=repr(error)[:300]))
                 print(rows[-1], flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            rows.append(dict(attn="sdpa", dtype=str(dtype), mode="compiled static cache", **check_compiled_static(
+                device, dtype)))  # fmt: skip
+        except Exception as error:
+            rows.append(dict(attn="sdpa", dtype=str(dtype), mode="compiled static cache", error=repr(error)[:300]))
+        print(rows[-1], flush=True)
     Path(args.out).write_text(
         json.dumps(
             dict(
