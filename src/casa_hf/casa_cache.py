@@ -9,18 +9,17 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache, StaticCache
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.utils import is_torchdynamo_compiling
 
-SLOT_DIMS = (2, 2, 1)  # the slot dimension of a window's keys, values and valid flags
 WINDOW_HEADROOM = 64  # free slots kept after a window, so that the text appended by decode steps is written in place
 
 
-def pad_slots(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """`tensor` with zeros (False) appended along `dim` up to `width` slots."""
+def pad_slots(tensor: torch.Tensor, width: int, dim: int, fill: float | bool = 0) -> torch.Tensor:
+    """`tensor` with `fill` (zeros, or False) appended along `dim` up to `width` slots."""
     missing = width - tensor.shape[dim]
     if missing == 0:
         return tensor
     shape = list(tensor.shape)
     shape[dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+    return torch.cat([tensor, tensor.new_full(shape, fill)], dim=dim)
 
 
 def front_aligned(
@@ -92,31 +91,33 @@ class CasaDynamicLayer(CacheLayerMixin):
         every sample here)."""
         new, first_new_slot = key_states.shape[-2], self.keys.shape[-2]
         if with_text:
-            self._append_slots(key_states, value_states, self.valid.new_ones(self.valid.shape[0], new))
+            self._append_text_slots(key_states, value_states)
         self.text_tokens = self.text_tokens + new
         return self.keys, self.values, self.valid, first_new_slot
 
-    def _append_slots(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor) -> None:
-        """Write new slots after the stored ones: in place while the buffers behind the windows have room, so that a
-        decode step copies nothing already stored; otherwise into new buffers with `WINDOW_HEADROOM` free slots.
-        Under autograd it concatenates, as in-place writes would alter slots saved for the backward pass."""
+    def _append_text_slots(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write the chunk's K/V after the stored slots: in place while the buffers behind the windows have room, so
+        that a decode step copies nothing already stored; otherwise into new buffers with `WINDOW_HEADROOM` free
+        slots, marked valid in advance (text fills them in order). Under autograd it concatenates, as in-place
+        writes would alter slots saved for the backward pass."""
         used, new = self.keys.shape[-2], key_states.shape[-2]
-        stored, added = (self.keys, self.values, self.valid), (key_states, value_states, valid)
         if torch.is_grad_enabled() and (key_states.requires_grad or self.keys.requires_grad):
-            self.keys, self.values, self.valid = (
-                torch.cat([old, extra], dim=dim) for old, extra, dim in zip(stored, added, SLOT_DIMS, strict=True)
-            )
+            self.keys = torch.cat([self.keys, key_states], dim=2)
+            self.values = torch.cat([self.values, value_states], dim=2)
+            self.valid = pad_slots(self.valid, used + new, 1, fill=True)
             return
-        if not self._holds_views() or used + new > self._buffers[2].shape[1]:
+        if not self._holds_views() or used + new > self._buffers[0].shape[2]:
             capacity = used + new + WINDOW_HEADROOM
-            self._buffers = tuple(
-                pad_slots(tensor, capacity, dim) for tensor, dim in zip(stored, SLOT_DIMS, strict=True)
+            self._buffers = (
+                pad_slots(self.keys, capacity, 2),
+                pad_slots(self.values, capacity, 2),
+                pad_slots(self.valid, capacity, 1, fill=True),
             )
-        for buffer, tensor, dim in zip(self._buffers, added, SLOT_DIMS, strict=True):
-            buffer.narrow(dim, used, new).copy_(tensor)
-        self.keys, self.values, self.valid = (
-            buffer.narrow(dim, 0, used + new) for buffer, dim in zip(self._buffers, SLOT_DIMS, strict=True)
-        )
+        keys, values, valid = self._buffers
+        keys.narrow(2, used, new).copy_(key_states)
+        values.narrow(2, used, new).copy_(value_states)
+        self.keys, self.values = keys.narrow(2, 0, used + new), values.narrow(2, 0, used + new)
+        self.valid = valid.narrow(1, 0, used + new)
 
     def _holds_views(self) -> bool:
         """Whether the stored windows are still the leading slots of `_buffers`."""
