@@ -56,6 +56,19 @@ def prefill(model, cache):
     return out.logits[:, -1:].argmax(-1), ids.shape[1]
 
 
+def feed_image_turn(model, cache, position: int, grid: tuple[int, int]) -> None:
+    """A new turn (an image and 3 text tokens) at `position`, prefilled eagerly into `cache`."""
+    pixel_values, grid_thw = random_images([grid], seed=3)
+    model(
+        input_ids=torch.tensor([[IMAGE_TOKEN] + random_text(3, 7)]),
+        pixel_values=pixel_values,
+        image_grid_thw=grid_thw,
+        position_ids=torch.arange(position, position + 4)[None],
+        cache=cache,
+        use_cache=True,
+    )
+
+
 def test_static_windows_equal_dynamic_ones_through_decode_crop_and_a_new_image():
     model = tiny_model(attn="sdpa")
     logits = []
@@ -65,11 +78,7 @@ def test_static_windows_equal_dynamic_ones_through_decode_crop_and_a_new_image()
             first, token = decode(model, cache, token, length, 4)
             cache.crop(-2)  # assisted decoding rejecting a draft
             again, token = decode(model, cache, token, length + 2, 3)
-            new_image = torch.tensor([[IMAGE_TOKEN] + random_text(3, 7)])
-            pixel_values, grid_thw = random_images([(2, 4)], seed=3)
-            position = torch.arange(length + 5, length + 9)[None]
-            model(input_ids=new_image, pixel_values=pixel_values, image_grid_thw=grid_thw, cache=cache,
-                  position_ids=position, use_cache=True)  # fmt: skip
+            feed_image_turn(model, cache, length + 5, grid=(2, 4))
             after, _ = decode(model, cache, token, length + 9, 3)
         logits.append(torch.cat([first, again, after], dim=1))
     assert (logits[0] - logits[1]).abs().max() <= TOLERANCE
@@ -102,11 +111,7 @@ def test_compiled_decode_steps_equal_eager_without_recompiles():
             first, token = decode(forward, cache, token, length, 1)
             with torch._dynamo.config.patch(error_on_recompile=True):
                 steps, token = decode(forward, cache, token, length + 1, 4)
-                new_image = torch.tensor([[IMAGE_TOKEN] + random_text(3, 7)])
-                pixel_values, grid_thw = random_images([(4, 4)], seed=3)
-                position = torch.arange(length + 5, length + 9)[None]
-                model(input_ids=new_image, pixel_values=pixel_values, image_grid_thw=grid_thw, cache=cache,
-                      position_ids=position, use_cache=True)  # fmt: skip
+                feed_image_turn(model, cache, length + 5, grid=(4, 4))
                 after, _ = decode(forward, cache, token, length + 9, 3)
         results.append(torch.cat([first, steps, after], dim=1))
     assert (results[0] - results[1]).abs().max() <= TOLERANCE
