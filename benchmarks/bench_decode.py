@@ -105,6 +105,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--vocab", type=int, default=1024, help="vocabulary size (SmolLM2's: 49152; its LM head counts)"
+    )
     parser.add_argument("--device", default="cpu", help="e.g. cuda: the GPU variant (with --dtype bfloat16)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--caches", default="dynamic,static,compiled", help=f"generate() rows, of {list(CACHES)}")
@@ -112,7 +115,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/decode", help="prefix of the .json and .png outputs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tokenizer = word_tokenizer(1024)
+    tokenizer = word_tokenizer(args.vocab)
     processor = random_processor(tokenizer, image_size=args.image_size)
     torch.manual_seed(0)
     streams = {
