@@ -14,6 +14,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import casa_hf
 from casa_hf import CasaConfig, CasaForConditionalGeneration
@@ -181,6 +182,7 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
         (dict(vision_start_token_id=999), "vision_start_token_id"),
         (dict(image_token_id=999), "image_token_id"),
         (dict(casa_image_positions="grid"), "casa_image_positions"),
+        (dict(casa_image_centering="yes"), "casa_image_centering"),
         (dict(vision_config=dict(out_hidden_size=32)), "out_hidden_size"),
         (dict(text_config=dict(model_type="gpt2")), "text_config.model_type"),
     ],
@@ -259,6 +261,27 @@ def test_image_key_positions(mode):
         expected += [placeholder + (j if mode == "raster" else 0) for j in range(tokens)]
     cos, _ = model.model.language_model.rotary_emb(torch.zeros(1, 6, 64), position_ids=torch.tensor([expected]))
     assert torch.allclose(seen[0][0], cos)
+
+
+def test_image_centering_gives_casa_each_images_tokens_minus_their_mean(tmp_path):
+    """With `casa_image_centering`, the model computes what the same weights without it compute on image features
+    centred by hand; the field is off by default (existing models unchanged) and survives save/load."""
+    plain = tiny_model()
+    centred = tiny_model(casa_image_centering=True)
+    centred.load_state_dict(plain.state_dict())
+    assert tiny_config().casa_image_centering is False
+    centred.save_pretrained(tmp_path)
+    assert CasaConfig.from_pretrained(tmp_path).casa_image_centering is True
+    ids = torch.tensor([random_text(3) + [IMAGE_TOKEN] + random_text(2, 1) + [IMAGE_TOKEN] + random_text(2, 2)])
+    pixel_values, grid = random_images([(4, 4), (2, 4)])
+    with torch.no_grad():
+        features = plain.model.get_image_features(pixel_values, grid).pooler_output
+        by_hand = BaseModelOutputWithPooling(pooler_output=tuple(f - f.mean(1, keepdim=True) for f in features))
+        expected = plain(input_ids=ids, mm_encoder_outputs={"image": by_hand}).logits
+        uncentred = plain(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid).logits
+        logits = centred(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, uncentred, atol=1e-3)
 
 
 def test_transformers_serve_loads_casa_and_sends_it_images(tmp_path):

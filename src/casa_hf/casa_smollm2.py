@@ -40,6 +40,9 @@ class CasaSmolLM2Recipe:
     # keys as SA does, so random image keys get almost no attention (and the vision tower no gradient) at the start.
     casa_init: str = "random"
     casa_attention: str = "casa"  # or "cross_attention": image keys only (no text-to-text part)
+    # Each image's mean token subtracted before CASA (`CasaConfig.casa_image_centering`): without it the tower grows
+    # a component shared by all images and the trained model ignores the image (README, CASA-SmolLM2).
+    image_centering: bool = True
     vision_depth: int = 4
     vision_hidden: int = 256
     vision_heads: int = 4
@@ -83,6 +86,7 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
         casa_layers=list(recipe.casa_layers),
         casa_image_positions="raster",
         casa_attention=recipe.casa_attention,
+        casa_image_centering=recipe.image_centering,
         image_token_id=processor.image_token_id,
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),

@@ -52,6 +52,10 @@ class CasaConfig(PreTrainedConfig):
         casa_image_positions (`str`, *optional*, defaults to `"insertion"`):
             RoPE positions of image keys: `"insertion"` puts every image token at its placeholder's position;
             `"raster"` puts token j at placeholder + j, so CASA attention can tell image tokens apart by place.
+        casa_image_centering (`bool`, *optional*, defaults to `False`):
+            Subtract each image's mean token from its tokens before the CASA layers. A vision tower trained from
+            scratch next to a frozen LLM grows a component shared by all images that, after the CASA image norm,
+            drowns what tells images apart; centring removes it (CASA-SmolLM2).
         image_token_id (`int`, *optional*):
             The placeholder token marking where an image is inserted in the text.
         vision_start_token_id / vision_end_token_id (`int`, *optional*):
@@ -94,6 +98,7 @@ class CasaConfig(PreTrainedConfig):
     casa_attention: Literal["casa", "cross_attention"] = "casa"
     casa_shared: bool = False
     casa_image_positions: Literal["insertion", "raster"] = "insertion"
+    casa_image_centering: bool = False
     image_token_id: int = 151655
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
@@ -122,6 +127,8 @@ class CasaConfig(PreTrainedConfig):
             )
         if self.casa_image_positions not in ("insertion", "raster"):
             raise ValueError(f"casa_image_positions={self.casa_image_positions!r} must be 'insertion' or 'raster'")
+        if not isinstance(self.casa_image_centering, bool):
+            raise ValueError(f"casa_image_centering={self.casa_image_centering!r} must be True or False")
         if self.casa_attention not in CASA_ATTENTION_TYPES:
             raise ValueError(f"casa_attention={self.casa_attention!r} must be one of {CASA_ATTENTION_TYPES}")
         num_layers = text.num_hidden_layers

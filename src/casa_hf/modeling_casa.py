@@ -355,7 +355,10 @@ class CasaModel(CasaPreTrainedModel):
         pixel_values = pixel_values.type(self.visual.dtype)
         vision_outputs = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs)
         sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
-        vision_outputs.pooler_output = tuple(image[None] for image in torch.split(vision_outputs.pooler_output, sizes))
+        images = torch.split(vision_outputs.pooler_output, sizes)
+        if self.config.casa_image_centering:
+            images = [image - image.mean(0, keepdim=True) for image in images]
+        vision_outputs.pooler_output = tuple(image[None] for image in images)
         return vision_outputs
 
     def _check_image_inputs(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> None:

@@ -244,7 +244,16 @@ def evaluate(
 
 
 def _answer_batch(model, processor, collator: CasaDataCollator, examples: list[dict]) -> list[str]:
-    """Prompts without the assistant turn, left-padded; the first generated token (a word) of each."""
+    """The first generated token (a word) of each example's answer."""
+    out = generate_answers(model, processor, collator, examples, max_new_tokens=2)
+    return processor.tokenizer.convert_ids_to_tokens(out[:, 0].tolist())  # answers are one word: one token
+
+
+def generate_answers(
+    model, processor: CasaProcessor, collator: CasaDataCollator, examples: list[dict], max_new_tokens: int
+) -> torch.Tensor:
+    """Greedy answer token ids to the examples' prompts (without the assistant turn), batched with left padding;
+    `[len(examples), generated]`, prompts cut off."""
     prompts = [collator.encode_prompt(example["messages"][:-1]) for example in examples]
     width = max(len(ids) for ids, _, _ in prompts)
     pad = processor.tokenizer.pad_token_id
@@ -257,10 +266,10 @@ def _answer_batch(model, processor, collator: CasaDataCollator, examples: list[d
         attention_mask=attention_mask.to(model.device),
         pixel_values=pixel_values.to(model.device),
         image_grid_thw=grid.to(model.device),
-        max_new_tokens=2,
+        max_new_tokens=max_new_tokens,
         do_sample=False,
     )
-    return processor.tokenizer.convert_ids_to_tokens(out[:, width].tolist())  # answers are one word: one token
+    return out[:, width:]
 
 
 __all__ = [

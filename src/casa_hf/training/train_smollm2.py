@@ -25,6 +25,7 @@ from ..casa_smollm2 import CasaSmolLM2Recipe, added_state_dict, build_casa_smoll
 from .collator import IGNORE_INDEX, CasaDataCollator
 from .natural_vqa import NaturalVQA, grade
 from .synthetic_vqa import TRAINING_MIX
+from .train import generate_answers
 
 HELD_OUT_SEED_OFFSET = 10_000
 FIXED_TEST_SET = 28  # held-out phrasings, 4 questions per kind
@@ -199,7 +200,9 @@ def evaluate_natural(model, processor, dataset: NaturalVQA, batch_size: int = 16
     model.eval()
     for start in tqdm(range(0, len(dataset), batch_size), desc="Evaluating", unit="batch"):
         examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        answers = answer_batch(model, processor, collator, examples, max_new_tokens)
+        answers = processor.batch_decode(
+            generate_answers(model, processor, collator, examples, max_new_tokens), skip_special_tokens=True
+        )
         for example, text in zip(examples, answers, strict=True):
             correct[example["kind"]] += grade(example["kind"], text, example["answer"])
             total[example["kind"]] += 1
@@ -207,24 +210,6 @@ def evaluate_natural(model, processor, dataset: NaturalVQA, batch_size: int = 16
     single = [kind for kind in total if kind != "change"]
     accuracy["single_image"] = sum(correct[k] for k in single) / max(sum(total[k] for k in single), 1)
     return accuracy
-
-
-def answer_batch(model, processor, collator: CasaDataCollator, examples: list[dict], max_new_tokens: int) -> list[str]:
-    """Greedy answers (decoded text) to the examples' prompts, batched with left padding."""
-    prompts = [collator.encode_prompt(example["messages"][:-1]) for example in examples]
-    width = max(len(ids) for ids, _, _ in prompts)
-    pad = processor.tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in prompts])
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        pixel_values=torch.cat([p for _, p, _ in prompts]),
-        image_grid_thw=torch.cat([g for _, _, g in prompts]),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-    )
-    return processor.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
 def natural_accuracy(model, processor, examples: int, training_seed: int = 0) -> dict:
