@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import InsertionStream, TextOnlyStream, median, synthetic_frame  # noqa: E402
 
 from casa_hf.random_models import (  # noqa: E402
+    SIZES,
     random_casa,
     random_processor,
     random_qwen2_5_vl,
@@ -99,7 +100,7 @@ def generate_ms(model, inputs: dict, cache: str, new_tokens: int, repeats: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="small", choices=("tiny", "small", "medium", "base"))
+    parser.add_argument("--size", default="small", choices=tuple(SIZES))
     parser.add_argument("--images", default="1,2,4,8,16,32,64")
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--new-tokens", type=int, default=16)
