@@ -69,7 +69,7 @@ def feed_image_turn(model, cache, position: int, grid: tuple[int, int]) -> None:
     )
 
 
-def test_static_windows_equal_dynamic_ones_through_decode_crop_and_a_new_image():
+def test_static_windows_equal_dynamic_ones_through_decode_crop_text_and_a_new_image():
     model = tiny_model(attn="sdpa")
     logits = []
     for cache in (CasaCache(config=model.config), CasaStaticCache(model.config, max_cache_len=48, max_image_tokens=8)):
@@ -78,9 +78,12 @@ def test_static_windows_equal_dynamic_ones_through_decode_crop_and_a_new_image()
             first, token = decode(model, cache, token, length, 4)
             cache.crop(-2)  # assisted decoding rejecting a draft
             again, token = decode(model, cache, token, length + 2, 3)
-            feed_image_turn(model, cache, length + 5, grid=(2, 4))
-            after, _ = decode(model, cache, token, length + 9, 3)
-        logits.append(torch.cat([first, again, after], dim=1))
+            chunk = torch.tensor([random_text(3, 5)])  # several tokens, no image: the decode path's causal mask
+            position = torch.arange(length + 5, length + 8)[None]
+            text = model(input_ids=chunk, cache=cache, position_ids=position, use_cache=True).logits
+            feed_image_turn(model, cache, length + 8, grid=(2, 4))
+            after, _ = decode(model, cache, token, length + 12, 3)
+        logits.append(torch.cat([first, again, text, after], dim=1))
     assert (logits[0] - logits[1]).abs().max() <= TOLERANCE
 
 
