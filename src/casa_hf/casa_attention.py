@@ -202,10 +202,10 @@ def casa_window_mask_function(key_valid: torch.Tensor, prefix_width: int | torch
     padding = -key_valid.shape[1] % _FLEX_BLOCK_SIZE
     padded = torch.nn.functional.pad(key_valid, (0, padding), value=False)
     if with_text:
+        per_window = isinstance(prefix_width, torch.Tensor)
 
         def window_mask(batch_idx, head_idx, q_idx, kv_idx):
-            start = prefix_width[batch_idx] if isinstance(prefix_width, torch.Tensor) else prefix_width
-            text_idx = kv_idx - start
+            text_idx = kv_idx - (prefix_width[batch_idx] if per_window else prefix_width)
             return (padded[batch_idx, kv_idx] & (text_idx <= q_idx)) | (text_idx == q_idx)
 
         return window_mask
