@@ -65,7 +65,12 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
             self.casa_input_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
             self.casa_image_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
             self.casa_attn = CasaAttention(
-                config.text_config, self.self_attn, layer_idx, config.casa_attention, config.casa_shared
+                config.text_config,
+                self.self_attn,
+                layer_idx,
+                config.casa_attention,
+                config.casa_shared,
+                skip_text_only_windows=config.casa_text_only_windows == "skip",
             )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
