@@ -183,6 +183,7 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
         (dict(image_token_id=999), "image_token_id"),
         (dict(casa_image_positions="grid"), "casa_image_positions"),
         (dict(casa_image_centering="yes"), "casa_image_centering"),
+        (dict(casa_text_only_windows="drop"), "casa_text_only_windows"),
         (dict(vision_config=dict(out_hidden_size=32)), "out_hidden_size"),
         (dict(text_config=dict(model_type="gpt2")), "text_config.model_type"),
     ],
