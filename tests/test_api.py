@@ -136,6 +136,13 @@ def test_bad_pixel_shapes_are_refused():
         model(**{**inputs, "image_grid_thw": inputs["image_grid_thw"][0]})
 
 
+def test_a_mask_shorter_than_the_input_is_named():
+    model = tiny_model()
+    inputs = image_inputs()
+    with pytest.raises(ValueError, match="attention_mask has 2 columns but input_ids has"):
+        model(**inputs, attention_mask=torch.ones(1, 2, dtype=torch.long))
+
+
 @pytest.mark.parametrize("argument", ["pixel_values", "image_grid_thw", "attention_mask"])
 def test_inputs_that_are_not_tensors_are_named(argument):
     model = tiny_model()

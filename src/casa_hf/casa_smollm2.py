@@ -43,6 +43,8 @@ class CasaSmolLM2Recipe:
     # Each image's mean token subtracted before CASA (`CasaConfig.casa_image_centering`): without it the tower grows
     # a component shared by all images and the trained model ignores the image (README, CASA-SmolLM2).
     image_centering: bool = True
+    # No CASA update before the first image (`CasaConfig.casa_text_only_windows`): text-only chats are SmolLM2's
+    text_only_windows: str = "skip"
     vision_depth: int = 4
     vision_hidden: int = 256
     vision_heads: int = 4
@@ -87,6 +89,7 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
         casa_image_positions="raster",
         casa_attention=recipe.casa_attention,
         casa_image_centering=recipe.image_centering,
+        casa_text_only_windows=recipe.text_only_windows,
         image_token_id=processor.image_token_id,
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
