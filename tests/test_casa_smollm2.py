@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoProcessor, pipeline
 
 from casa_hf import CasaForConditionalGeneration
-from casa_hf.casa_smollm2 import SHIPPED_WEIGHTS, load_added_weights
+from casa_hf.casa_smollm2 import SHIPPED_WEIGHTS, assembled_folder, load_added_weights
 from casa_hf.cli import main
 from casa_hf.training.natural_vqa import answer_word
 from casa_hf.training.train_smollm2 import FIXED_TEST_SET, evaluate_natural, held_out_natural
@@ -85,3 +85,20 @@ def test_added_weights_must_match_the_recipe(loaded, tmp_path):
     save_file(state, str(tmp_path / "added.safetensors"))
     with pytest.raises(ValueError, match="does not match the recipe"):
         load_added_weights(loaded[0], tmp_path / "added.safetensors")
+
+
+def test_the_assembled_folder_follows_the_recipe_with_its_defaults(tmp_path):
+    """A recipe field left out of recipe.json takes the code's default, so the cache key must include it: writing
+    the default out keeps the folder, another value (or other weights) moves it."""
+    recipe = json.loads((SHIPPED_WEIGHTS / "recipe.json").read_text())
+    folders = []
+    for name, windows in (("implicit", None), ("explicit", "skip"), ("other", "attend")):
+        copy = tmp_path / name
+        copy.mkdir()
+        (copy / "added.safetensors").write_bytes((SHIPPED_WEIGHTS / "added.safetensors").read_bytes())
+        fields = dict(recipe["recipe"])
+        fields.pop("text_only_windows", None)
+        fields.update({} if windows is None else {"text_only_windows": windows})
+        (copy / "recipe.json").write_text(json.dumps({**recipe, "recipe": fields}))
+        folders.append(assembled_folder(copy, tmp_path / "cache"))
+    assert folders[0] == folders[1] != folders[2]
