@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..casa_smollm2 import CasaSmolLM2Recipe, added_state_dict, build_casa_smollm2, freeze_smollm2
 from .collator import IGNORE_INDEX, CasaDataCollator
-from .natural_vqa import NaturalVQA, grade
+from .natural_vqa import PROSE, NaturalVQA, grade
 from .synthetic_vqa import TRAINING_MIX
 from .train import generate_answers
 from .vision_pretraining import pretrain_vision_tower
@@ -41,7 +41,7 @@ class SmolLM2TrainConfig:
     warmup_steps: int = 50
     seed: int = 0
     train_examples: int = 200_000
-    kinds: tuple[str, ...] = TRAINING_MIX
+    kinds: tuple[str, ...] = (*TRAINING_MIX, PROSE)
     # stage 1: steps (batches of `vision_batch_size` images) in which the vision tower learns the scenes'
     # attributes directly (`vision_pretraining`); it is then frozen while the CASA layers learn to read it
     vision_steps: int = 0
