@@ -85,7 +85,9 @@ def pretrain_vision_tower(
         loss.backward()
         optimizer.step()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}", **{name: f"{np.mean(values):.2f}" for name, values in correct.items()}
+        )
     vision.eval()
     return {name: float(np.mean(values)) for name, values in correct.items()}
 
