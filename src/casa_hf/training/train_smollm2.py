@@ -43,9 +43,9 @@ class SmolLM2TrainConfig:
     train_examples: int = 200_000
     kinds: tuple[str, ...] = (*TRAINING_MIX, PROSE)
     # stage 1: steps (batches of `vision_batch_size` images) in which the vision tower learns the scenes'
-    # attributes directly (`vision_pretraining`); it is then frozen while the CASA layers learn to read it
+    # attributes directly (`vision_pretraining`), before the CASA layers learn to read it (and it goes on learning)
     vision_steps: int = 0
-    vision_batch_size: int = 64
+    vision_batch_size: int = 32
     save_every: int = 100  # added weights written every this many steps (a run stopped early keeps its latest)
     stop_after: int | None = None  # stop after this many steps of the `steps`-long schedule (None: run it all)
     recipe: CasaSmolLM2Recipe = field(default_factory=CasaSmolLM2Recipe)
@@ -163,9 +163,6 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
         steps, batch = config.vision_steps, config.vision_batch_size
         probe = pretrain_vision_tower(model, processor, steps, batch, seed=config.seed)
         print("vision tower, attribute accuracy (last 50 steps):", json.dumps(probe))
-        # stage 2 reads the tower as stage 1 left it: only the CASA sub-layers learn,
-        # and a step skips the tower's backward pass
-        model.model.visual.requires_grad_(False)
     dataset = NaturalVQA(config.train_examples, config.seed, config.recipe.image_size, config.kinds)
     arguments = TrainingArguments(
         output_dir=str(output),

@@ -57,7 +57,7 @@ class AttributeProbe(nn.Module):
 
 
 def pretrain_vision_tower(
-    model, processor, steps: int, batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0
+    model, processor, steps: int, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0
 ) -> dict[str, float]:
     """Train `model`'s vision tower and projector (through `get_image_features`, centring included) to classify
     the attributes of new scenes. Returns the probe's accuracy per attribute over the last 50 steps."""
