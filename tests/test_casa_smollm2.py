@@ -66,14 +66,18 @@ def test_shipped_accuracy_on_a_fixed_held_out_set(loaded):
     assert abs(accuracy["single_image"] - recorded["single_image"]) <= 1 / 24 + 1e-9, (accuracy, recorded)
 
 
-def test_text_only_answers_stay_smollm2s(loaded):
+def test_text_only_chats_are_smollm2s(loaded):
+    """No image, no CASA update (`casa_text_only_windows="skip"`): SmolLM2's own logits and answer."""
     model, processor = loaded
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
+    smollm2 = model.backbone_llm()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        torch.testing.assert_close(model(**inputs).logits, smollm2(**inputs).logits, atol=1e-5, rtol=0)
+    assert out.tolist() == smollm2.generate(**inputs, max_new_tokens=10, do_sample=False).tolist()
     assert "Paris" in processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
