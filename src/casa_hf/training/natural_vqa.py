@@ -4,6 +4,9 @@ Each question kind has several phrasings (British and American spellings, short 
 `HELD_OUT_PHRASINGS` of each kind never appear in training (`phrasings="train"`) and are used only to evaluate
 (`phrasings="held_out"`), so a score on them says whether the model understood the question or learnt a string.
 Answers are sentences built from one answer word; `grade` finds the answer word in free text.
+
+`UNTRAINED_KINDS` are asked only when listed in `kinds`: no training mix holds them, so the shipped CASA-SmolLM2
+has never seen them (`examples/finetune_lora.py` teaches one with LoRA).
 """
 
 from __future__ import annotations
@@ -85,7 +88,18 @@ PHRASINGS = {
         "What has changed since the first frame?",
         "Did the color, the shape or the position change?",
     ),
+    "corner": (
+        "Which corner is the shape in?",
+        "In which corner is the shape?",
+        "Corner?",
+        "Which corner of the picture is the shape closest to?",
+        "Is the shape in the top left, top right, bottom left or bottom right corner?",
+        "Tell me which corner of the image the shape sits in.",
+        "Can you tell me which corner of the image the shape is in?",
+        "Which corner is the shape nearest to: top or bottom, left or right?",
+    ),
 }
+UNTRAINED_KINDS = ("corner",)
 HELD_OUT_PHRASINGS = 2  # the last phrasings of each kind: evaluation only
 FIRST_FRAME_TEXTS = ("This is the first frame.", "Here is the first frame.", "First frame.")
 CHANGE_ANSWERS = {"colour": "The colour changed.", "shape": "The shape changed.", "position": "It moved."}
@@ -115,11 +129,17 @@ def answer_sentence(kind: str, answer: str) -> str:
         return f"It is at the {answer}."
     if kind == "digit":
         return f"The digit is {answer}."
+    if kind == "corner":
+        return f"It is in the {answer} corner."
     return CHANGE_ANSWERS[answer]
 
 
 def answer_word(kind: str, text: str) -> str | None:
-    """The one answer word of `kind` that `text` says (`None` when it says none or several)."""
+    """The one answer word of `kind` that `text` says (`None` when it says none or several); a corner is two words,
+    its vertical one and its horizontal one ("top left")."""
+    if kind == "corner":
+        words = answer_word("vertical", text), answer_word("horizontal", text)
+        return None if None in words else " ".join(words)
     words = set(re.findall(r"[a-z]+|\d", text.lower().replace("color", "colour")))
     found = [word for word in ANSWER_WORDS[kind] if word in words]
     if kind == "change" and found == ["colour", "shape"]:
@@ -140,6 +160,8 @@ class NaturalVQA(SyntheticVQA):
     always the same for a given seed; `system_prompt` is the system message text (`None`: no system message).
     Each example is `{"messages": [...], "kind": str, "answer": str, "question": str}`.
     """
+
+    questions = PHRASINGS
 
     def __init__(
         self,
@@ -182,4 +204,12 @@ class NaturalVQA(SyntheticVQA):
         return {"messages": messages, "kind": kind, "answer": answer, "question": question}
 
 
-__all__ = ["HELD_OUT_PHRASINGS", "PHRASINGS", "NaturalVQA", "answer_sentence", "answer_word", "grade"]
+__all__ = [
+    "HELD_OUT_PHRASINGS",
+    "PHRASINGS",
+    "UNTRAINED_KINDS",
+    "NaturalVQA",
+    "answer_sentence",
+    "answer_word",
+    "grade",
+]

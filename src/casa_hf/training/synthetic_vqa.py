@@ -68,6 +68,7 @@ class Scene:
             "count": COUNTS[self.count - 1],
             "horizontal": "left" if self.x < 0.5 else "right",
             "vertical": "top" if self.y < 0.5 else "bottom",
+            "corner": f"{'top' if self.y < 0.5 else 'bottom'} {'left' if self.x < 0.5 else 'right'}",
         }
 
 
@@ -126,10 +127,13 @@ class SyntheticVQA:
     """`len(dataset)` examples; example i is always the same for a given seed.
 
     Example i asks a question of kind `kinds[i % len(kinds)]`: a kind listed twice is drawn twice as often.
+    `questions` maps the kinds a class can ask to their question text(s).
 
     Each example is `{"messages": [...], "kind": str, "answer": str}` with chat messages ready for
     `CasaProcessor.apply_chat_template` (images as PIL objects inside the messages).
     """
+
+    questions: dict = QUESTIONS
 
     def __init__(
         self,
@@ -143,9 +147,9 @@ class SyntheticVQA:
         self.seed = seed
         self.image_size = image_size
         self.kinds = kinds or SINGLE_KINDS + MULTI_KINDS
-        unknown = set(self.kinds) - set(QUESTIONS)
+        unknown = set(self.kinds) - set(self.questions)
         if unknown:
-            raise ValueError(f"Unknown question kinds {sorted(unknown)}; known: {sorted(QUESTIONS)}")
+            raise ValueError(f"Unknown question kinds {sorted(unknown)}; known: {sorted(self.questions)}")
         self.system_prompt = system_prompt
 
     def __len__(self) -> int:
