@@ -1,10 +1,12 @@
 """Teach CASA-SmolLM2 a question it was never trained on with PEFT LoRA: "Which corner is the shape in?".
 
 The shipped model was trained to say whether a shape is on the left or the right and at the top or the bottom, never
-which corner it is in (`UNTRAINED_KINDS` in `casa_hf.training.natural_vqa`). LoRA adapters on the CASA sub-layers
-and the vision projector learn the new question from a few hundred steps of examples in its training phrasings. The
-held-out accuracy (new images, phrasings never used in training) is printed before and after, on the new kind and
-on kinds the model already knew (which the adapters must not make it forget); the adapter is saved as safetensors.
+which corner it is in (`UNTRAINED_KINDS` in `casa_hf.training.natural_vqa`); asked, it says half ("It is at the
+top."). LoRA adapters on the CASA sub-layers and the vision projector learn the new question and its answer ("It is
+at the top, on the left.") from a few hundred steps of examples in its training phrasings, half of them questions
+of the shipped model's own mix (`--replay`), so that the adapters do not make it forget those. The held-out
+accuracy (new images, phrasings never used in training) is printed before and after, on the new kind and on kinds
+the model already knew; the adapter is saved as safetensors.
 
     python examples/finetune_lora.py --output-dir lora_corner [--steps 300] [--batch-size 8] [--eval-examples 64]
 
@@ -19,20 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModel, AutoProcessor, TrainingArguments
+from transformers import AutoModel, AutoProcessor, TrainingArguments, set_seed
 
 import casa_hf  # noqa: F401  (registers CASA with the Auto classes)
 from casa_hf.builtin_models import resolve_model
 from casa_hf.checkpoint_io import staged_output
 from casa_hf.training.natural_vqa import NaturalVQA
+from casa_hf.training.synthetic_vqa import TRAINING_MIX
 from casa_hf.training.train_smollm2 import evaluate_natural, held_out_natural, train_answers
 
 NEW_KIND = "corner"
 # Images reach the LLM only through the CASA sub-layers, which read the projector's output: the new question needs
-# a new reading of the image (where the shape is on both axes at once) and a new answer ("It is in the top left
-# corner."), so the adapters go there: CASA q/k (where to look), v/o (what is read and written into the residual
-# stream) and the projector's two linear layers. SmolLM2's own blocks stay untouched (its text ability is kept), and
-# everything below the lowest CASA layer stays frozen, so its output is still cached while training (FrozenPrefix).
+# a new reading of the image (where the shape is on both axes, one after the other), so the adapters go there: CASA
+# q/k (where to look), v/o (what is read and written into the residual stream) and the projector's two linear
+# layers. SmolLM2's own blocks stay untouched, and everything below the lowest CASA layer stays frozen, so its
+# output is still computed once per distinct prompt while training (FrozenPrefix).
 TARGET_MODULES = r"model\.(language_model\.layers\.\d+\.casa_attn\.(q|k|v|o)_proj|visual\.merger\.mlp\.(0|2))"
 
 
@@ -54,13 +57,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--kept-kinds", default="colour,horizontal", help="known kinds checked for forgetting")
-    parser.add_argument("--eval-examples", type=int, default=48, help="held-out questions per kind")
+    parser.add_argument(
+        "--replay", type=float, default=0.5, help="share of training examples from the shipped model's own mix"
+    )
+    parser.add_argument("--eval-examples", type=int, default=64, help="held-out questions per kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "rank", "eval_examples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.replay < 1:
+        parser.error(f"--replay must be in [0, 1), got {args.replay}")
     args.kept_kinds = tuple(kind for kind in args.kept_kinds.split(",") if kind)
     unknown = set(args.kept_kinds) - set(NaturalVQA.questions)
     if unknown or NEW_KIND in args.kept_kinds:
@@ -68,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if Path(args.output_dir).exists() and not args.overwrite:
         parser.error(f"--output-dir {args.output_dir} already exists; pass --overwrite to replace it")
     return args
+
+
+def training_kinds(replay: float) -> tuple[str, ...]:
+    """The new kind, with a `replay` share of the shipped model's training mix: trained on the new kind alone, the
+    adapters make the model answer every question with a corner (colour 0.52 -> 0.00 in 300 steps, README)."""
+    new = round(len(TRAINING_MIX) * (1 - replay) / replay) if replay else 1
+    return (NEW_KIND,) * new + (TRAINING_MIX if replay else ())
 
 
 def accuracy(model, processor, args: argparse.Namespace) -> dict[str, float]:
@@ -87,10 +102,11 @@ def run(args: argparse.Namespace) -> FinetuneResult:
     before = accuracy(model, processor, args)
     print("before:", json.dumps(before))
 
+    set_seed(args.seed)  # the adapters' random start (LoRA A)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGET_MODULES)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
-    data = NaturalVQA(args.steps * args.batch_size, args.seed, processor.image_size, kinds=(NEW_KIND,))
+    data = NaturalVQA(args.steps * args.batch_size, args.seed, processor.image_size, kinds=training_kinds(args.replay))
     arguments = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.steps,

@@ -3,6 +3,7 @@ kind, and the saved adapter reloads onto the base model to the same logits."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ def load_example():
     path = Path(__file__).resolve().parents[1] / "examples" / "finetune_lora.py"
     spec = importlib.util.spec_from_file_location("finetune_lora", path)
     example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # its dataclass looks its module up
     spec.loader.exec_module(example)
     return example
 
@@ -27,6 +29,7 @@ def test_adapter_trains_saves_and_reloads(tmp_path):
     example = load_example()
     output = tmp_path / "adapter"
     argv = ["--output-dir", str(output), "--steps", "4", "--batch-size", "4", "--eval-examples", "2"]
+    argv += ["--replay", "0"]  # every batch all corner questions, so the logged losses are comparable
     result = example.run(example.parse_args([*argv, "--kept-kinds", "colour"]))
 
     files = {path.name for path in output.iterdir()}
@@ -59,6 +62,7 @@ def test_adapter_trains_saves_and_reloads(tmp_path):
         (["--steps", "0"], "--steps must be at least 1"),
         (["--kept-kinds", "corner"], "--kept-kinds must list known kinds other than 'corner'"),
         (["--kept-kinds", "size"], "--kept-kinds must list known kinds"),
+        (["--replay", "1"], "--replay must be in [0, 1)"),
     ],
 )
 def test_bad_options_are_refused(tmp_path, capsys, argv, message):

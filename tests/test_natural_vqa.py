@@ -46,7 +46,8 @@ def test_same_scenes_as_synthetic_vqa_with_sentence_answers():
         ("change", "It moved.", "position", True),
         ("change", "The shape changed.", "position", False),
         ("horizontal", "I cannot tell.", "left", False),
-        ("corner", "It is in the bottom right corner.", "bottom right", True),
+        ("corner", "It is at the bottom, on the right.", "bottom right", True),
+        ("corner", "In the bottom right corner.", "bottom right", True),
         ("corner", "It is at the bottom.", "bottom right", False),  # half a corner is no corner
         ("corner", "It is in the top right corner.", "top left", False),
     ],

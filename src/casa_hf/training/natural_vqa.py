@@ -96,7 +96,7 @@ PHRASINGS = {
         "Is the shape in the top left, top right, bottom left or bottom right corner?",
         "Tell me which corner of the image the shape sits in.",
         "Can you tell me which corner of the image the shape is in?",
-        "Which corner is the shape nearest to: top or bottom, left or right?",
+        "In which corner of the picture do you see the shape?",
     ),
 }
 UNTRAINED_KINDS = ("corner",)
@@ -129,8 +129,9 @@ def answer_sentence(kind: str, answer: str) -> str:
         return f"It is at the {answer}."
     if kind == "digit":
         return f"The digit is {answer}."
-    if kind == "corner":
-        return f"It is in the {answer} corner."
+    if kind == "corner":  # the top/bottom sentence, then the left/right one
+        vertical, horizontal = answer.split()
+        return f"It is at the {vertical}, on the {horizontal}."
     return CHANGE_ANSWERS[answer]
 
 
