@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def training_kinds(replay: float) -> tuple[str, ...]:
     """The new kind, with a `replay` share of the shipped model's training mix: trained on the new kind alone, the
-    adapters make the model answer every question with a corner (colour 0.52 -> 0.00 in 300 steps, README)."""
+    adapters make the model answer every question with a corner sentence (colour 0.52 -> 0.00 in 300 steps, README)."""
     new = round(len(TRAINING_MIX) * (1 - replay) / replay) if replay else 1
     return (NEW_KIND,) * new + (TRAINING_MIX if replay else ())
 
@@ -107,8 +107,20 @@ def run(args: argparse.Namespace) -> FinetuneResult:
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
     data = NaturalVQA(args.steps * args.batch_size, args.seed, processor.image_size, kinds=training_kinds(args.replay))
-    arguments = TrainingArguments(
-        output_dir=args.output_dir,
+    with staged_output(args.output_dir, args.overwrite) as staging:  # the folder appears only once complete
+        trainer = train_answers(model, processor, data, training_arguments(args, staging))
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        after = accuracy(model, processor, args)
+        print("after: ", json.dumps(after))
+        model.save_pretrained(staging)  # adapter_model.safetensors + adapter_config.json
+        report = {"args": vars(args), "before": before, "after": after, "losses": losses}
+        (staging / "finetune_lora.json").write_text(json.dumps(report, indent=1))
+    return FinetuneResult(model, processor, before, after, losses)
+
+
+def training_arguments(args: argparse.Namespace, output_dir: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -120,18 +132,8 @@ def run(args: argparse.Namespace) -> FinetuneResult:
         remove_unused_columns=False,
         seed=args.seed,
         dataloader_pin_memory=False,
-        disable_tqdm=False,
+        disable_tqdm=False,  # the progress bar
     )
-    with staged_output(args.output_dir, args.overwrite) as staging:  # the folder appears only once complete
-        arguments.output_dir = str(staging)
-        trainer = train_answers(model, processor, data, arguments)
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        after = accuracy(model, processor, args)
-        print("after: ", json.dumps(after))
-        model.save_pretrained(staging)  # adapter_model.safetensors + adapter_config.json
-        report = {"model": args.model, "steps": args.steps, "before": before, "after": after, "losses": losses}
-        (staging / "finetune_lora.json").write_text(json.dumps(report, indent=1))
-    return FinetuneResult(model, processor, before, after, losses)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,7 @@ def test_adapter_trains_saves_and_reloads(tmp_path):
     report = json.loads((output / "finetune_lora.json").read_text())
     assert report["before"] == result.before and report["after"] == result.after
     assert set(result.before) == set(result.after) == {"corner", "colour"}
-    assert len(result.losses) == 4 and result.losses[-1] < result.losses[0]  # the model never said "corner"
+    assert len(result.losses) == 4 and result.losses[-1] < result.losses[0]  # new: the second half of the answer
 
     trained = {name: p for name, p in result.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in name for name in trained)
