@@ -25,9 +25,9 @@ from transformers import AutoModel, AutoProcessor, TrainingArguments, set_seed
 
 import casa_hf  # noqa: F401  (registers CASA with the Auto classes)
 from casa_hf.builtin_models import resolve_model
+from casa_hf.casa_smollm2 import SHIPPED_WEIGHTS
 from casa_hf.checkpoint_io import staged_output
-from casa_hf.training.natural_vqa import NaturalVQA
-from casa_hf.training.synthetic_vqa import TRAINING_MIX
+from casa_hf.training.natural_vqa import PHRASINGS, NaturalVQA
 from casa_hf.training.train_smollm2 import evaluate_natural, held_out_natural, train_answers
 
 NEW_KIND = "corner"
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.replay < 1:
         parser.error(f"--replay must be in [0, 1), got {args.replay}")
     args.kept_kinds = tuple(kind for kind in args.kept_kinds.split(",") if kind)
-    unknown = set(args.kept_kinds) - set(NaturalVQA.questions)
+    unknown = set(args.kept_kinds) - set(PHRASINGS)
     if unknown or NEW_KIND in args.kept_kinds:
         parser.error(f"--kept-kinds must list known kinds other than {NEW_KIND!r}, got {args.kept_kinds}")
     if Path(args.output_dir).exists() and not args.overwrite:
@@ -81,8 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def training_kinds(replay: float) -> tuple[str, ...]:
     """The new kind, with a `replay` share of the shipped model's training mix: trained on the new kind alone, the
     adapters make the model answer every question with a corner sentence (colour 0.52 -> 0.00 in 300 steps, README)."""
-    new = round(len(TRAINING_MIX) * (1 - replay) / replay) if replay else 1
-    return (NEW_KIND,) * new + (TRAINING_MIX if replay else ())
+    shipped = tuple(json.loads((SHIPPED_WEIGHTS / "recipe.json").read_text())["kinds"])  # what it was trained on
+    new = round(len(shipped) * (1 - replay) / replay) if replay else 1
+    return (NEW_KIND,) * new + (shipped if replay else ())
 
 
 def accuracy(model, processor, args: argparse.Namespace) -> dict[str, float]:

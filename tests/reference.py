@@ -24,6 +24,8 @@ def reference_casa_window_attention(module, query, key, value, image_keys, image
             if windows.image_mask[b, t]:
                 image += 1
                 current, window_start = image, t
+            if current is None and module.updates_image_windows_only:
+                continue  # before any image: no update (cross-attention, or CASA skipping text-only windows)
             for h in range(heads):
                 keys, values = [], []
                 if current is not None:
@@ -35,8 +37,6 @@ def reference_casa_window_attention(module, query, key, value, image_keys, image
                         if windows.chunk_token_valid[b, s] or s == t:
                             keys.append(key[b, h // groups, s][None])
                             values.append(value[b, h // groups, s][None])
-                if not keys:
-                    continue  # cross-attention before any image: no update
                 k, v = torch.cat(keys), torch.cat(values)
                 weights = torch.softmax((k @ query[b, h, t]) * module.scaling, dim=0)
                 output[b, t, h] = weights @ v

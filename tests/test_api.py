@@ -136,6 +136,13 @@ def test_bad_pixel_shapes_are_refused():
         model(**{**inputs, "image_grid_thw": inputs["image_grid_thw"][0]})
 
 
+def test_a_mask_shorter_than_the_input_is_named():
+    model = tiny_model()
+    inputs = image_inputs()
+    with pytest.raises(ValueError, match="attention_mask has 2 columns but input_ids has"):
+        model(**inputs, attention_mask=torch.ones(1, 2, dtype=torch.long))
+
+
 @pytest.mark.parametrize("argument", ["pixel_values", "image_grid_thw", "attention_mask"])
 def test_inputs_that_are_not_tensors_are_named(argument):
     model = tiny_model()
@@ -183,6 +190,7 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
         (dict(image_token_id=999), "image_token_id"),
         (dict(casa_image_positions="grid"), "casa_image_positions"),
         (dict(casa_image_centering="yes"), "casa_image_centering"),
+        (dict(casa_text_only_windows="drop"), "casa_text_only_windows"),
         (dict(vision_config=dict(out_hidden_size=32)), "out_hidden_size"),
         (dict(text_config=dict(model_type="gpt2")), "text_config.model_type"),
     ],

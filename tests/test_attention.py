@@ -26,13 +26,15 @@ def batch_inputs():
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid)
 
 
-@pytest.mark.parametrize("mode", ["casa", "cross_attention"])
+@pytest.mark.parametrize("mode", ["casa", "cross_attention", "casa_skipping_text_only_windows"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention", "flash_varlen_reference"])
 def test_backend_matches_reference(monkeypatch, mode, attn):
     """Fast path on `attn` against eager text attention + the loop reference for CASA, on the same weights."""
     inputs = batch_inputs()
-    model = tiny_model(attn=attn, casa_attention=mode)
-    reference = tiny_model(attn="eager", casa_attention=mode)
+    options = dict(casa_attention="casa", casa_text_only_windows="skip") if mode.endswith("windows") else {}
+    options = options or dict(casa_attention=mode)
+    model = tiny_model(attn=attn, **options)
+    reference = tiny_model(attn="eager", **options)
     reference.load_state_dict(model.state_dict())
     # torch 2.13's CPU flex template miscompiles once dynamo turns dynamic (C++ "cur_kvSplitSize5" error), which
     # happens as soon as the SA and CASA shapes differ; static recompiles avoid that torch bug.

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoProcessor, pipeline
 
 from casa_hf import CasaForConditionalGeneration
-from casa_hf.casa_smollm2 import SHIPPED_WEIGHTS, load_added_weights
+from casa_hf.casa_smollm2 import SHIPPED_WEIGHTS, assembled_folder, load_added_weights
 from casa_hf.cli import main
 from casa_hf.training.natural_vqa import answer_word
 from casa_hf.training.train_smollm2 import FIXED_TEST_SET, evaluate_natural, held_out_natural
@@ -66,14 +66,18 @@ def test_shipped_accuracy_on_a_fixed_held_out_set(loaded):
     assert abs(accuracy["single_image"] - recorded["single_image"]) <= 1 / 24 + 1e-9, (accuracy, recorded)
 
 
-def test_text_only_answers_stay_smollm2s(loaded):
+def test_text_only_chats_are_smollm2s(loaded):
+    """No image, no CASA update (`casa_text_only_windows="skip"`): SmolLM2's own logits and answer."""
     model, processor = loaded
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
+    smollm2 = model.backbone_llm()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        torch.testing.assert_close(model(**inputs).logits, smollm2(**inputs).logits, atol=1e-5, rtol=0)
+    assert out.tolist() == smollm2.generate(**inputs, max_new_tokens=10, do_sample=False).tolist()
     assert "Paris" in processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
@@ -85,3 +89,20 @@ def test_added_weights_must_match_the_recipe(loaded, tmp_path):
     save_file(state, str(tmp_path / "added.safetensors"))
     with pytest.raises(ValueError, match="does not match the recipe"):
         load_added_weights(loaded[0], tmp_path / "added.safetensors")
+
+
+def test_the_assembled_folder_follows_the_recipe_with_its_defaults(tmp_path):
+    """A recipe field left out of recipe.json takes the code's default, so the cache key must include it: writing
+    the default out keeps the folder, another value (or other weights) moves it."""
+    recipe = json.loads((SHIPPED_WEIGHTS / "recipe.json").read_text())
+    folders = []
+    for name, windows in (("implicit", None), ("explicit", "skip"), ("other", "attend")):
+        copy = tmp_path / name
+        copy.mkdir()
+        (copy / "added.safetensors").write_bytes((SHIPPED_WEIGHTS / "added.safetensors").read_bytes())
+        fields = dict(recipe["recipe"])
+        fields.pop("text_only_windows", None)
+        fields.update({} if windows is None else {"text_only_windows": windows})
+        (copy / "recipe.json").write_text(json.dumps({**recipe, "recipe": fields}))
+        folders.append(assembled_folder(copy, tmp_path / "cache"))
+    assert folders[0] == folders[1] != folders[2]

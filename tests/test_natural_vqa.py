@@ -1,16 +1,24 @@
 """Natural-language synthetic VQA: phrasings held out of training, sentence answers graded by their answer word."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from casa_hf.training.natural_vqa import (
     HELD_OUT_PHRASINGS,
     PHRASINGS,
+    PROSE,
+    PROSE_MODULES,
     UNTRAINED_KINDS,
     NaturalVQA,
     answer_sentence,
     grade,
+    module_summary,
 )
 from casa_hf.training.synthetic_vqa import SyntheticVQA
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_held_out_phrasings_never_appear_in_training():
@@ -73,3 +81,20 @@ def test_untrained_corner_kind_is_asked_only_when_listed():
     assert not {NaturalVQA(140, seed=3)[i]["kind"] for i in range(140)} & set(UNTRAINED_KINDS)
     with pytest.raises(ValueError, match="Unknown question kinds"):  # no one-word question for it
         SyntheticVQA(4, kinds=UNTRAINED_KINDS)
+
+
+def test_prose_examples_answer_a_module_question_next_to_an_image_with_other_modules_than_the_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("perplexity", ROOT / "benchmarks" / "smollm2_text_perplexity.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert not set(PROSE_MODULES) & set(benchmark.MODULES)
+    dataset = NaturalVQA(6, seed=2, kinds=("colour", PROSE))
+    example = dataset[1]
+    user, assistant = example["messages"]
+    assert example["kind"] == PROSE and [item["type"] for item in user["content"]] == ["image", "text"]
+    [module] = set(re.findall(r"[a-z_]+", user["content"][1]["text"])) & set(PROSE_MODULES)
+    assert assistant["content"] == module_summary(module) and module_summary(module).endswith(".")
+    with pytest.raises(ValueError, match="Unknown question kinds"):
+        NaturalVQA(6, kinds=("colour", "poetry"))

@@ -1,6 +1,8 @@
 """Training support: assistant-only labels, packing, freezing recipes, LoRA, the train command's options and errors
 (launched runs: test_launch.py)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -168,6 +170,33 @@ def test_train_command_passes_every_option_to_the_training_config(monkeypatch, t
     )
     main(["train", "--output-dir", str(tmp_path / "resumed"), "--eval-examples", "0", "--save-steps", "5", "--resume"])
     assert seen[-1] == training.TrainConfig(str(tmp_path / "resumed"), save_steps=5, resume=True)
+
+
+def test_train_smollm2_command_passes_every_option_to_the_training_config(monkeypatch, tmp_path):
+    import casa_hf.training.train_smollm2 as smollm2_training
+    from casa_hf.casa_smollm2 import CasaSmolLM2Recipe
+    from casa_hf.cli import main
+
+    seen = []
+
+    def train(config):  # what the trainer leaves behind that the command then writes to
+        seen.append(config)
+        Path(config.output_dir).mkdir()
+        return None, None
+
+    monkeypatch.setattr(smollm2_training, "train_casa_smollm2", train)
+    monkeypatch.setattr(smollm2_training, "natural_accuracy", lambda *args: {})
+    main(["train-smollm2", "--output-dir", str(tmp_path / "defaults")])
+    assert seen[-1] == smollm2_training.SmolLM2TrainConfig(str(tmp_path / "defaults"))
+    # fmt: off
+    main(["train-smollm2", "--output-dir", str(tmp_path / "set"), "--steps", "7", "--batch-size", "3",
+          "--learning-rate", "5e-4", "--casa-layers", "28,29", "--vision-depth", "2", "--vision-steps", "5",
+          "--seed", "4", "--stop-after", "6"])
+    # fmt: on
+    recipe = CasaSmolLM2Recipe(casa_layers=(28, 29), vision_depth=2)
+    assert seen[-1] == smollm2_training.SmolLM2TrainConfig(
+        str(tmp_path / "set"), 7, 3, 5e-4, seed=4, vision_steps=5, stop_after=6, recipe=recipe
+    )
 
 
 @pytest.mark.parametrize(

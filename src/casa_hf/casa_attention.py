@@ -221,14 +221,25 @@ class CasaAttention(nn.Module):
     """CASA sub-layer of one decoder block, shaped like the block's self-attention (same q/k/v/o and GQA).
 
     With `shared=True` it owns no projections and reuses those of `self_attn` (the "-Shared" variant).
+    `skip_text_only_windows`: windows without an image give no update (`CasaConfig.casa_text_only_windows`).
     """
 
-    def __init__(self, config, self_attn: nn.Module, layer_idx: int, mode: str, shared: bool):
+    def __init__(
+        self,
+        config,
+        self_attn: nn.Module,
+        layer_idx: int,
+        mode: str,
+        shared: bool,
+        skip_text_only_windows: bool = False,
+    ):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.mode = mode
         self.shared = shared
+        # Plain cross-attention has no keys in a window without an image: no update there either
+        self.updates_image_windows_only = skip_text_only_windows or mode != "casa"
         self.head_dim = self_attn.head_dim
         self.num_key_value_groups = self_attn.num_key_value_groups
         self.scaling = self_attn.scaling
@@ -321,12 +332,13 @@ def casa_window_attention(
             values = torch.cat([values, _to_windows(value, query_index)], dim=2)
             key_valid = torch.cat([key_valid, token_valid], dim=1)
         has_keys = key_valid.any(-1)  # only cross-attention windows before any image have none
-        if not bool(has_keys.any()):
+        updated = has_keys & (bank.image_slots[source] > 0) if module.updates_image_windows_only else has_keys
+        if not bool(updated.any()):
             continue
         queries = _to_windows(query, query_index)
         if varlen:
             group_output = _varlen_window_attention(
-                module, implementation, queries, keys, values, token_valid & has_keys[:, None], key_valid, dropout
+                module, implementation, queries, keys, values, token_valid & updated[:, None], key_valid, dropout
             )
         else:
             group_output, weights = _masked_attention(module, queries, keys, values, key_valid, width, dropout)
@@ -335,11 +347,11 @@ def casa_window_attention(
                     image_weights = weights.new_zeros(batch * seq_len, heads, int(bank.image_slots.max()))
                 per_token = _weights_on_images(weights, width, bank.image_slots[source], image_weights.shape[-1])
                 image_weights[query_index[query_valid]] = per_token.transpose(1, 2)[query_valid]
-        group_output = group_output * has_keys[:, None, None, None].to(group_output.dtype)
+        group_output = group_output * updated[:, None, None, None].to(group_output.dtype)
         if output is None:
             output = group_output.new_zeros(batch * seq_len, heads, head_dim)
         output[query_index[query_valid]] = group_output[query_valid]
-    if output is None:  # no window has keys: cross-attention over text before any image
+    if output is None:  # no window is updated: text before any image (cross-attention, or skipped)
         output = query.new_zeros(batch * seq_len, heads, head_dim)
     if cache_layer is not None:
         _store_last_windows(cache_layer, windows, bank, key, value, past, with_text)
@@ -358,8 +370,8 @@ def _continue_cached_windows(
     unmasked = cache_layer.all_valid and query.shape[2] == 1
     key_valid = None if unmasked else key_valid
     output, weights = _masked_attention(module, query, keys, values, key_valid, first_new_slot, dropout=0.0)
-    if module.mode != "casa":  # a cross-attention window before any image has no keys: no update
-        output = output * cache_layer.valid.any(-1)[:, None, None, None].to(output.dtype)
+    if module.updates_image_windows_only:  # a window before any image: no update
+        output = output * (cache_layer.image_tokens > 0)[:, None, None, None].to(output.dtype)
     image_weights = None
     if weights is not None:
         image_tokens = cache_layer.image_tokens

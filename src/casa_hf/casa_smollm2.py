@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +43,8 @@ class CasaSmolLM2Recipe:
     # Each image's mean token subtracted before CASA (`CasaConfig.casa_image_centering`): without it the tower grows
     # a component shared by all images and the trained model ignores the image (README, CASA-SmolLM2).
     image_centering: bool = True
+    # No CASA update before the first image (`CasaConfig.casa_text_only_windows`): text-only chats are SmolLM2's
+    text_only_windows: str = "skip"
     vision_depth: int = 4
     vision_hidden: int = 256
     vision_heads: int = 4
@@ -87,6 +89,7 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
         casa_image_positions="raster",
         casa_attention=recipe.casa_attention,
         casa_image_centering=recipe.image_centering,
+        casa_text_only_windows=recipe.text_only_windows,
         image_token_id=processor.image_token_id,
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
@@ -166,26 +169,33 @@ def recipe_from_file(path: str | Path) -> CasaSmolLM2Recipe:
     return CasaSmolLM2Recipe(**{**recipe, "casa_layers": tuple(recipe["casa_layers"])})
 
 
+def assembled_folder(weights: Path, cache_dir: str | Path | None = None) -> Path:
+    """Where `assemble_casa_smollm2` builds `weights`: named by what the model is made of, the recipe read with the
+    defaults of fields its file lacks included (a new default makes a new model), the weights and the accuracy
+    that the model card shows."""
+    digest = hashlib.sha256(json.dumps(asdict(recipe_from_file(weights / "recipe.json"))).encode())
+    for part in (weights / "added.safetensors", weights / "accuracy.json"):
+        digest.update(part.read_bytes() if part.is_file() else b"")
+    cache_dir = Path(cache_dir or os.environ.get("CASA_HF_CACHE", Path.home() / ".cache" / "casa_hf"))
+    return cache_dir / f"casa-smollm2-{digest.hexdigest()[:16]}"
+
+
 def assemble_casa_smollm2(weights: str | Path = SHIPPED_WEIGHTS, cache_dir: str | Path | None = None) -> Path:
     """A standard CASA checkpoint folder: the installed SmolLM2 + the trained added weights of `weights` (a folder
     with `added.safetensors` and `recipe.json`). Built once (about 20 s) into the cache, then reused."""
     weights = Path(weights)
-    added = weights / "added.safetensors"
-    digest = hashlib.sha256()
-    for part in (added, weights / "recipe.json", weights / "accuracy.json"):  # the model card shows the accuracy
-        digest.update(part.read_bytes() if part.is_file() else b"")
-    cache_dir = Path(cache_dir or os.environ.get("CASA_HF_CACHE", Path.home() / ".cache" / "casa_hf"))
-    folder = cache_dir / f"casa-smollm2-{digest.hexdigest()[:16]}"
+    folder = assembled_folder(weights, cache_dir)
     if (folder / "config.json").is_file():
         return folder
-    model, processor = build_casa_smollm2(recipe_from_file(weights / "recipe.json"))
-    load_added_weights(model, added)
+    recipe = recipe_from_file(weights / "recipe.json")
+    model, processor = build_casa_smollm2(recipe)
+    load_added_weights(model, weights / "added.safetensors")
     with staged_output(folder, overwrite=True) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         accuracy = weights / "accuracy.json"
         scores = json.loads(accuracy.read_text()) if accuracy.is_file() else {}
-        (staging / "README.md").write_text(model_card(recipe_from_file(weights / "recipe.json"), scores))
+        (staging / "README.md").write_text(model_card(recipe, scores))
     return folder
 
 

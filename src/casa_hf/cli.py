@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     smol.add_argument("--learning-rate", type=float, default=1e-3)
     smol.add_argument("--casa-layers", type=_layer_list, default=None, help="SmolLM2 blocks given CASA (e.g. 26,27)")
     smol.add_argument("--vision-depth", type=int, default=None, help="vision tower blocks (default: the recipe's)")
+    smol.add_argument(
+        "--vision-steps", type=int, default=0, help="stage 1: steps training the vision tower on scene attributes"
+    )
     smol.add_argument("--seed", type=int, default=0)
     smol.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of the schedule")
 

@@ -56,6 +56,10 @@ class CasaConfig(PreTrainedConfig):
             Subtract each image's mean token from its tokens before the CASA layers. A vision tower trained from
             scratch next to a frozen LLM grows a component shared by all images that, after the CASA image norm,
             drowns what tells images apart; centring removes it (CASA-SmolLM2).
+        casa_text_only_windows (`str`, *optional*, defaults to `"attend"`):
+            What a CASA sub-layer does in a window without an image (the text before a conversation's first image):
+            `"attend"` (the paper's pattern) lets its text attend to itself; `"skip"` gives it no update, so a
+            text-only prompt, and the text before the first image, is computed exactly as the text LLM computes it.
         image_token_id (`int`, *optional*):
             The placeholder token marking where an image is inserted in the text.
         vision_start_token_id / vision_end_token_id (`int`, *optional*):
@@ -99,6 +103,7 @@ class CasaConfig(PreTrainedConfig):
     casa_shared: bool = False
     casa_image_positions: Literal["insertion", "raster"] = "insertion"
     casa_image_centering: bool = False
+    casa_text_only_windows: Literal["attend", "skip"] = "attend"
     image_token_id: int = 151655
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
@@ -129,6 +134,8 @@ class CasaConfig(PreTrainedConfig):
             raise ValueError(f"casa_image_positions={self.casa_image_positions!r} must be 'insertion' or 'raster'")
         if not isinstance(self.casa_image_centering, bool):
             raise ValueError(f"casa_image_centering={self.casa_image_centering!r} must be True or False")
+        if self.casa_text_only_windows not in ("attend", "skip"):
+            raise ValueError(f"casa_text_only_windows={self.casa_text_only_windows!r} must be 'attend' or 'skip'")
         if self.casa_attention not in CASA_ATTENTION_TYPES:
             raise ValueError(f"casa_attention={self.casa_attention!r} must be one of {CASA_ATTENTION_TYPES}")
         num_layers = text.num_hidden_layers

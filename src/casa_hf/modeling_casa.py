@@ -65,7 +65,12 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
             self.casa_input_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
             self.casa_image_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
             self.casa_attn = CasaAttention(
-                config.text_config, self.self_attn, layer_idx, config.casa_attention, config.casa_shared
+                config.text_config,
+                self.self_attn,
+                layer_idx,
+                config.casa_attention,
+                config.casa_shared,
+                skip_text_only_windows=config.casa_text_only_windows == "skip",
             )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -469,7 +474,8 @@ def _check_tensor(name: str, value: Any) -> None:
 def _check_text_inputs(
     input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, attention_mask: torch.Tensor | None
 ) -> None:
-    """Exactly one of `input_ids` / `inputs_embeds`, as tensors of a non-empty (batch, sequence) shape."""
+    """Exactly one of `input_ids` / `inputs_embeds`, as tensors of a non-empty (batch, sequence) shape, and a 2D
+    `attention_mask` that covers them."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds")
     if isinstance(attention_mask, dict):  # the per-layer-type masks generate() prepares for a static cache
@@ -485,6 +491,11 @@ def _check_text_inputs(
         raise ValueError(
             f"{name} must be a non-empty (batch, sequence{', hidden' * (ndim == 3)}) tensor, got shape "
             f"{tuple(tensor.shape)}"
+        )
+    if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] < tensor.shape[1]:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[1]} columns but {name} has {tensor.shape[1]} tokens: a 2D mask "
+            "covers the cached tokens and the new ones"
         )
 
 

@@ -11,6 +11,8 @@ has never seen them (`examples/finetune_lora.py` teaches one with LoRA).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
 
 import numpy as np
@@ -101,6 +103,25 @@ PHRASINGS = {
 }
 UNTRAINED_KINDS = ("corner",)
 HELD_OUT_PHRASINGS = 2  # the last phrasings of each kind: evaluation only
+# "prose": a question about a Python standard-library module next to an unrelated image, answered with the module's
+# docstring. Its text lies in the image's CASA window, so training on it keeps the frozen LLM's text ability there
+# (the CASA sub-layers learn to leave text alone when the question is not about the image). The perplexity benchmark
+# scores other modules' docstrings (`benchmarks/smollm2_text_perplexity.py`).
+PROSE = "prose"
+PROSE_MODULES = (
+    "os", "re", "random", "collections", "string", "shutil", "tempfile", "fnmatch", "gzip", "sqlite3", "hashlib",
+    "hmac", "secrets", "uuid", "struct", "copy", "pprint", "operator", "typing", "inspect", "ast", "tokenize", "pdb",
+    "timeit", "trace", "weakref", "sched", "subprocess", "socket", "selectors", "calendar", "statistics", "numbers",
+    "locale", "gettext", "codecs", "difflib", "shelve", "configparser", "plistlib", "mimetypes", "wave", "colorsys",
+    "zipimport", "filecmp", "linecache", "optparse", "getopt", "ipaddress", "codeop", "pickletools", "tabnanny",
+    "pyclbr", "runpy",
+)  # fmt: skip
+PROSE_QUESTIONS = (
+    "What does Python's {} module do?",
+    "Tell me about the {} module in Python.",
+    "Can you describe the Python module {}?",
+)
+PROSE_CHARACTERS = 400  # about 90 SmolLM2 tokens of each docstring, cut at a sentence end
 FIRST_FRAME_TEXTS = ("This is the first frame.", "Here is the first frame.", "First frame.")
 CHANGE_ANSWERS = {"colour": "The colour changed.", "shape": "The shape changed.", "position": "It moved."}
 # The answer word of each kind as found in an answer sentence ("The colour changed." -> "colour").
@@ -154,6 +175,15 @@ def grade(kind: str, text: str, answer: str) -> bool:
     return answer_word(kind, text) == expected
 
 
+@functools.cache
+def module_summary(name: str) -> str:
+    """The start of module `name`'s docstring, whitespace collapsed, cut after the last full stop within
+    `PROSE_CHARACTERS` characters."""
+    text = " ".join(importlib.import_module(name).__doc__.split())
+    head = text[:PROSE_CHARACTERS]
+    return head[: head.rfind(". ") + 1] or head
+
+
 class NaturalVQA(SyntheticVQA):
     """`SyntheticVQA`'s scenes and answers, asked with varied English phrasings and answered in sentences.
 
@@ -161,8 +191,6 @@ class NaturalVQA(SyntheticVQA):
     always the same for a given seed; `system_prompt` is the system message text (`None`: no system message).
     Each example is `{"messages": [...], "kind": str, "answer": str, "question": str}`.
     """
-
-    questions = PHRASINGS
 
     def __init__(
         self,
@@ -173,7 +201,11 @@ class NaturalVQA(SyntheticVQA):
         phrasings: str = "train",
         system_prompt: str | None = None,
     ):
-        super().__init__(size, seed, image_size, kinds, system_prompt=False)
+        super().__init__(size, seed, image_size, None, system_prompt=False)
+        unknown = set(kinds or ()) - set(PHRASINGS) - {PROSE}
+        if unknown:
+            raise ValueError(f"Unknown question kinds {sorted(unknown)}; known: {sorted([*PHRASINGS, PROSE])}")
+        self.kinds = kinds or self.kinds
         if phrasings not in ("train", "held_out", "all"):
             raise ValueError(f"phrasings={phrasings!r} must be 'train', 'held_out' or 'all'")
         self.phrasings = phrasings
@@ -190,6 +222,8 @@ class NaturalVQA(SyntheticVQA):
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, index])
         kind = self.kinds[index % len(self.kinds)]
+        if kind == PROSE:
+            return self._prose(rng)
         images, answer = self._make(kind, rng)
         question = str(rng.choice(self._questions(kind)))
         content = [{"type": "image", "image": images[0]}]
@@ -204,10 +238,22 @@ class NaturalVQA(SyntheticVQA):
         ]
         return {"messages": messages, "kind": kind, "answer": answer, "question": question}
 
+    def _prose(self, rng: np.random.Generator) -> dict:
+        images, _ = self._make("colour", rng)
+        module = str(rng.choice(PROSE_MODULES))
+        question = str(rng.choice(PROSE_QUESTIONS)).format(module)
+        answer = module_summary(module)
+        messages = [
+            {"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": answer},
+        ]
+        return {"messages": messages, "kind": PROSE, "answer": answer, "question": question}
+
 
 __all__ = [
     "HELD_OUT_PHRASINGS",
     "PHRASINGS",
+    "PROSE",
     "UNTRAINED_KINDS",
     "NaturalVQA",
     "answer_sentence",

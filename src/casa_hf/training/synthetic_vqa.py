@@ -127,13 +127,10 @@ class SyntheticVQA:
     """`len(dataset)` examples; example i is always the same for a given seed.
 
     Example i asks a question of kind `kinds[i % len(kinds)]`: a kind listed twice is drawn twice as often.
-    `questions` maps the kinds a class can ask to their question text(s).
 
     Each example is `{"messages": [...], "kind": str, "answer": str}` with chat messages ready for
     `CasaProcessor.apply_chat_template` (images as PIL objects inside the messages).
     """
-
-    questions: dict = QUESTIONS
 
     def __init__(
         self,
@@ -147,9 +144,9 @@ class SyntheticVQA:
         self.seed = seed
         self.image_size = image_size
         self.kinds = kinds or SINGLE_KINDS + MULTI_KINDS
-        unknown = set(self.kinds) - set(self.questions)
+        unknown = set(self.kinds) - set(QUESTIONS)
         if unknown:
-            raise ValueError(f"Unknown question kinds {sorted(unknown)}; known: {sorted(self.questions)}")
+            raise ValueError(f"Unknown question kinds {sorted(unknown)}; known: {sorted(QUESTIONS)}")
         self.system_prompt = system_prompt
 
     def __len__(self) -> int:

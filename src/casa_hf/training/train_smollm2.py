@@ -23,9 +23,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..casa_smollm2 import CasaSmolLM2Recipe, added_state_dict, build_casa_smollm2, freeze_smollm2
 from .collator import IGNORE_INDEX, CasaDataCollator
-from .natural_vqa import NaturalVQA, grade
+from .natural_vqa import PROSE, NaturalVQA, grade
 from .synthetic_vqa import TRAINING_MIX
 from .train import generate_answers
+from .vision_pretraining import pretrain_vision_tower
 
 HELD_OUT_SEED_OFFSET = 10_000
 FIXED_TEST_SET = 28  # held-out phrasings, 4 questions per kind
@@ -40,7 +41,11 @@ class SmolLM2TrainConfig:
     warmup_steps: int = 50
     seed: int = 0
     train_examples: int = 200_000
-    kinds: tuple[str, ...] = TRAINING_MIX
+    kinds: tuple[str, ...] = (*TRAINING_MIX, PROSE)
+    # stage 1: steps (batches of `vision_batch_size` images) in which the vision tower learns the scenes'
+    # attributes directly (`vision_pretraining`), before the CASA layers learn to read it (and it goes on learning)
+    vision_steps: int = 0
+    vision_batch_size: int = 32
     save_every: int = 100  # added weights written every this many steps (a run stopped early keeps its latest)
     stop_after: int | None = None  # stop after this many steps of the `steps`-long schedule (None: run it all)
     recipe: CasaSmolLM2Recipe = field(default_factory=CasaSmolLM2Recipe)
@@ -177,6 +182,10 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.json").write_text(json.dumps(asdict(config), indent=1, default=list))
+    if config.vision_steps:
+        steps, batch = config.vision_steps, config.vision_batch_size
+        probe = pretrain_vision_tower(model, processor, steps, batch, seed=config.seed)
+        print("vision tower, attribute accuracy (last 50 steps):", json.dumps(probe))
     dataset = NaturalVQA(config.train_examples, config.seed, config.recipe.image_size, config.kinds)
     arguments = TrainingArguments(
         output_dir=str(output),
@@ -253,6 +262,7 @@ def run_train_smollm2(args) -> None:
         args.batch_size,
         args.learning_rate,
         seed=args.seed,
+        vision_steps=args.vision_steps,
         stop_after=args.stop_after,
         recipe=recipe,
     )
