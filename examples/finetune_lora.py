@@ -58,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--kept-kinds", default="colour,horizontal", help="known kinds checked for forgetting")
     parser.add_argument(
-        "--replay", type=float, default=0.5, help="share of training examples from the shipped model's own mix"
+        "--replay",
+        type=float,
+        default=0.5,
+        help="share of training examples from the shipped weights' own mix (their recipe.json)",
     )
     parser.add_argument("--eval-examples", type=int, default=64, help="held-out questions per kind")
     parser.add_argument("--seed", type=int, default=0)
