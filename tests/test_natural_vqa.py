@@ -10,6 +10,7 @@ from casa_hf.training.natural_vqa import (
     PHRASINGS,
     PROSE,
     PROSE_MODULES,
+    UNTRAINED_KINDS,
     NaturalVQA,
     answer_sentence,
     grade,
@@ -23,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_held_out_phrasings_never_appear_in_training():
     train = {NaturalVQA(140, seed=3)[i]["question"] for i in range(140)}
     held_out = {NaturalVQA(56, seed=3, phrasings="held_out")[i]["question"] for i in range(56)}
-    expected_held_out = {q for questions in PHRASINGS.values() for q in questions[-HELD_OUT_PHRASINGS:]}
-    assert held_out == expected_held_out
+    asked = {kind: questions for kind, questions in PHRASINGS.items() if kind not in UNTRAINED_KINDS}
+    assert held_out == {q for questions in asked.values() for q in questions[-HELD_OUT_PHRASINGS:]}
     assert not train & held_out
-    assert train <= {q for questions in PHRASINGS.values() for q in questions[:-HELD_OUT_PHRASINGS]}
+    assert train <= {q for questions in asked.values() for q in questions[:-HELD_OUT_PHRASINGS]}
     assert any("colour" in q for q in train) and any("color" in q for q in train)  # both spellings
 
 
@@ -53,6 +54,10 @@ def test_same_scenes_as_synthetic_vqa_with_sentence_answers():
         ("change", "It moved.", "position", True),
         ("change", "The shape changed.", "position", False),
         ("horizontal", "I cannot tell.", "left", False),
+        ("corner", "It is at the bottom, on the right.", "bottom right", True),
+        ("corner", "In the bottom right corner.", "bottom right", True),
+        ("corner", "It is at the bottom.", "bottom right", False),  # half a corner is no corner
+        ("corner", "It is in the top right corner.", "top left", False),
     ],
 )
 def test_grade(kind, text, answer, expected):
@@ -62,6 +67,20 @@ def test_grade(kind, text, answer, expected):
 def test_bad_phrasings_option():
     with pytest.raises(ValueError, match="phrasings="):
         NaturalVQA(4, phrasings="test")
+
+
+def test_untrained_corner_kind_is_asked_only_when_listed():
+    """The corner of a single shape is its top/bottom and left/right answers together, on the same scene."""
+    corner, horizontal, vertical = (
+        NaturalVQA(6, seed=2, kinds=(kind,)) for kind in ("corner", "horizontal", "vertical")
+    )
+    for i in range(6):
+        assert corner[i]["answer"] == f"{vertical[i]['answer']} {horizontal[i]['answer']}"
+        assert corner[i]["question"] in PHRASINGS["corner"][:-HELD_OUT_PHRASINGS]
+        assert grade("corner", corner[i]["messages"][-1]["content"], corner[i]["answer"])
+    assert not {NaturalVQA(140, seed=3)[i]["kind"] for i in range(140)} & set(UNTRAINED_KINDS)
+    with pytest.raises(ValueError, match="Unknown question kinds"):  # no one-word question for it
+        SyntheticVQA(4, kinds=UNTRAINED_KINDS)
 
 
 def test_prose_examples_answer_a_module_question_next_to_an_image_with_other_modules_than_the_benchmark():

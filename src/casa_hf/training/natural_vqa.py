@@ -4,6 +4,9 @@ Each question kind has several phrasings (British and American spellings, short 
 `HELD_OUT_PHRASINGS` of each kind never appear in training (`phrasings="train"`) and are used only to evaluate
 (`phrasings="held_out"`), so a score on them says whether the model understood the question or learnt a string.
 Answers are sentences built from one answer word; `grade` finds the answer word in free text.
+
+`UNTRAINED_KINDS` are asked only when listed in `kinds`: no training mix holds them, so the shipped CASA-SmolLM2
+has never seen them (`examples/finetune_lora.py` teaches one with LoRA).
 """
 
 from __future__ import annotations
@@ -87,7 +90,18 @@ PHRASINGS = {
         "What has changed since the first frame?",
         "Did the color, the shape or the position change?",
     ),
+    "corner": (
+        "Which corner is the shape in?",
+        "In which corner is the shape?",
+        "Corner?",
+        "Which corner of the picture is the shape closest to?",
+        "Is the shape in the top left, top right, bottom left or bottom right corner?",
+        "Tell me which corner of the image the shape sits in.",
+        "Can you tell me which corner of the image the shape is in?",
+        "In which corner of the picture do you see the shape?",
+    ),
 }
+UNTRAINED_KINDS = ("corner",)
 HELD_OUT_PHRASINGS = 2  # the last phrasings of each kind: evaluation only
 # "prose": a question about a Python standard-library module next to an unrelated image, answered with the module's
 # docstring. Its text lies in the image's CASA window, so training on it keeps the frozen LLM's text ability there
@@ -136,11 +150,18 @@ def answer_sentence(kind: str, answer: str) -> str:
         return f"It is at the {answer}."
     if kind == "digit":
         return f"The digit is {answer}."
+    if kind == "corner":  # the top/bottom sentence, then the left/right one
+        vertical, horizontal = answer.split()
+        return f"It is at the {vertical}, on the {horizontal}."
     return CHANGE_ANSWERS[answer]
 
 
 def answer_word(kind: str, text: str) -> str | None:
-    """The one answer word of `kind` that `text` says (`None` when it says none or several)."""
+    """The one answer word of `kind` that `text` says (`None` when it says none or several); a corner is two words,
+    its vertical one and its horizontal one ("top left")."""
+    if kind == "corner":
+        words = answer_word("vertical", text), answer_word("horizontal", text)
+        return None if None in words else " ".join(words)
     words = set(re.findall(r"[a-z]+|\d", text.lower().replace("color", "colour")))
     found = [word for word in ANSWER_WORDS[kind] if word in words]
     if kind == "change" and found == ["colour", "shape"]:
@@ -229,4 +250,13 @@ class NaturalVQA(SyntheticVQA):
         return {"messages": messages, "kind": PROSE, "answer": answer, "question": question}
 
 
-__all__ = ["HELD_OUT_PHRASINGS", "PHRASINGS", "PROSE", "NaturalVQA", "answer_sentence", "answer_word", "grade"]
+__all__ = [
+    "HELD_OUT_PHRASINGS",
+    "PHRASINGS",
+    "PROSE",
+    "UNTRAINED_KINDS",
+    "NaturalVQA",
+    "answer_sentence",
+    "answer_word",
+    "grade",
+]

@@ -68,6 +68,7 @@ class Scene:
             "count": COUNTS[self.count - 1],
             "horizontal": "left" if self.x < 0.5 else "right",
             "vertical": "top" if self.y < 0.5 else "bottom",
+            "corner": f"{'top' if self.y < 0.5 else 'bottom'} {'left' if self.x < 0.5 else 'right'}",
         }
 
 

@@ -110,6 +110,9 @@ def frozen_prefix(model) -> Iterator[FrozenPrefix]:
     layers = model.model.language_model.layers
     lowest = min(model.config.casa_layer_indices)
     original = list(layers)
+    training = [name for name, p in layers[:lowest].named_parameters() if p.requires_grad]
+    if training:  # their cached output would not follow their training
+        raise ValueError(f"Blocks below the lowest CASA layer ({lowest}) must be frozen; layers.{training[0]} trains")
     prefix = FrozenPrefix(original[:lowest])
     for index in range(lowest):
         layers[index] = prefix if index == 0 else _Skip()
@@ -127,6 +130,7 @@ class _AnswerOnlyLossTrainer(Trainer):
         labels = inputs.pop("labels")
         if self is not None and self.prefix is not None:
             self.prefix.input_ids, self.prefix.attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        model = _unwrap_peft(model)  # a PEFT model's adapters sit inside its base model's modules
         hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
@@ -148,6 +152,25 @@ class _SaveAdded(TrainerCallback):
             staging = self.folder / "added.safetensors.tmp"
             save_file(added_state_dict(model), str(staging), metadata={"step": str(state.global_step)})
             staging.rename(self.folder / "added.safetensors")
+
+
+def _unwrap_peft(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def train_answers(model, processor, dataset, arguments: TrainingArguments, callbacks=()) -> Trainer:
+    """Train `model`'s trainable parameters (or a PEFT model's adapters) on `dataset` with the loss on answer tokens
+    only, the frozen blocks below the lowest CASA layer computed once per distinct sequence (`FrozenPrefix`)."""
+    trainer = _AnswerOnlyLossTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=dataset,
+        data_collator=CasaDataCollator(processor),
+        callbacks=list(callbacks),
+    )
+    with frozen_prefix(_unwrap_peft(model)) as trainer.prefix:
+        trainer.train()
+    return trainer
 
 
 def train_casa_smollm2(config: SmolLM2TrainConfig):
@@ -179,16 +202,10 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
         seed=config.seed,
         disable_tqdm=False,
     )
-    trainer = _AnswerOnlyLossTrainer(
-        model=model,
-        args=arguments,
-        train_dataset=dataset,
-        data_collator=CasaDataCollator(processor),
-        callbacks=[_SaveAdded(output, config.save_every, config.stop_after)],
-    )
     start = time.perf_counter()
-    with frozen_prefix(model) as trainer.prefix:
-        trainer.train()
+    trainer = train_answers(
+        model, processor, dataset, arguments, [_SaveAdded(output, config.save_every, config.stop_after)]
+    )
     seconds, steps = time.perf_counter() - start, trainer.state.global_step
     save_file(added_state_dict(model), str(output / "added.safetensors"), metadata={"step": str(steps)})
     print(f"trained {steps} steps in {seconds:.0f} s ({seconds / steps:.2f} s/step)")
