@@ -46,6 +46,11 @@ RATIOS = {
     "smollm2": (("casa_smollm2", "idefics3"), ("casa_smollm2", "smollm2")),
 }
 
+# the text around each frame of the smollm2 set: a SmolLM2 chat turn (bare SmolLM2 gets it without the frame)
+SMOLLM2_TURN = dict(
+    frame_prefix="<|im_start|>user\n", frame_text="What happens now?<|im_end|>\n<|im_start|>assistant\n"
+)
+
 
 def random_stream(name: str, args):
     """A stream of the `random` set: CASA (optionally with a text budget) or Qwen2.5-VL at `--size`."""
@@ -81,8 +86,7 @@ def smollm2_stream(name: str, args):
     processor = AutoProcessor.from_pretrained(folder)
     chat = dict(
         prompt=f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n",
-        frame_prefix="<|im_start|>user\n",
-        frame_text="What happens now?<|im_end|>\n<|im_start|>assistant\n",
+        **SMOLLM2_TURN,
         max_new_tokens=args.new_tokens,
         eos_token_id=-1,  # never stop early: every turn decodes the same number of tokens
     )
