@@ -124,13 +124,17 @@ def worker(args) -> None:
     if device == "cuda" and args.flash:
         stream.model.set_attn_implementation("flash_attention_2")
     for turn in range(args.turns):
-        step = stream.feed(synthetic_frame(turn, args.image_size))
+        frame = synthetic_frame(turn, args.image_size)
+        cpu_start = time.process_time()
+        step = stream.feed(frame)
         print(
             json.dumps(
                 dict(
                     turn=turn,
                     ttft_ms=step.time_to_first_token_s * 1000,
                     decode_tokens_per_s=step.decode_tokens_per_s,
+                    # CPU time of the whole turn: unlike wall-clock times, not inflated while other jobs hold the core
+                    turn_cpu_ms=(time.process_time() - cpu_start) * 1000,
                     cache_tokens=step.cache_tokens,
                     cache_mib=step.cache_bytes / 2**20,
                     rss_mib=rss_mib(),
@@ -154,7 +158,7 @@ def run_model(name: str, args) -> list[dict]:
     return rows
 
 
-METRICS = ("ttft_ms", "decode_tokens_per_s", "cache_tokens", "cache_mib", "rss_mib")
+METRICS = ("ttft_ms", "decode_tokens_per_s", "turn_cpu_ms", "cache_tokens", "cache_mib", "rss_mib")
 
 
 def selected_turns(turns: int, window: int) -> list[int]:
@@ -188,16 +192,16 @@ def summarize(results: dict[str, list[dict]], window: int, ratios) -> dict:
 
 def print_table(summary: dict, models: tuple[str, ...], ratios, turns: int, window: int) -> None:
     print(f"\nStreaming, {turns} turns (medians of the {window} turns up to each turn shown)")
-    header = f"{'turn':>5} {'model':<13}" + "".join(f" {metric:>20}" for metric in METRICS)
+    header = f"{'turn':>5} {'model':<24}" + "".join(f" {metric:>{len(metric)}}" for metric in METRICS)
     print(header + "\n" + "-" * len(header))
     for end in summary[models[0]]["at_turns"]:
         for name in models:
             values = summary[name]["at_turns"][end]
-            print(f"{end:>5} {name:<13}" + "".join(f" {values[m]:>20.2f}" for m in METRICS))
+            print(f"{end:>5} {name:<24}" + "".join(f" {values[m]:>{len(m)}.2f}" for m in METRICS))
         for numerator, denominator in ratios:
             values = summary[f"{numerator}_over_{denominator}_at_turns"][end]
             label = f"{numerator} / {denominator}"
-            print(f"{'':>5} {label:<13}" + "".join(f" {values[m]:>20.3f}" for m in METRICS))
+            print(f"{'':>5} {label:<24}" + "".join(f" {values[m]:>{len(m)}.3f}" for m in METRICS))
 
 
 def plot(results: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -209,10 +213,12 @@ def plot(results: dict[str, list[dict]], path: Path, title: str) -> None:
     panels = (
         ("ttft_ms", "time to first token (ms)"),
         ("decode_tokens_per_s", "decode tokens / s"),
+        ("turn_cpu_ms", "CPU time of the turn (ms)"),
         ("cache_tokens", "cache (tokens)"),
+        ("cache_mib", "cache (MiB)"),
         ("rss_mib", "process memory (MiB)"),
     )
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7))
+    figure, axes = plt.subplots(2, 3, figsize=(15, 7))
     for axis, (metric, label) in zip(axes.flat, panels, strict=True):
         for name, rows in results.items():
             axis.plot([r["turn"] for r in rows], [r[metric] for r in rows], label=name)
