@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import DynamicCache
+from transformers import DynamicCache, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+from transformers.models.idefics3 import Idefics3ImageProcessorPil
 
 from casa_hf.streaming import CasaStream
 
 
 class InsertionStream(CasaStream):
-    """Transformers' Qwen2.5-VL (token insertion) through the same streaming loop as CASA: one persistent cache,
-    each frame's image tokens inserted into the sequence (and so into the cache)."""
+    """A token-insertion VLM through the same streaming loop as CASA: one persistent cache, each frame's image tokens
+    inserted into the sequence (and so into the cache). Qwen2.5-VL with the CASA processor (one placeholder per
+    image, expanded here from its grid) or Idefics3 with its own processor (which expands the placeholder itself)."""
 
     def __init__(self, model, processor, **kwargs):
         super().__init__(model, processor, **kwargs)
@@ -66,9 +68,39 @@ class TextOnlyStream(CasaStream):
         return DynamicCache()
 
     def _encode_turn(self, frame, text):
-        return super()._encode_turn(None, self.frame_text if frame is not None and not text else text)
+        frame_turn = self.frame_prefix + self.frame_text
+        return super()._encode_turn(None, frame_turn if frame is not None and not text else text)
 
-    def _forward(self, input_ids, pixel_values, grid) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.cache
-        return out.logits[0, -1].float()
+
+def idefics3_on(
+    llm, tokenizer, *, image_size: int, patch_size: int, scale_factor: int, vision: dict
+) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
+    """Transformers' Idefics3 (SmolVLM's architecture, token insertion) on a text LLM's weights.
+
+    The vision tower (SigLIP-style, `vision`: its sizes) and the pixel-shuffle connector are random: this baseline
+    is for timing and memory only. Each image is one `image_size` tile (no splitting) of
+    `(image_size / patch_size)^2 / scale_factor^2` image tokens, wrapped as Idefics3's processor does
+    (`<fake_token_around_image><global-img><image>...<fake_token_around_image>`). `tokenizer` gains its tokens.
+    """
+    if not llm.config.tie_word_embeddings:
+        raise ValueError("idefics3_on: `llm` must tie its LM head to its embeddings (as SmolLM2 does)")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<global-img>"]})  # one token in SmolVLM's vocab
+    side = {"longest_edge": image_size}
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size=side, max_image_size=side)
+    image_seq_len = (image_size // patch_size) ** 2 // scale_factor**2
+    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=image_seq_len)
+    config = Idefics3Config(
+        text_config={**llm.config.to_dict(), "vocab_size": len(tokenizer)},
+        vision_config=dict(image_size=image_size, patch_size=patch_size, **vision),
+        scale_factor=scale_factor,
+        image_token_id=processor.image_token_id,
+        tie_word_embeddings=True,
+    )
+    model = Idefics3ForConditionalGeneration(config).eval()
+    weights = llm.model.state_dict()
+    embed = weights["embed_tokens.weight"]
+    extra = embed.mean(0, keepdim=True).expand(len(tokenizer) - embed.shape[0], -1)
+    weights["embed_tokens.weight"] = torch.cat([embed, extra])  # the added tokens start at the mean row
+    model.model.text_model.load_state_dict(weights)
+    model.tie_weights()
+    return model, processor

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,4 +28,49 @@ def test_decode_benchmark_runs_casa_insertion_and_text_llm_side_by_side(tmp_path
         for kind in ("", "_first_token")
     ]
     assert len(timed) == 12 and all(math.isfinite(value) for value in timed)
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_streaming_benchmark_smollm2_caches_image_tokens_only_for_idefics3(tmp_path, monkeypatch):
+    """CASA-SmolLM2, Idefics3 and bare SmolLM2 on the same SmolLM2 weights, turn after turn: per turn, CASA's cache
+    grows by SmolLM2's text plus the frame's 3 placeholder tokens, Idefics3's by the frame's image tokens more."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from casa_hf.builtin_models import resolve_model
+
+    monkeypatch.syspath_prepend(ROOT / "benchmarks")
+    from bench_streaming import SMOLLM2_TURN
+
+    out, new_tokens = tmp_path / "streaming", 2
+    command = [sys.executable, "benchmarks/bench_streaming.py", "--models", "smollm2", "--turns", "3", "--window", "1"]
+    command += ["--new-tokens", str(new_tokens), "--image-size", "112", "--threads", "1", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    payload = json.loads(out.with_suffix(".json").read_text())
+    turns = payload["turns"]
+    assert list(turns) == ["casa_smollm2", "idefics3", "smollm2"] and all(len(rows) == 3 for rows in turns.values())
+
+    folder = resolve_model("casa-smollm2")
+    tokenizer, config = AutoProcessor.from_pretrained(folder).tokenizer, AutoConfig.from_pretrained(folder)
+    turn_text = SMOLLM2_TURN["frame_prefix"] + SMOLLM2_TURN["frame_text"]
+    # the previous turn's last token, the chat turn, all but the last new token (fed at the next turn)
+    text = 1 + len(tokenizer(turn_text, add_special_tokens=False)["input_ids"]) + new_tokens - 1
+    vision = config.vision_config
+    image_tokens = (112 // vision.patch_size) ** 2 // vision.spatial_merge_size**2  # CASA-SmolLM2's, per frame
+    growth = {
+        name: {after["cache_tokens"] - before["cache_tokens"] for before, after in pairwise(rows)}
+        for name, rows in turns.items()
+    }
+    assert growth["smollm2"] == {text}
+    assert growth["casa_smollm2"] == {text + 3}  # <|vision_start|><|image_pad|><|vision_end|>: no image token
+    assert growth["idefics3"] == {text + 3 + image_tokens}  # <fake_token_around_image><global-img>, 16 x <image>, ...
+
+    text_config = config.text_config  # plain K/V caches: layers x (K, V) x KV heads x head dim x fp32 bytes
+    per_token = text_config.num_hidden_layers * 2 * text_config.num_key_value_heads * text_config.head_dim * 4
+    for name in ("idefics3", "smollm2"):
+        assert all(math.isclose(r["cache_mib"], r["cache_tokens"] * per_token / 2**20) for r in turns[name])
+    assert all(r["cache_mib"] > r["cache_tokens"] * per_token / 2**20 for r in turns["casa_smollm2"])  # + windows
+    assert all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["rss_mib"] > 0 for r in sum(turns.values(), []))
+    summary = payload["summary"]
+    assert set(summary["casa_smollm2_over_idefics3_at_turns"]) == set(summary["casa_smollm2_over_smollm2_at_turns"])
+    assert summary["casa_smollm2_over_idefics3_at_last"]["cache_tokens"] < 1
     assert out.with_suffix(".png").stat().st_size > 0

@@ -154,7 +154,8 @@ class CasaStream:
                 None,
             )
         encoded = self.processor(images=images, text=turn, add_special_tokens=False, return_tensors="pt")
-        return encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"]
+        # processors of fixed-size images (Idefics3's) give no grid: the model infers it from the pixels
+        return encoded["input_ids"], encoded["pixel_values"], encoded.get("image_grid_thw")
 
     def run(self, frames: Iterable, text: str | None = None) -> Iterator[StreamStep]:
         """`feed` every frame of `frames` in turn (with the same `text` after each), yielding each step."""
@@ -199,16 +200,12 @@ class CasaStream:
         )
 
     def _forward(self, input_ids, pixel_values, grid) -> torch.Tensor:
+        images = {}
         if pixel_values is not None:
-            pixel_values, grid = pixel_values.to(self.model.device), grid.to(self.model.device)
-        out = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            image_grid_thw=grid,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+            images["pixel_values"] = pixel_values.to(self.model.device)
+        if grid is not None:
+            images["image_grid_thw"] = grid.to(self.model.device)
+        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1, **images)
         self.cache = out.cache
         logits = out.logits[0, -1].float()
         logits[self.model.generation_config.suppress_tokens or []] = float("-inf")  # e.g. the image token
