@@ -222,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     smol.add_argument(
         "--vision-steps", type=int, default=0, help="stage 1: steps training the vision tower on scene attributes"
     )
+    smol.add_argument(
+        "--kinds",
+        default=None,
+        help="comma-separated question kinds drawn in turn, e.g. adding prose (default: the mix)",
+    )
+    smol.add_argument(
+        "--text-only-windows",
+        choices=("attend", "skip"),
+        default=None,
+        help="CASA in windows without an image (default: the recipe's 'skip')",
+    )
     smol.add_argument("--seed", type=int, default=0)
     smol.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of the schedule")
 

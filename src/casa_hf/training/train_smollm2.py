@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..casa_smollm2 import CasaSmolLM2Recipe, added_state_dict, build_casa_smollm2, freeze_smollm2
 from .collator import IGNORE_INDEX, CasaDataCollator
-from .natural_vqa import PROSE, NaturalVQA, grade
+from .natural_vqa import NaturalVQA, grade
 from .synthetic_vqa import TRAINING_MIX
 from .train import generate_answers
 from .vision_pretraining import pretrain_vision_tower
@@ -41,7 +41,7 @@ class SmolLM2TrainConfig:
     warmup_steps: int = 50
     seed: int = 0
     train_examples: int = 200_000
-    kinds: tuple[str, ...] = (*TRAINING_MIX, PROSE)
+    kinds: tuple[str, ...] = TRAINING_MIX
     # stage 1: steps (batches of `vision_batch_size` images) in which the vision tower learns the scenes'
     # attributes directly (`vision_pretraining`), before the CASA layers learn to read it (and it goes on learning)
     vision_steps: int = 0
@@ -256,6 +256,8 @@ def run_train_smollm2(args) -> None:
         recipe.casa_layers = tuple(args.casa_layers)
     if args.vision_depth:
         recipe.vision_depth = args.vision_depth
+    if args.text_only_windows:
+        recipe.text_only_windows = args.text_only_windows
     config = SmolLM2TrainConfig(
         args.output_dir,
         args.steps,
@@ -263,6 +265,7 @@ def run_train_smollm2(args) -> None:
         args.learning_rate,
         seed=args.seed,
         vision_steps=args.vision_steps,
+        kinds=tuple(args.kinds.split(",")) if args.kinds else TRAINING_MIX,
         stop_after=args.stop_after,
         recipe=recipe,
     )
