@@ -191,7 +191,8 @@ def test_train_smollm2_command_passes_every_option_to_the_training_config(monkey
     # fmt: off
     main(["train-smollm2", "--output-dir", str(tmp_path / "set"), "--steps", "7", "--batch-size", "3",
           "--learning-rate", "5e-4", "--casa-layers", "28,29", "--vision-depth", "2", "--vision-steps", "5",
-          "--seed", "4", "--stop-after", "6", "--kinds", "colour,prose", "--text-only-windows", "attend"])
+          "--seed", "4", "--stop-after", "6", "--kinds", "colour,prose", "--text-only-windows", "attend",
+          "--freeze-vision"])
     # fmt: on
     recipe = CasaSmolLM2Recipe(casa_layers=(28, 29), vision_depth=2, text_only_windows="attend")
     assert seen[-1] == smollm2_training.SmolLM2TrainConfig(
@@ -202,6 +203,7 @@ def test_train_smollm2_command_passes_every_option_to_the_training_config(monkey
         seed=4,
         vision_steps=5,
         kinds=("colour", "prose"),
+        freeze_vision=True,
         stop_after=6,
         recipe=recipe,
     )

@@ -31,8 +31,9 @@ def test_probe_reads_each_image_on_its_own():
         assert (before[1] - after[1]).abs().max() > 0
 
 
-def test_pretraining_trains_the_tower_only():
+def test_pretraining_trains_the_tower_only_and_leaves_it_as_frozen_as_it_was():
     model = tiny_model(casa_image_centering=True)
+    model.model.visual.requires_grad_(False)  # `--freeze-vision`: only stage 1 trains the tower
     processor = tiny_processor(image_size=112)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     pixel_values, grid = random_images([(8, 8)])
@@ -43,5 +44,6 @@ def test_pretraining_trains_the_tower_only():
     changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
     assert changed and all(name.startswith("model.visual.") for name in changed)
     assert not model.model.visual.training
+    assert not any(parameter.requires_grad for parameter in model.model.visual.parameters())
     with torch.no_grad():
         assert (model.model.get_image_features(pixel_values, grid).pooler_output[0] - features).abs().max() > 0

@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated question kinds drawn in turn, e.g. adding prose (default: the mix)",
     )
     smol.add_argument(
+        "--freeze-vision", action="store_true", help="after stage 1, only the CASA layers train (not the tower)"
+    )
+    smol.add_argument(
         "--text-only-windows",
         choices=("attend", "skip"),
         default=None,

@@ -46,6 +46,7 @@ class SmolLM2TrainConfig:
     # attributes directly (`vision_pretraining`), before the CASA layers learn to read it (and it goes on learning)
     vision_steps: int = 0
     vision_batch_size: int = 32
+    freeze_vision: bool = False  # the vision tower and projector do not train in stage 2 (only the CASA layers)
     save_every: int = 100  # added weights written every this many steps (a run stopped early keeps its latest)
     stop_after: int | None = None  # stop after this many steps of the `steps`-long schedule (None: run it all)
     recipe: CasaSmolLM2Recipe = field(default_factory=CasaSmolLM2Recipe)
@@ -178,6 +179,8 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
     `output_dir/added.safetensors` (fp16) with `recipe.json`."""
     model, processor = build_casa_smollm2(config.recipe, config.seed)
     counts = freeze_smollm2(model)
+    if config.freeze_vision:
+        model.model.visual.requires_grad_(False)
     print(f"CASA-SmolLM2: {counts['trainable'] / 1e6:.2f}M trainable, {counts['frozen'] / 1e6:.1f}M frozen")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -265,6 +268,7 @@ def run_train_smollm2(args) -> None:
         args.learning_rate,
         seed=args.seed,
         vision_steps=args.vision_steps,
+        freeze_vision=args.freeze_vision,
         kinds=tuple(args.kinds.split(",")) if args.kinds else TRAINING_MIX,
         stop_after=args.stop_after,
         recipe=recipe,

@@ -65,6 +65,8 @@ def pretrain_vision_tower(
     torch.manual_seed(seed)
     vision = model.model.visual
     probe = AttributeProbe(model.config.text_config.hidden_size)
+    trainable = [parameter.requires_grad for parameter in vision.parameters()]
+    vision.requires_grad_(True)
     parameters = [*vision.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.05)
@@ -89,6 +91,8 @@ def pretrain_vision_tower(
             loss=f"{loss.item():.3f}", **{name: f"{np.mean(values):.2f}" for name, values in correct.items()}
         )
     vision.eval()
+    for parameter, was_trainable in zip(vision.parameters(), trainable, strict=True):
+        parameter.requires_grad_(was_trainable)
     return {name: float(np.mean(values)) for name, values in correct.items()}
 
 
