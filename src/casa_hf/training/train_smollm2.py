@@ -43,7 +43,8 @@ class SmolLM2TrainConfig:
     train_examples: int = 200_000
     kinds: tuple[str, ...] = TRAINING_MIX
     # stage 1: steps (batches of `vision_batch_size` images) in which the vision tower learns the scenes'
-    # attributes directly (`vision_pretraining`), before the CASA layers learn to read it (and it goes on learning)
+    # attributes directly (`vision_pretraining`), before the CASA layers learn to read it (it goes on learning in
+    # stage 2 unless `freeze_vision`)
     vision_steps: int = 0
     vision_batch_size: int = 32
     freeze_vision: bool = False  # the vision tower and projector do not train in stage 2 (only the CASA layers)
@@ -179,8 +180,9 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
     `output_dir/added.safetensors` (fp16) with `recipe.json`."""
     model, processor = build_casa_smollm2(config.recipe, config.seed)
     counts = freeze_smollm2(model)
-    if config.freeze_vision:
+    if config.freeze_vision:  # stage 1 still trains the tower
         model.model.visual.requires_grad_(False)
+        counts = {"trainable": model.num_parameters(only_trainable=True), "frozen": counts["frozen"]}
     print(f"CASA-SmolLM2: {counts['trainable'] / 1e6:.2f}M trainable, {counts['frozen'] / 1e6:.1f}M frozen")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
