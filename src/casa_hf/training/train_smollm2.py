@@ -179,11 +179,12 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
     """Build CASA-SmolLM2, train its added weights on `NaturalVQA` (training phrasings) and write them to
     `output_dir/added.safetensors` (fp16) with `recipe.json`."""
     model, processor = build_casa_smollm2(config.recipe, config.seed)
-    counts = freeze_smollm2(model)
+    freeze_smollm2(model)
     if config.freeze_vision:  # stage 1 still trains the tower
         model.model.visual.requires_grad_(False)
-        counts = {"trainable": model.num_parameters(only_trainable=True), "frozen": counts["frozen"]}
-    print(f"CASA-SmolLM2: {counts['trainable'] / 1e6:.2f}M trainable, {counts['frozen'] / 1e6:.1f}M frozen")
+    trainable = model.num_parameters(only_trainable=True)
+    frozen = model.num_parameters() - trainable
+    print(f"CASA-SmolLM2: {trainable / 1e6:.2f}M trainable in stage 2, {frozen / 1e6:.1f}M frozen")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.json").write_text(json.dumps(asdict(config), indent=1, default=list))
