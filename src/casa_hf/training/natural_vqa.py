@@ -103,10 +103,10 @@ PHRASINGS = {
 }
 UNTRAINED_KINDS = ("corner",)
 HELD_OUT_PHRASINGS = 2  # the last phrasings of each kind: evaluation only
-# "prose": a question about a Python standard-library module next to an unrelated image, answered with the module's
-# docstring. Its text lies in the image's CASA window, so training on it keeps the frozen LLM's text ability there
-# (the CASA sub-layers learn to leave text alone when the question is not about the image). The perplexity benchmark
-# scores other modules' docstrings (`benchmarks/smollm2_text_perplexity.py`).
+# "prose" (opt-in): a question about a Python standard-library module next to an unrelated image, answered with the
+# module's docstring, its text in the image's CASA window. Meant to keep the frozen LLM's text ability there; measured,
+# it did not (README, CASA-SmolLM2). The perplexity benchmark scores other modules' docstrings
+# (`benchmarks/smollm2_text_perplexity.py`).
 PROSE = "prose"
 PROSE_MODULES = (
     "os", "re", "random", "collections", "string", "shutil", "tempfile", "fnmatch", "gzip", "sqlite3", "hashlib",
@@ -231,23 +231,21 @@ class NaturalVQA(SyntheticVQA):
             first = str(rng.choice(FIRST_FRAME_TEXTS))
             content += [{"type": "text", "text": first}, {"type": "image", "image": images[1]}]
         content.append({"type": "text", "text": question})
-        messages = [{"role": "system", "content": self.system_text}] if self.system_text else []
-        messages += [
-            {"role": "user", "content": content},
-            {"role": "assistant", "content": answer_sentence(kind, answer)},
-        ]
-        return {"messages": messages, "kind": kind, "answer": answer, "question": question}
+        return self._example(content, answer_sentence(kind, answer), kind, answer, question)
 
     def _prose(self, rng: np.random.Generator) -> dict:
         images, _ = self._make("colour", rng)
         module = str(rng.choice(PROSE_MODULES))
         question = str(rng.choice(PROSE_QUESTIONS)).format(module)
         answer = module_summary(module)
-        messages = [
-            {"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": question}]},
-            {"role": "assistant", "content": answer},
-        ]
-        return {"messages": messages, "kind": PROSE, "answer": answer, "question": question}
+        content = [{"type": "image", "image": images[0]}, {"type": "text", "text": question}]
+        return self._example(content, answer, PROSE, answer, question)
+
+    def _example(self, content: list[dict], reply: str, kind: str, answer: str, question: str) -> dict:
+        """The user turn `content` answered by `reply`, after the system message when there is one."""
+        messages = [{"role": "system", "content": self.system_text}] if self.system_text else []
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]
+        return {"messages": messages, "kind": kind, "answer": answer, "question": question}
 
 
 __all__ = [
