@@ -18,9 +18,19 @@ from tqdm.auto import tqdm
 from .collator import IGNORE_INDEX
 from .synthetic_vqa import COLOURS, COUNTS, DIGITS, SHAPES, random_scene, render, render_digit
 
-# What the tower must tell apart. Positions are left out: the tower's rotary positions are relative, and the CASA
-# layers place image keys by their own positions (`casa_image_positions="raster"`), which the answer loss teaches.
-ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "digit": DIGITS}
+# What the tower must tell apart. Positions too: the CASA layers' raster key positions tell rows apart (4 positions
+# apart) but hardly columns (neighbours, seen from a question a varying distance away), so the answer loss alone left
+# left/right at chance. The tower's rotary positions are relative, yet it learns where a shape is from the image's
+# edges (the probe reads left/right 0.997, top/bottom 0.98 after 400 steps).
+ATTRIBUTES = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "count": COUNTS,
+    "digit": DIGITS,
+    "horizontal": ("left", "right"),
+    "vertical": ("top", "bottom"),
+}
+POSITIONS = ("horizontal", "vertical")  # labelled on one-shape scenes only ("the shape" is ambiguous otherwise)
 DIGIT_SHARE = 0.5  # digits are the slowest attribute to learn
 
 
@@ -33,7 +43,7 @@ def labelled_image(rng: np.random.Generator, size: int):
         return render_digit(digit, size, rng), labels
     scene = random_scene(rng)
     answers = scene.answers()
-    for name in ("colour", "shape", "count"):
+    for name in ("colour", "shape", "count", *(POSITIONS if scene.count == 1 else ())):
         labels[name] = ATTRIBUTES[name].index(answers[name])
     return render(scene, size, rng), labels
 
@@ -60,7 +70,7 @@ def pretrain_vision_tower(
     model, processor, steps: int, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0
 ) -> dict[str, float]:
     """Train `model`'s vision tower and projector (through `get_image_features`, centring included) to classify
-    the attributes of new scenes. Returns the probe's accuracy per attribute over the last 50 steps."""
+    the attributes of new scenes. Returns the probe's accuracy per attribute over its last 50 batches."""
     rng = np.random.default_rng([seed, 1])
     torch.manual_seed(seed)
     vision = model.model.visual
@@ -80,20 +90,22 @@ def pretrain_vision_tower(
         loss = 0.0
         for name, scores in zip(ATTRIBUTES, logits, strict=True):
             targets = torch.tensor([label[name] for label in labels])
-            loss = loss + F.cross_entropy(scores, targets, ignore_index=IGNORE_INDEX)
             kept = targets != IGNORE_INDEX
-            correct[name] = [*correct[name][-49:], (scores[kept].argmax(-1) == targets[kept]).float().mean().item()]
+            if kept.any():  # a small batch may hold no image this attribute applies to
+                loss = loss + F.cross_entropy(scores[kept], targets[kept])
+                hits = (scores[kept].argmax(-1) == targets[kept]).float().mean().item()
+                correct[name] = [*correct[name][-49:], hits]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         bar.set_postfix(
-            loss=f"{loss.item():.3f}", **{name: f"{np.mean(values):.2f}" for name, values in correct.items()}
+            loss=f"{loss.item():.3f}", **{name: f"{np.mean(values):.2f}" for name, values in correct.items() if values}
         )
     vision.eval()
     for parameter, was_trainable in zip(vision.parameters(), trainable, strict=True):
         parameter.requires_grad_(was_trainable)
-    return {name: float(np.mean(values)) for name, values in correct.items()}
+    return {name: float(np.mean(values)) for name, values in correct.items() if values}
 
 
 __all__ = ["ATTRIBUTES", "AttributeProbe", "labelled_image", "pretrain_vision_tower"]
