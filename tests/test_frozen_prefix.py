@@ -29,8 +29,15 @@ def batch(seed: int) -> dict:
     )
 
 
+class NoPrefix:
+    """Stands in for the trainer: what `compute_loss` reads of it."""
+
+    prefix = None
+    _distillation = _AnswerOnlyLossTrainer._distillation
+
+
 def loss_and_grads(model, inputs, trainer=None) -> tuple[torch.Tensor, dict]:
-    loss = _AnswerOnlyLossTrainer.compute_loss(trainer, model, dict(inputs))
+    loss = _AnswerOnlyLossTrainer.compute_loss(trainer or NoPrefix(), model, dict(inputs))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
@@ -57,10 +64,7 @@ def test_frozen_prefix_matches_the_full_forward(lora):
     first, second = batch(0), batch(1)
     expected = [loss_and_grads(model, inputs) for inputs in (first, second, first)]
 
-    class Trainer:
-        prefix = None
-
-    trainer = Trainer()
+    trainer = NoPrefix()
     with frozen_prefix(base) as trainer.prefix:
         assert [type(layer).__name__ for layer in base.model.language_model.layers[:2]] == ["FrozenPrefix", "_Skip"]
         actual = [loss_and_grads(model, inputs, trainer) for inputs in (first, second, first)]  # the 3rd: from store
@@ -81,3 +85,35 @@ def test_frozen_prefix_refuses_a_trainable_block_below_casa():
     with pytest.raises(ValueError, match=r"lowest CASA layer \(2\) must be frozen; layers\.1\.mlp\.up_proj\.weight"):
         with frozen_prefix(model):
             pass
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_prose_rows_are_distilled_from_the_llm_alone(cached):
+    """Rows marked `distill` are scored by the KL divergence from the LLM's own next-token distribution (the model
+    without CASA, here its `backbone_llm()`) over their positions from the image on; the others by their labels.
+    The same through the cached frozen prefix, whose store then also serves the teacher's rows."""
+    model = model_with_casa_on_top()
+    inputs = {**batch(0), "distill": torch.tensor([False, True, True])}
+
+    trainer = NoPrefix()
+    with torch.no_grad():
+        student = model(**{k: v for k, v in inputs.items() if k not in ("labels", "distill")}).logits[:, :-1]
+        teacher = model.backbone_llm()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    teacher = teacher.logits[:, :-1].log_softmax(-1)
+    targets = inputs["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(student[0][targets[0] != IGNORE_INDEX], targets[0][targets[0] != -100])
+    scored = ((inputs["input_ids"] == IMAGE_TOKEN).cumsum(1) > 0)[1:, :-1] & inputs["attention_mask"][1:, 1:].bool()
+    divergence = (teacher.exp() * (teacher - student.log_softmax(-1)))[1:][scored].sum()
+    count = (targets[0] != IGNORE_INDEX).sum() + scored.sum()
+    expected = (ce * (targets[0] != IGNORE_INDEX).sum() + divergence) / count
+    assert divergence > 1e-3  # the CASA layers move the prose: something to distil
+    if cached:
+        with frozen_prefix(model) as trainer.prefix:
+            loss, grads = loss_and_grads(model, inputs, trainer)
+    else:
+        loss, grads = loss_and_grads(model, inputs, trainer)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert all(".casa_" in name or "visual" in name for name in grads) and any(
+        g.abs().max() > 0 for g in grads.values()
+    )
+    assert all(layer.has_casa for layer in model.model.language_model.layers[2:])  # the teacher's switch is undone

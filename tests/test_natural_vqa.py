@@ -98,3 +98,14 @@ def test_prose_examples_answer_a_module_question_next_to_an_image_with_other_mod
     assert assistant["content"] == module_summary(module) and module_summary(module).endswith(".")
     with pytest.raises(ValueError, match="Unknown question kinds"):
         NaturalVQA(6, kinds=("colour", "poetry"))
+
+
+def test_the_training_collator_marks_the_prose_rows_for_distillation():
+    from tiny import tiny_processor
+
+    from casa_hf.training.train_smollm2 import DistillingCollator
+
+    collator = DistillingCollator(tiny_processor(image_size=56))
+    dataset = NaturalVQA(4, seed=2, image_size=56, kinds=("colour", PROSE))
+    assert collator([dataset[i] for i in range(4)])["distill"].tolist() == [False, True, False, True]
+    assert "distill" not in collator([dataset[0], dataset[2]])  # no prose: the plain answer loss

@@ -209,6 +209,30 @@ def test_train_smollm2_command_passes_every_option_to_the_training_config(monkey
     )
 
 
+def test_train_smollm2_goes_on_from_a_run_with_its_recipe(monkeypatch, tmp_path):
+    import json
+    from dataclasses import asdict
+
+    import casa_hf.training.train_smollm2 as smollm2_training
+    from casa_hf.casa_smollm2 import CasaSmolLM2Recipe
+    from casa_hf.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = CasaSmolLM2Recipe(casa_layers=(27, 28, 29), vision_depth=2)
+    (run / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe)}))
+    seen, train = [], smollm2_training.train_casa_smollm2
+    monkeypatch.setattr(smollm2_training, "train_casa_smollm2", lambda config: seen.append(config) or (None, None))
+    monkeypatch.setattr(smollm2_training, "natural_accuracy", lambda *args: {})
+    (tmp_path / "more").mkdir()
+    main(["train-smollm2", "--output-dir", str(tmp_path / "more"), "--init-from", str(run), "--steps", "3"])
+    assert seen[-1].recipe == recipe and seen[-1].init_from == str(run) and seen[-1].steps == 3
+    # a trained tower is not trained again from its first stage
+    config = smollm2_training.SmolLM2TrainConfig(str(tmp_path / "x"), init_from=str(run), vision_steps=5)
+    with pytest.raises(ValueError, match="init_from starts from a trained vision tower; vision_steps"):
+        train(config)
+
+
 @pytest.mark.parametrize(
     "options,message",
     [

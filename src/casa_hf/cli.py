@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     smol.add_argument("--seed", type=int, default=0)
     smol.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of the schedule")
+    smol.add_argument(
+        "--init-from", default=None, help="a run's output folder: train on from its weights, with its recipe"
+    )
 
     export = commands.add_parser("export", help="write a built-in model as a standard checkpoint folder")
     export.add_argument("model", help="a built-in model name (tiny, casa-smollm2) or a checkpoint folder")

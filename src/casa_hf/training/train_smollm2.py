@@ -21,9 +21,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..casa_smollm2 import CasaSmolLM2Recipe, added_state_dict, build_casa_smollm2, freeze_smollm2
+from ..casa_smollm2 import (
+    CasaSmolLM2Recipe,
+    added_state_dict,
+    build_casa_smollm2,
+    freeze_smollm2,
+    load_added_weights,
+    recipe_from_file,
+)
 from .collator import IGNORE_INDEX, CasaDataCollator
-from .natural_vqa import NaturalVQA, grade
+from .natural_vqa import PROSE, NaturalVQA, grade
 from .synthetic_vqa import TRAINING_MIX
 from .train import generate_answers
 from .vision_pretraining import pretrain_vision_tower
@@ -53,6 +60,7 @@ class SmolLM2TrainConfig:
     freeze_vision: bool = False  # the vision tower and projector do not train in stage 2 (only the CASA layers)
     save_every: int = 100  # added weights written every this many steps (a run stopped early keeps its latest)
     stop_after: int | None = None  # stop after this many steps of the `steps`-long schedule (None: run it all)
+    init_from: str | None = None  # a run's folder: start from its added weights (its recipe must be `recipe`)
     recipe: CasaSmolLM2Recipe = field(default_factory=CasaSmolLM2Recipe)
 
 
@@ -128,21 +136,70 @@ def frozen_prefix(model) -> Iterator[FrozenPrefix]:
             layers[index] = original[index]
 
 
+@contextmanager
+def without_casa(model) -> Iterator[None]:
+    """Within the block no CASA sub-layer runs: on any tokens the model is its LLM (the teacher of distilled text)."""
+    layers = [layer for layer in model.model.language_model.layers if getattr(layer, "has_casa", False)]
+    for layer in layers:
+        layer.has_casa = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.has_casa = True
+
+
+class DistillingCollator(CasaDataCollator):
+    """`CasaDataCollator`, and `distill` (`[rows]`) marking the prose examples: their text after the image is
+    trained to be predicted as the LLM alone predicts it (`PROSE` in `natural_vqa`)."""
+
+    def __call__(self, examples: list[dict]):
+        batch = super().__call__(examples)
+        distill = [example.get("kind") == PROSE for example in examples]
+        if any(distill):
+            batch["distill"] = torch.tensor(distill)
+        return batch
+
+
 class _AnswerOnlyLossTrainer(Trainer):
     prefix: FrozenPrefix | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
-        if self is not None and self.prefix is not None:
+        distill = inputs.pop("distill", None)
+        if self.prefix is not None:
             self.prefix.input_ids, self.prefix.attention_mask = inputs["input_ids"], inputs["attention_mask"]
         model = _unwrap_peft(model)  # a PEFT model's adapters sit inside its base model's modules
         hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
+        if distill is not None:
+            keep &= ~distill[:, None]
         logits = model.lm_head(hidden[keep])
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
+        if distill is None:
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
+        else:  # the Trainer's token count is the labels'; here prose tokens count too
+            divergence, distilled = self._distillation(model, inputs, hidden, distill)
+            loss = (loss + divergence) / (keep.sum() + distilled)
         return (loss, logits) if return_outputs else loss
+
+    def _distillation(self, model, inputs: dict, hidden: torch.Tensor, distill: torch.Tensor):
+        """KL divergence, summed over the distilled rows' positions in an image window, from the LLM's own next-token
+        distribution on the same tokens (the model without CASA) to the model's; and the number of positions."""
+        ids, mask = inputs["input_ids"][distill], inputs["attention_mask"][distill]
+        image = ids == model.config.image_token_id
+        scored = (image.cumsum(1) > 0)[:, :-1] & mask[:, 1:].bool()
+        with torch.no_grad(), without_casa(model):
+            if self.prefix is not None:
+                self.prefix.input_ids, self.prefix.attention_mask = ids, mask
+            embeds = model.get_input_embeddings()(ids)
+            teacher = model.model.language_model(
+                inputs_embeds=embeds, image_mask=torch.zeros_like(image), attention_mask=mask, use_cache=False
+            ).last_hidden_state[:, :-1]
+            teacher = model.lm_head(teacher[scored]).float().log_softmax(-1)
+        student = model.lm_head(hidden[distill][scored]).float().log_softmax(-1)
+        return F.kl_div(student, teacher, log_target=True, reduction="sum"), scored.sum()
 
 
 class _SaveAdded(TrainerCallback):
@@ -165,12 +222,13 @@ def _unwrap_peft(model):
 
 def train_answers(model, processor, dataset, arguments: TrainingArguments, callbacks=()) -> Trainer:
     """Train `model`'s trainable parameters (or a PEFT model's adapters) on `dataset` with the loss on answer tokens
-    only, the frozen blocks below the lowest CASA layer computed once per distinct sequence (`FrozenPrefix`)."""
+    only (prose examples: on their text after the image, distilled from the LLM alone), the frozen blocks below the
+    lowest CASA layer computed once per distinct sequence (`FrozenPrefix`)."""
     trainer = _AnswerOnlyLossTrainer(
         model=model,
         args=arguments,
         train_dataset=dataset,
-        data_collator=CasaDataCollator(processor),
+        data_collator=DistillingCollator(processor),
         callbacks=list(callbacks),
     )
     with frozen_prefix(_unwrap_peft(model)) as trainer.prefix:
@@ -181,7 +239,11 @@ def train_answers(model, processor, dataset, arguments: TrainingArguments, callb
 def train_casa_smollm2(config: SmolLM2TrainConfig):
     """Build CASA-SmolLM2, train its added weights on `NaturalVQA` (training phrasings) and write them to
     `output_dir/added.safetensors` (fp16) with `recipe.json`."""
+    if config.init_from and config.vision_steps:
+        raise ValueError("init_from starts from a trained vision tower; vision_steps would train it again (set 0)")
     model, processor = build_casa_smollm2(config.recipe, config.seed)
+    if config.init_from:
+        load_added_weights(model, Path(config.init_from, "added.safetensors"))
     freeze_smollm2(model)
     if config.freeze_vision:  # stage 1 still trains the tower
         model.model.visual.requires_grad_(False)
@@ -260,7 +322,7 @@ def natural_accuracy(model, processor, examples: int, training_seed: int = 0) ->
 
 def run_train_smollm2(args) -> None:
     """`casa-hf train-smollm2`: train, then score the held-out phrasings on new images."""
-    recipe = CasaSmolLM2Recipe()
+    recipe = recipe_from_file(Path(args.init_from, "recipe.json")) if args.init_from else CasaSmolLM2Recipe()
     if args.casa_layers:
         recipe.casa_layers = tuple(args.casa_layers)
     if args.vision_depth:
@@ -277,6 +339,7 @@ def run_train_smollm2(args) -> None:
         freeze_vision=args.freeze_vision,
         kinds=tuple(args.kinds.split(",")) if args.kinds else SMOLLM2_MIX,
         stop_after=args.stop_after,
+        init_from=args.init_from,
         recipe=recipe,
     )
     model, processor = train_casa_smollm2(config)
