@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from casa_hf.training.natural_vqa import (
@@ -10,13 +11,16 @@ from casa_hf.training.natural_vqa import (
     PHRASINGS,
     PROSE,
     PROSE_MODULES,
+    STREAM,
+    STREAM_FRAMES,
     UNTRAINED_KINDS,
     NaturalVQA,
     answer_sentence,
+    answer_word,
     grade,
     module_summary,
 )
-from casa_hf.training.synthetic_vqa import SyntheticVQA
+from casa_hf.training.synthetic_vqa import COLOURS, SyntheticVQA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,3 +113,20 @@ def test_the_training_collator_marks_the_prose_rows_for_distillation():
     dataset = NaturalVQA(4, seed=2, image_size=56, kinds=("colour", PROSE))
     assert collator([dataset[i] for i in range(4)])["distill"].tolist() == [False, True, False, True]
     assert "distill" not in collator([dataset[0], dataset[2]])  # no prose: the plain answer loss
+
+
+def test_stream_examples_ask_the_colour_after_every_frame_and_grade_the_last():
+    dataset = NaturalVQA(8, seed=5, kinds=(STREAM,), phrasings="held_out")
+    lengths = set()
+    for index in range(len(dataset)):
+        example = dataset[index]
+        turns = example["messages"]
+        lengths.add(len(turns) // 2)
+        assert [turn["role"] for turn in turns] == ["user", "assistant"] * (len(turns) // 2)
+        for user, assistant in zip(turns[::2], turns[1::2], strict=True):
+            image, question = user["content"]
+            assert question["text"] in PHRASINGS["colour"][-HELD_OUT_PHRASINGS:]
+            colour = answer_word(STREAM, assistant["content"])
+            assert np.all(np.asarray(image["image"]) == COLOURS[colour], axis=-1).sum() > 100  # the shape's colour
+        assert example["kind"] == STREAM and grade(STREAM, turns[-1]["content"], example["answer"])
+    assert lengths == set(range(STREAM_FRAMES[0], STREAM_FRAMES[1] + 1))

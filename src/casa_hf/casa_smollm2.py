@@ -243,9 +243,11 @@ of the sentence).
 
 
 def accuracy_table(accuracy: dict) -> str:
-    """Markdown table of `accuracy.json` (one row per phrasing split) and the command that measured it."""
+    """Markdown table of `accuracy.json` (one row per phrasing split, "-" where a split asks no question of a kind)
+    and the command that measured it."""
     splits = {name: scores for name, scores in accuracy.items() if isinstance(scores, dict)}
     kinds = [k for k in next(iter(splits.values())) if k != "single_image"] + ["single_image"]
     lines = ["| phrasings | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{scores[k]:.2f}" for k in kinds) + " |" for name, scores in splits.items()]
+    cells = {name: [f"{scores[k]:.2f}" if k in scores else "-" for k in kinds] for name, scores in splits.items()}
+    lines += [f"| {name} | " + " | ".join(row) + " |" for name, row in cells.items()]
     return "\n".join(lines) + f"\n\nMeasured with `{accuracy.get('command', '')}`."

@@ -102,6 +102,11 @@ PHRASINGS = {
     ),
 }
 UNTRAINED_KINDS = ("corner",)
+# "stream": a chat of `STREAM_FRAMES` frames, each followed by a colour question and its answer, as a video stream
+# asks (`casa-hf demo`'s stream); graded on the last answer. Without it, a chat's earlier answers steered the frozen
+# LLM: the shipped weights' stream answered "blue" from its third frame on (README, CASA-SmolLM2).
+STREAM = "stream"
+STREAM_FRAMES = (3, 5)  # fewest, most
 HELD_OUT_PHRASINGS = 2  # the last phrasings of each kind: evaluation only
 # "prose" (opt-in): a question about a Python standard-library module next to an unrelated image, answered with the
 # module's docstring, its text in the image's CASA window. Meant to keep the frozen LLM's text ability there; measured,
@@ -133,12 +138,13 @@ ANSWER_WORDS = {
     "vertical": ("top", "bottom"),
     "digit": DIGITS,
     "change": ("colour", "shape", "moved"),
+    STREAM: tuple(COLOURS),
 }
 
 
 def answer_sentence(kind: str, answer: str) -> str:
     """The sentence a kind's answer word is said in."""
-    if kind == "colour":
+    if kind in ("colour", STREAM):
         return f"The shape is {answer}."
     if kind == "shape":
         return f"It is a {answer}."
@@ -202,9 +208,9 @@ class NaturalVQA(SyntheticVQA):
         system_prompt: str | None = None,
     ):
         super().__init__(size, seed, image_size, None, system_prompt=False)
-        unknown = set(kinds or ()) - set(PHRASINGS) - {PROSE}
+        unknown = set(kinds or ()) - set(PHRASINGS) - {PROSE, STREAM}
         if unknown:
-            raise ValueError(f"Unknown question kinds {sorted(unknown)}; known: {sorted([*PHRASINGS, PROSE])}")
+            raise ValueError(f"Unknown question kinds {sorted(unknown)}; known: {sorted([*PHRASINGS, PROSE, STREAM])}")
         self.kinds = kinds or self.kinds
         if phrasings not in ("train", "held_out", "all"):
             raise ValueError(f"phrasings={phrasings!r} must be 'train', 'held_out' or 'all'")
@@ -224,6 +230,8 @@ class NaturalVQA(SyntheticVQA):
         kind = self.kinds[index % len(self.kinds)]
         if kind == PROSE:
             return self._prose(rng)
+        if kind == STREAM:
+            return self._stream(rng)
         images, answer = self._make(kind, rng)
         question = str(rng.choice(self._questions(kind)))
         content = [{"type": "image", "image": images[0]}]
@@ -241,9 +249,30 @@ class NaturalVQA(SyntheticVQA):
         content = [{"type": "image", "image": images[0]}, {"type": "text", "text": question}]
         return self._example(content, answer, PROSE, answer, question)
 
-    def _example(self, content: list[dict], reply: str, kind: str, answer: str, question: str) -> dict:
-        """The user turn `content` answered by `reply`, after the system message when there is one."""
+    def _stream(self, rng: np.random.Generator) -> dict:
+        turns = []
+        for _ in range(int(rng.integers(STREAM_FRAMES[0], STREAM_FRAMES[1] + 1))):
+            images, answer = self._make("colour", rng)
+            question = str(rng.choice(self._questions("colour")))
+            turns.append(([{"type": "image", "image": images[0]}, {"type": "text", "text": question}], answer))
+        *earlier, (content, answer) = turns
+        history = [(content, answer_sentence(STREAM, answer)) for content, answer in earlier]
+        return self._example(content, answer_sentence(STREAM, answer), STREAM, answer, question, history)
+
+    def _example(
+        self,
+        content: list[dict],
+        reply: str,
+        kind: str,
+        answer: str,
+        question: str,
+        history: list[tuple[list[dict], str]] = (),
+    ) -> dict:
+        """The user turn `content` answered by `reply`, after the system message when there is one and the earlier
+        `(user content, reply)` turns of `history`."""
         messages = [{"role": "system", "content": self.system_text}] if self.system_text else []
+        for earlier, earlier_reply in history:
+            messages += [{"role": "user", "content": earlier}, {"role": "assistant", "content": earlier_reply}]
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]
         return {"messages": messages, "kind": kind, "answer": answer, "question": question}
 
@@ -252,6 +281,7 @@ __all__ = [
     "HELD_OUT_PHRASINGS",
     "PHRASINGS",
     "PROSE",
+    "STREAM",
     "UNTRAINED_KINDS",
     "NaturalVQA",
     "answer_sentence",

@@ -30,8 +30,8 @@ from ..casa_smollm2 import (
     recipe_from_file,
 )
 from .collator import IGNORE_INDEX, CasaDataCollator
-from .natural_vqa import PROSE, NaturalVQA, grade
-from .synthetic_vqa import TRAINING_MIX
+from .natural_vqa import PROSE, STREAM, NaturalVQA, grade
+from .synthetic_vqa import MULTI_KINDS, SINGLE_KINDS, TRAINING_MIX
 from .train import generate_answers
 from .vision_pretraining import pretrain_vision_tower
 
@@ -39,7 +39,8 @@ HELD_OUT_SEED_OFFSET = 10_000
 # `casa-hf train`'s mix, plus the kinds the previous CASA-SmolLM2 weights scored lowest on (colour in held-out
 # phrasings 0.45, "what changed" 0.35)
 SMOLLM2_MIX = TRAINING_MIX + ("colour", "change")
-FIXED_TEST_SET = 28  # held-out phrasings, 4 questions per kind
+FIXED_TEST_SET = 28  # held-out phrasings, 4 questions per kind (the single images and "what changed")
+EVALUATED_KINDS = (*SINGLE_KINDS, *MULTI_KINDS, STREAM)
 
 
 @dataclass
@@ -304,19 +305,23 @@ def evaluate_natural(model, processor, dataset: NaturalVQA, batch_size: int = 16
             correct[example["kind"]] += grade(example["kind"], text, example["answer"])
             total[example["kind"]] += 1
     accuracy = {kind: correct[kind] / total[kind] for kind in total}
-    single = [kind for kind in total if kind != "change"]
+    single = [kind for kind in total if kind not in (*MULTI_KINDS, STREAM)]
     accuracy["single_image"] = sum(correct[k] for k in single) / max(sum(total[k] for k in single), 1)
     return accuracy
 
 
 def natural_accuracy(model, processor, examples: int, training_seed: int = 0) -> dict:
-    """Accuracy on `examples` new images per phrasing split (training phrasings, held-out phrasings)."""
+    """Accuracy on `examples` new images per phrasing split (training phrasings, held-out phrasings), every kind of
+    `EVALUATED_KINDS` equally often, and on the fixed test set that `tests/test_casa_smollm2.py` re-measures."""
     size = processor.image_size
-    splits = {"training phrasings": (examples, "train"), "held-out phrasings": (examples, "held_out")}
-    splits["fixed test set"] = (FIXED_TEST_SET, "held_out")  # what tests/test_casa_smollm2.py re-measures
+    splits = {
+        "training phrasings": (examples, "train", EVALUATED_KINDS),
+        "held-out phrasings": (examples, "held_out", EVALUATED_KINDS),
+        "fixed test set": (FIXED_TEST_SET, "held_out", None),
+    }
     return {
-        split: evaluate_natural(model, processor, held_out_natural(count, size, phrasings, training_seed))
-        for split, (count, phrasings) in splits.items()
+        split: evaluate_natural(model, processor, held_out_natural(count, size, phrasings, training_seed, kinds))
+        for split, (count, phrasings, kinds) in splits.items()
     }
 
 
@@ -343,6 +348,6 @@ def run_train_smollm2(args) -> None:
         recipe=recipe,
     )
     model, processor = train_casa_smollm2(config)
-    accuracy = natural_accuracy(model, processor, 140, args.seed)
+    accuracy = natural_accuracy(model, processor, 160, args.seed)
     Path(args.output_dir, "accuracy.json").write_text(json.dumps(accuracy, indent=1))
     print(json.dumps(accuracy, indent=1))
