@@ -47,6 +47,17 @@ def test_demo_command_runs(capsys):
     assert "answers right" in printed and "frame  1" in printed
 
 
+def test_demo_command_shows_casa_smollm2_unless_told_otherwise(monkeypatch):
+    import casa_hf.demo
+    from casa_hf.cli import main
+
+    shown = []
+    monkeypatch.setattr(casa_hf.demo, "run_demo", lambda model, *args: shown.append(model))
+    main(["demo"])
+    main(["demo", "--model", "tiny"])
+    assert shown == ["casa-smollm2", "tiny"]
+
+
 def test_evaluate_command_scores_the_shipped_model(capsys):
     from casa_hf.cli import main
 

@@ -20,7 +20,8 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
     "tiny": lambda: TINY_MODEL,
     "casa-smollm2": _casa_smollm2,
 }
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "tiny"  # what `serve` and `evaluate` load without `--model`: needs nothing installed, starts at once
+DEMO_MODEL = "casa-smollm2"  # what `casa-hf demo` shows without `--model`: a real LLM that sees
 
 
 def resolve_model(name_or_folder: str | Path | None) -> Path:

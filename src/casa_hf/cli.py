@@ -1,10 +1,12 @@
-"""`casa-hf` command line: `demo` (the shipped model answers questions about generated images, offline),
+"""`casa-hf` command line: `demo` (CASA-SmolLM2 answers questions about generated images, offline),
 `convert` (checkpoints into CASA), `train` (the synthetic VQA recipe), `evaluate` (its held-out accuracy),
 `serve` (an OpenAI-compatible server with live video sessions)."""
 
 from __future__ import annotations
 
 import argparse
+
+from .builtin_models import DEMO_MODEL
 
 
 def _layer_list(text: str) -> list[int]:
@@ -136,7 +138,9 @@ def _add_serve_parser(commands) -> None:
     server = commands.add_parser(
         "serve", help="an OpenAI-compatible server with live video sessions and a captioning page (casa-hf[serve])"
     )
-    server.add_argument("--model", default=None, help="a built-in model name (tiny) or a CASA checkpoint folder")
+    server.add_argument(
+        "--model", default=None, help="a built-in model name (tiny, casa-smollm2) or a CASA checkpoint folder (tiny)"
+    )
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--max-sessions", type=int, default=8, help="live sessions at once; more get HTTP 429")
@@ -147,8 +151,12 @@ def _add_serve_parser(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casa-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="the shipped CASA model answers questions about generated images")
-    demo.add_argument("--model", default=None, help="a built-in model name (tiny, casa-smollm2) or a CASA folder")
+    demo = commands.add_parser("demo", help="a shipped CASA model answers questions about generated images")
+    demo.add_argument(
+        "--model",
+        default=DEMO_MODEL,
+        help=f"a built-in model name (tiny, casa-smollm2) or a CASA folder ({DEMO_MODEL})",
+    )
     demo.add_argument("--images", type=int, default=3, help="images to generate and ask about")
     demo.add_argument("--frames", type=int, default=12, help="frames of the streaming part (0 to skip it)")
     demo.add_argument("--seed", type=int, default=0)
@@ -247,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output", help="folder to write (appears only when complete)")
     export.add_argument("--overwrite", action="store_true")
 
-    scorer = commands.add_parser("evaluate", help="held-out synthetic VQA accuracy of a model (default: the demo's)")
+    scorer = commands.add_parser("evaluate", help="held-out synthetic VQA accuracy of a model (default: tiny)")
     scorer.add_argument("--model", default=None, help="a built-in model name (tiny, casa-smollm2) or a model folder")
     scorer.add_argument("--examples", type=int, default=700, help="held-out questions, every kind equally often")
     scorer.add_argument("--seed", type=int, default=0, help="training seed whose held-out questions to use")
