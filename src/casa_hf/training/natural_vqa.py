@@ -1,7 +1,6 @@
 """The synthetic scenes of `synthetic_vqa`, asked about in plain English and answered in sentences.
 
-Each question kind has several phrasings (British and American spellings, short and long; the single-image kinds
-eleven, the others eight); the last
+Each question kind has several phrasings (British and American spellings, short and long); the last
 `HELD_OUT_PHRASINGS` of each kind never appear in training (`phrasings="train"`) and are used only to evaluate
 (`phrasings="held_out"`), so a score on them says whether the model understood the question or learnt a string.
 Answers are sentences built from one answer word; `grade` finds the answer word in free text.
@@ -28,9 +27,6 @@ PHRASINGS = {
         "What is the color of the shape in this picture?",
         "Tell me the colour of the shape, please.",
         "Color?",
-        "Which colour does the shape have?",
-        "Name the color of the shape in the picture.",
-        "Could you tell me its colour?",
         "Can you tell me what color the shape in the image is?",
         "What colour has the shape been painted?",
     ),
@@ -41,9 +37,6 @@ PHRASINGS = {
         "Shape?",
         "Can you name the shape in the picture?",
         "Is it a square, a circle or a triangle?",
-        "Can you tell me which shape this is?",
-        "Name the shape you see in the image.",
-        "Which shape has been drawn?",
         "What kind of shape is shown here?",
         "Which geometric shape is in the picture?",
     ),
@@ -54,9 +47,6 @@ PHRASINGS = {
         "How many shapes are drawn in this picture?",
         "Number of shapes?",
         "How many objects do you see in the image?",
-        "Could you count the shapes in the image for me?",
-        "What is the number of shapes in the picture?",
-        "How many are there?",
         "Can you tell me how many shapes there are?",
         "How many shapes does the image contain?",
     ),
@@ -67,9 +57,6 @@ PHRASINGS = {
         "On which side of the picture is the shape, left or right?",
         "Is the shape to the left or to the right?",
         "Does the shape sit on the left or on the right of the image?",
-        "Can you tell me if the shape is on the left or the right?",
-        "Left side or right side of the image?",
-        "Where is the shape, on the left or on the right?",
         "Which side is the shape on, left or right?",
         "Is the shape in the left half or the right half?",
     ),
@@ -80,9 +67,6 @@ PHRASINGS = {
         "Is the shape in the upper part or the lower part of the picture, top or bottom?",
         "Is the shape at the top of the image or at the bottom?",
         "Does the shape sit at the top or at the bottom of the picture?",
-        "Can you tell me if the shape is at the top or the bottom?",
-        "Upper half or lower half: top or bottom?",
-        "Where is the shape, at the top or at the bottom?",
         "Which is it, top or bottom?",
         "Is the shape in the top half or the bottom half?",
     ),
@@ -93,9 +77,6 @@ PHRASINGS = {
         "Digit?",
         "Read the digit in this picture, please.",
         "Which digit is written on the image?",
-        "Can you tell me which digit this is?",
-        "Name the number written in the picture.",
-        "Which digit do you see?",
         "What number is written here?",
         "Can you read the number in the picture?",
     ),
