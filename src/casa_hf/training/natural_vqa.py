@@ -108,10 +108,11 @@ UNTRAINED_KINDS = ("corner",)
 STREAM = "stream"
 STREAM_FRAMES = (3, 5)  # fewest, most
 HELD_OUT_PHRASINGS = 2  # the last phrasings of each kind: evaluation only
-# "prose" (opt-in): a question about a Python standard-library module next to an unrelated image, answered with the
-# module's docstring, its text in the image's CASA window. Meant to keep the frozen LLM's text ability there; measured,
-# it did not (README, CASA-SmolLM2). The perplexity benchmark scores other modules' docstrings
-# (`benchmarks/smollm2_text_perplexity.py`).
+# "prose": a question about a Python standard-library module next to an unrelated image, answered with the module's
+# docstring, its text in the image's CASA window. Training distils that text from the LLM alone rather than fitting
+# the docstring (`train_smollm2.DistillingCollator`): so the CASA layers leave text after an image to the LLM (fitted,
+# they learnt the docstrings and made it worse; README, CASA-SmolLM2). The perplexity benchmark scores other modules'
+# docstrings (`benchmarks/smollm2_text_perplexity.py`).
 PROSE = "prose"
 PROSE_MODULES = (
     "os", "re", "random", "collections", "string", "shutil", "tempfile", "fnmatch", "gzip", "sqlite3", "hashlib",
