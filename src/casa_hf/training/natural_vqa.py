@@ -104,7 +104,7 @@ PHRASINGS = {
 UNTRAINED_KINDS = ("corner",)
 # "stream": a chat of `STREAM_FRAMES` frames, each followed by a colour question and its answer, as a video stream
 # asks (`casa-hf demo`'s stream); graded on the last answer. Without it, a chat's earlier answers steered the frozen
-# LLM: the shipped weights' stream answered "blue" from its third frame on (README, CASA-SmolLM2).
+# LLM: weights trained without it answered the demo's stream "blue" from its third frame on (README, CASA-SmolLM2).
 STREAM = "stream"
 STREAM_FRAMES = (3, 5)  # fewest, most
 HELD_OUT_PHRASINGS = 2  # the last phrasings of each kind: evaluation only
@@ -257,8 +257,8 @@ class NaturalVQA(SyntheticVQA):
             question = str(rng.choice(self._questions("colour")))
             turns.append(([{"type": "image", "image": images[0]}, {"type": "text", "text": question}], answer))
         *earlier, (content, answer) = turns
-        history = [(content, answer_sentence(STREAM, answer)) for content, answer in earlier]
-        return self._example(content, answer_sentence(STREAM, answer), STREAM, answer, question, history)
+        history = [(earlier_content, answer_sentence(STREAM, colour)) for earlier_content, colour in earlier]
+        return self._example(content, answer_sentence(STREAM, answer), STREAM, answer, content[-1]["text"], history)
 
     def _example(
         self,
