@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw
 from transformers import DynamicCache, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
 from transformers.models.idefics3 import Idefics3ImageProcessorPil
 
+from casa_hf.casa_smollm2 import llm_weights_for_vocab
 from casa_hf.streaming import CasaStream
 
 
@@ -97,10 +98,6 @@ def idefics3_on(
         tie_word_embeddings=True,
     )
     model = Idefics3ForConditionalGeneration(config).eval()
-    weights = llm.model.state_dict()
-    embed = weights["embed_tokens.weight"]
-    extra = embed.mean(0, keepdim=True).expand(len(tokenizer) - embed.shape[0], -1)
-    weights["embed_tokens.weight"] = torch.cat([embed, extra])  # the added tokens start at the mean row
-    model.model.text_model.load_state_dict(weights)
+    model.model.text_model.load_state_dict(llm_weights_for_vocab(llm, len(tokenizer)))
     model.tie_weights()
     return model, processor

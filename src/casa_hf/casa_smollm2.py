@@ -98,10 +98,7 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
     config.architectures = ["CasaForConditionalGeneration"]
     torch.manual_seed(seed)
     model = CasaForConditionalGeneration(config)
-    weights = llm.model.state_dict()
-    embed = weights["embed_tokens.weight"]
-    extra = embed.mean(0, keepdim=True).expand(len(tokenizer) - embed.shape[0], -1)
-    weights["embed_tokens.weight"] = torch.cat([embed, extra])  # added tokens start at the mean row
+    weights = llm_weights_for_vocab(llm, len(tokenizer))
     missing, unexpected = model.model.language_model.load_state_dict(weights, strict=False)
     if unexpected or any(".casa_" not in name for name in missing):
         raise RuntimeError(f"SmolLM2 weights do not fit: missing {missing}, unexpected {unexpected}")
@@ -110,6 +107,16 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), processor
+
+
+def llm_weights_for_vocab(llm, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The state dict of `llm`'s base model with its embedding grown to `vocab_size` rows, the added tokens' rows
+    starting at the mean row (a VLM's image tokens appended to the LLM's tokenizer)."""
+    weights = llm.model.state_dict()
+    embed = weights["embed_tokens.weight"]
+    extra = embed.mean(0, keepdim=True).expand(vocab_size - embed.shape[0], -1)
+    weights["embed_tokens.weight"] = torch.cat([embed, extra])
+    return weights
 
 
 @torch.no_grad()
