@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def reference_casa_window_attention(module, query, key, value, image_keys, image_values, windows, cache_layer):
+def reference_casa_window_attention(
+    module, query, key, value, image_keys, image_values, windows, cache_layer, step_masks=None
+):
     past = cache_layer is not None and cache_layer.is_initialized
     assert not past, "the reference covers full forwards, from an empty cache or none"
     batch, heads, seq_len, head_dim = query.shape

@@ -14,7 +14,8 @@ text keys come last).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,6 +122,8 @@ class CasaInputs:
 
     windows: CasaWindows | None  # None for a decode step: every sample goes on in its cached window
     image_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # RoPE at each image's insertion point
+    # a decode step's attention mask per backend, built by the first CASA layer: all layers' windows share one layout
+    step_masks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -289,7 +292,7 @@ class CasaAttention(nn.Module):
             image_values = image_values[0][:, index].transpose(0, 1)
 
         attn_output, image_weights = casa_window_attention(
-            self, query, key, value, image_keys, image_values, casa_inputs.windows, cache_layer
+            self, query, key, value, image_keys, image_values, casa_inputs.windows, cache_layer, casa_inputs.step_masks
         )
         return proj.o_proj(attn_output.reshape(batch, seq_len, -1)), image_weights
 
@@ -303,12 +306,14 @@ def casa_window_attention(
     image_values: torch.Tensor | None,
     windows: CasaWindows | None,
     cache_layer: CasaDynamicLayer | None,
+    step_masks: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CASA attention of a chunk (`query`/`key`/`value` as `[B, heads, T, D]`, RoPE applied), output `[B, T, heads,
     D]`, and the image weights when the backend returns weights. Windows that continue the cached ones read
-    `cache_layer`, which then stores each sample's last window."""
+    `cache_layer`, which then stores each sample's last window; a decode step (no `windows`) keeps its mask in
+    `step_masks` for the next CASA layers."""
     if windows is None:
-        return _continue_cached_windows(module, query, key, value, cache_layer)
+        return _continue_cached_windows(module, query, key, value, cache_layer, step_masks)
     with_text = module.mode == "casa"
     implementation = module.config._attn_implementation or "sdpa"
     varlen = is_flash_attention_requested(requested_attention_implementation=implementation)
@@ -361,7 +366,12 @@ def casa_window_attention(
 
 
 def _continue_cached_windows(
-    module: CasaAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache_layer: CasaDynamicLayer
+    module: CasaAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache_layer: CasaDynamicLayer,
+    step_masks: dict[str, Any] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The decode step: no image, no padding, every sample goes on in its cached window. Its queries attend to the
     stored window plus the new text directly, one row per sample, with no window bookkeeping."""
@@ -369,8 +379,10 @@ def _continue_cached_windows(
     # one query per sample over windows without unused slots sees every key: no mask to build
     unmasked = cache_layer.all_valid and query.shape[2] == 1
     key_valid = None if unmasked else key_valid
-    output, weights = _masked_attention(module, query, keys, values, key_valid, first_new_slot, dropout=0.0)
-    if module.updates_image_windows_only:  # a window before any image: no update
+    output, weights = _masked_attention(
+        module, query, keys, values, key_valid, first_new_slot, dropout=0.0, masks=step_masks
+    )
+    if module.updates_image_windows_only and not cache_layer.all_see_images:  # a window before any image: no update
         output = output * (cache_layer.image_tokens > 0)[:, None, None, None].to(output.dtype)
     image_weights = None
     if weights is not None:
@@ -387,12 +399,14 @@ def _masked_attention(
     key_valid: torch.Tensor | None,
     prefix_width: int | torch.Tensor,
     dropout: float,
+    masks: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows of `[prefix | text]` keys through the model's attention backend, the CASA window pattern as its mask
-    (none when `key_valid` is None: every query sees every key)."""
+    (none when `key_valid` is None: every query sees every key). A mask found in `masks` under the backend's name is
+    used as it is; one built here is put there."""
     implementation = module.config._attn_implementation or "sdpa"
-    attention_mask = None
-    if key_valid is not None:
+    attention_mask = None if masks is None else masks.get(implementation)
+    if key_valid is not None and attention_mask is None:
         attention_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
             batch_size=queries.shape[0],
             q_length=queries.shape[2],
@@ -402,6 +416,8 @@ def _masked_attention(
             dtype=queries.dtype,
             device=queries.device,
         )
+        if masks is not None:
+            masks[implementation] = attention_mask
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, module.backbone.eager_attention_forward)
     return attention(
         module, queries, keys, values, attention_mask, dropout=dropout, scaling=module.scaling, is_causal=False

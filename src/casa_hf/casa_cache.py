@@ -51,6 +51,7 @@ class CasaDynamicLayer(CacheLayerMixin):
         self.image_tokens: torch.Tensor | None = None
         self.text_tokens: torch.Tensor | None = None
         self.all_valid = False  # every slot of every window in use: a one-token decode step then needs no mask
+        self.all_see_images = False  # every window holds an image: a decode step then updates every sample
         # keys, values and valid slots with free slots after them; `keys` etc. are their leading views while
         # decode steps append in place (anything that replaces the windows, e.g. `update`, ends that)
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -79,7 +80,8 @@ class CasaDynamicLayer(CacheLayerMixin):
             key_states, value_states, valid = front_aligned(key_states, value_states, valid)
         self.keys, self.values, self.valid = key_states, value_states, valid
         self.image_tokens, self.text_tokens = image_tokens, text_tokens
-        self.all_valid = bool(valid.all())  # read here, once per stored window, rather than by each decode step
+        # read here, once per stored window, rather than by each decode step
+        self.all_valid, self.all_see_images = bool(valid.all()), bool((image_tokens > 0).all())
         return self.keys, self.values
 
     def append_text(
@@ -171,7 +173,7 @@ class CasaDynamicLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.image_tokens = self.text_tokens = self._buffers = None
-        self.all_valid = False
+        self.all_valid = self.all_see_images = False
         self.is_initialized = False
 
     def check_crop(self, tokens_to_remove: int) -> None:
