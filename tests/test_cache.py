@@ -1,6 +1,8 @@
 """Cached and streamed computation against one full forward; the cache holds text only."""
 
 import copy
+import os
+import traceback
 
 import pytest
 import torch
@@ -122,6 +124,53 @@ def test_decode_steps_write_the_window_in_place_and_stay_differentiable():
     differentiable.square().sum().backward()
     assert (differentiable.detach() - reference).abs().max() <= TOLERANCE
     assert model.model.language_model.layers[0].casa_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+READ_BACKS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")  # what copies a tensor to the host
+
+
+def _recording_read_backs(name: str, calls: list[str]):
+    """`torch.Tensor.<name>`, noting each call made under casa_hf's code, except in Transformers' SA mask functions
+    (they read the padding back, as for any built-in model)."""
+    original = getattr(torch.Tensor, name)
+
+    def read_back(self, *args, **kwargs):
+        files = [frame.filename for frame in traceback.extract_stack()[:-1]]
+        ours = [file for file in files if os.sep + "casa_hf" + os.sep in file]
+        if ours and not any(file.endswith(os.path.join("transformers", "masking_utils.py")) for file in files):
+            calls.append(f"{name} under {os.path.basename(ours[-1])}")
+        return original(self, *args, **kwargs)
+
+    return read_back
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_decode_steps_read_nothing_back_from_the_device(attn, monkeypatch):
+    """A one-token step with a dynamic cache never reads a tensor back in casa_hf's code (on a GPU each read-back
+    synchronises, at every generated token): a left-padded batch, one sample with an image and one before any image
+    (no CASA update), its 2D mask given as `generate()` gives it; the steps' logits equal one full forward's."""
+    model = tiny_model(attn=attn, casa_text_only_windows="skip")
+    rows = (random_text(2, seed=5) + [IMAGE_TOKEN] + random_text(3, seed=6), random_text(4, seed=4))
+    width, steps = max(map(len, rows)), 3
+    prompt = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+    new_tokens = torch.tensor([random_text(steps, seed=7), random_text(steps, seed=8)])
+    mask = (prompt != 0).long()
+    images = dict(zip(("pixel_values", "image_grid_thw"), random_images([(4, 4)]), strict=True))
+    read_backs = []
+    with torch.no_grad():
+        full_mask = torch.cat([mask, torch.ones_like(new_tokens)], 1)
+        full = model(input_ids=torch.cat([prompt, new_tokens], 1), attention_mask=full_mask, **images).logits
+        cache = model(input_ids=prompt, attention_mask=mask, **images, use_cache=True).cache
+        for name in READ_BACKS:
+            monkeypatch.setattr(torch.Tensor, name, _recording_read_backs(name, read_backs))
+        logits = []
+        for step in range(steps):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            step_ids = new_tokens[:, step : step + 1]
+            logits.append(model(input_ids=step_ids, attention_mask=mask, cache=cache, use_cache=True).logits)
+        monkeypatch.undo()
+    assert read_backs == []
+    torch.testing.assert_close(torch.cat(logits, 1), full[:, width:], atol=TOLERANCE, rtol=0)
 
 
 def test_passed_back_cache_on_plain_dynamic_cache_is_refused():

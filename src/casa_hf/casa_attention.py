@@ -387,7 +387,7 @@ def _continue_cached_windows(
     image_weights = None
     if weights is not None:
         image_tokens = cache_layer.image_tokens
-        image_weights = _weights_on_images(weights, keys.shape[2], image_tokens, int(image_tokens.max()))
+        image_weights = _weights_on_images(weights, keys.shape[2], image_tokens, cache_layer.image_width)
     return output, image_weights
 
 

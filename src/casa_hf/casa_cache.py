@@ -52,6 +52,7 @@ class CasaDynamicLayer(CacheLayerMixin):
         self.text_tokens: torch.Tensor | None = None
         self.all_valid = False  # every slot of every window in use: a one-token decode step then needs no mask
         self.all_see_images = False  # every window holds an image: a decode step then updates every sample
+        self.image_width = 0  # tokens of the largest image in the windows, read by decode steps without a sync
         # keys, values and valid slots with free slots after them; `keys` etc. are their leading views while
         # decode steps append in place (anything that replaces the windows, e.g. `update`, ends that)
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -82,6 +83,7 @@ class CasaDynamicLayer(CacheLayerMixin):
         self.image_tokens, self.text_tokens = image_tokens, text_tokens
         # read here, once per stored window, rather than by each decode step
         self.all_valid, self.all_see_images = bool(valid.all()), bool((image_tokens > 0).all())
+        self.image_width = int(image_tokens.max())
         return self.keys, self.values
 
     def append_text(
@@ -174,6 +176,7 @@ class CasaDynamicLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.image_tokens = self.text_tokens = self._buffers = None
         self.all_valid = self.all_see_images = False
+        self.image_width = 0
         self.is_initialized = False
 
     def check_crop(self, tokens_to_remove: int) -> None:
@@ -250,6 +253,7 @@ class CasaStaticLayer(CasaDynamicLayer):
             self.lazy_initialization(key_states, value_states)
         key_states, value_states, valid = front_aligned(key_states, value_states, valid)
         largest_image, slots = int(image_tokens.max()), key_states.shape[2]
+        self.image_width = largest_image
         if largest_image > self.max_image_tokens:
             raise ValueError(
                 f"An image of {largest_image} tokens does not fit this static CASA cache (max_image_tokens="

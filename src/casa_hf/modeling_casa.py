@@ -269,10 +269,12 @@ class CasaTextModel(CasaPreTrainedModel):
         if chunk_valid is None:
             chunk_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=inputs_embeds.device)
         segment_starts = None if continues else _segment_starts(position_ids.expand(batch_size, -1), chunk_valid)
-        windows = None  # decode steps: every sample goes on in its cached window, no bookkeeping needed
+        # decode steps: every sample goes on in its cached window, no bookkeeping. A one-token step's token is never
+        # padding (generate() appends real tokens): its mask is not read back, which would synchronise every token.
+        windows = None
         if not continues or image_features is not None or is_flash_attention_requested(self.config):
             windows = build_casa_windows(image_mask, chunk_valid, image_sizes or [], segment_starts)
-        elif token_valid is not None and not bool(token_valid.all()):
+        elif token_valid is not None and seq_len > 1 and not bool(token_valid.all()):
             windows = build_casa_windows(image_mask, token_valid, [], None)
         image_positions = None
         if image_features is not None:
@@ -428,13 +430,16 @@ class CasaModel(CasaPreTrainedModel):
         num_images = _count_images(pixel_values, image_grid_thw)
         if image_outputs is not None:
             num_images = len(image_outputs.pooler_output)
-        torch_compilable_check(
-            image_mask.sum() == num_images,
-            lambda: (
-                f"Found {int(image_mask.sum())} image tokens (id {self.config.image_token_id}) in the input but "
-                f"{num_images} images; each image needs exactly one image token at its insertion point"
-            ),
-        )
+        # A one-token chunk without images (a decode step) is not counted, as built-in VLMs check placeholders only
+        # against given images: reading the count back would synchronise with the device at every generated token.
+        if num_images or image_mask.shape[1] > 1:
+            torch_compilable_check(
+                image_mask.sum() == num_images,
+                lambda: (
+                    f"Found {int(image_mask.sum())} image tokens (id {self.config.image_token_id}) in the input but "
+                    f"{num_images} images; each image needs exactly one image token at its insertion point"
+                ),
+            )
         image_features = image_sizes = None
         if num_images:
             if image_outputs is None:
