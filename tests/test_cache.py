@@ -9,7 +9,7 @@ import torch
 from tiny import IMAGE_TOKEN, random_images, random_text, tiny_config, tiny_model
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from casa_hf import CasaCache
+from casa_hf import CasaCache, CasaStaticCache
 
 TOLERANCE = 1e-4
 
@@ -144,11 +144,12 @@ def _recording_read_backs(name: str, calls: list[str]):
     return read_back
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_decode_steps_read_nothing_back_from_the_device(attn, monkeypatch):
-    """A one-token step with a dynamic cache never reads a tensor back in casa_hf's code (on a GPU each read-back
-    synchronises, at every generated token): a left-padded batch, one sample with an image and one before any image
-    (no CASA update), its 2D mask given as `generate()` gives it; the steps' logits equal one full forward's."""
+def test_decode_steps_read_nothing_back_from_the_device(attn, static, monkeypatch):
+    """A one-token step never reads a tensor back in casa_hf's code (on a GPU each read-back synchronises, at every
+    generated token), with the dynamic or the static cache: a left-padded batch, one sample with an image and one
+    before any image (no CASA update), its 2D mask given; the steps' logits equal one full forward's."""
     model = tiny_model(attn=attn, casa_text_only_windows="skip")
     rows = (random_text(2, seed=5) + [IMAGE_TOKEN] + random_text(3, seed=6), random_text(4, seed=4))
     width, steps = max(map(len, rows)), 3
@@ -160,14 +161,17 @@ def test_decode_steps_read_nothing_back_from_the_device(attn, monkeypatch):
     with torch.no_grad():
         full_mask = torch.cat([mask, torch.ones_like(new_tokens)], 1)
         full = model(input_ids=torch.cat([prompt, new_tokens], 1), attention_mask=full_mask, **images).logits
-        cache = model(input_ids=prompt, attention_mask=mask, **images, use_cache=True).cache
+        cache = CasaStaticCache(model.config, max_cache_len=16, max_image_tokens=4) if static else CasaCache()
+        model(input_ids=prompt, attention_mask=mask, **images, cache=cache, use_cache=True)
         for name in READ_BACKS:
             monkeypatch.setattr(torch.Tensor, name, _recording_read_backs(name, read_backs))
         logits = []
         for step in range(steps):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
             step_ids = new_tokens[:, step : step + 1]
-            logits.append(model(input_ids=step_ids, attention_mask=mask, cache=cache, use_cache=True).logits)
+            positions = mask.sum(1, keepdim=True) - 1  # as generate() passes them (a static cache's length is data)
+            step = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            logits.append(step.logits)
         monkeypatch.undo()
     assert read_backs == []
     torch.testing.assert_close(torch.cat(logits, 1), full[:, width:], atol=TOLERANCE, rtol=0)

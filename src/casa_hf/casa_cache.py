@@ -222,6 +222,8 @@ class CasaStaticLayer(CasaDynamicLayer):
         self.max_image_tokens, self.max_text_since_image = max_image_tokens, max_text_since_image
         self.max_slots = max_image_tokens + max_text_since_image
         self.used: torch.Tensor | None = None
+        # slots of the longest window, counted on the host: eager decode steps check the bound without reading `used`
+        self.longest_window = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads = key_states.shape[:2]
@@ -265,6 +267,7 @@ class CasaStaticLayer(CasaDynamicLayer):
                 f"(max_image_tokens + max_text_since_image = {self.max_slots}): build the cache with a larger "
                 "max_text_since_image, or use the dynamic cache"
             )
+        self.longest_window = slots
         self.keys[:, :, :slots].copy_(key_states)
         self.values[:, :, :slots].copy_(value_states)
         self.valid.zero_()
@@ -281,7 +284,7 @@ class CasaStaticLayer(CasaDynamicLayer):
         new = key_states.shape[-2]
         first_new_slot = self.used.clone()
         if with_text:
-            if not is_torchdynamo_compiling() and bool((self.used + new > self.max_slots).any()):
+            if not is_torchdynamo_compiling() and self.longest_window + new > self.max_slots:
                 raise ValueError(
                     f"The text since the latest image no longer fits this static CASA cache (max_image_tokens + "
                     f"max_text_since_image = {self.max_slots} slots): build it with a larger max_text_since_image"
@@ -292,6 +295,8 @@ class CasaStaticLayer(CasaDynamicLayer):
             self.values.scatter_(2, index, value_states)
             self.valid.scatter_(1, slots, True)
             self.used.add_(new)
+            if not is_torchdynamo_compiling():
+                self.longest_window += new
         self.text_tokens.add_(new)
         return self.keys, self.values, self.valid, first_new_slot
 
@@ -312,6 +317,7 @@ class CasaStaticLayer(CasaDynamicLayer):
             tensor.copy_(tensor.index_select(0, rows.to(tensor.device)))
 
     def reset(self) -> None:
+        self.longest_window = 0
         if self.is_initialized:
             for tensor in self._state():
                 tensor.zero_()
@@ -326,6 +332,7 @@ class CasaStaticLayer(CasaDynamicLayer):
         self.used.sub_(remove * holds_text)
         self.text_tokens.sub_(remove)
         self.valid.copy_(torch.arange(self.max_slots, device=self.used.device)[None] < self.used[:, None])
+        self.longest_window = int(self.used.max())
 
 
 class CasaWindowCache:
