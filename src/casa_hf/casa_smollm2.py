@@ -45,6 +45,11 @@ class CasaSmolLM2Recipe:
     image_centering: bool = True
     # No CASA update before the first image (`CasaConfig.casa_text_only_windows`): text-only chats are SmolLM2's
     text_only_windows: str = "skip"
+    # LoRA rank of SmolLM2's self-attention (q/k/v/o) in the blocks above the lowest CASA layer (0: none). A question
+    # after a second image learns about the first only through SA over the text written in the first image's window;
+    # frozen SA does not learn to read it ("what changed" stays at chance), adapted SA does. Shipped as the LoRA
+    # factors, merged into SmolLM2's SA weights when the model is assembled.
+    sa_lora_rank: int = 0
     vision_depth: int = 4
     vision_hidden: int = 256
     vision_heads: int = 4
@@ -138,11 +143,44 @@ def is_added(name: str) -> bool:
     return ".casa_" in name or name.startswith("model.visual.")
 
 
-def freeze_smollm2(model: CasaForConditionalGeneration) -> dict[str, int]:
-    """SmolLM2 frozen; CASA sub-layers, vision tower and projector train. Returns the parameter counts."""
+SA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def sa_lora_modules(recipe: CasaSmolLM2Recipe, num_blocks: int) -> list[str]:
+    """The SA projections that `recipe.sa_lora_rank` adapts: those of the blocks above the lowest CASA layer (the
+    blocks below see no image, and stay frozen for `FrozenPrefix`)."""
+    if not recipe.sa_lora_rank:
+        return []
+    blocks = range(min(recipe.casa_layers) + 1, num_blocks)
+    return [f"model.language_model.layers.{block}.self_attn.{name}" for block in blocks for name in SA_PROJECTIONS]
+
+
+def with_sa_lora(model: CasaForConditionalGeneration, recipe: CasaSmolLM2Recipe):
+    """`model` as a PEFT model with the recipe's SA LoRA (B zero: it starts as `model`), for training."""
+    from peft import LoraConfig, get_peft_model
+
+    modules = sa_lora_modules(recipe, model.config.text_config.num_hidden_layers)
+    rank = recipe.sa_lora_rank
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=modules))
+
+
+def _lora_factors(model) -> dict[str, torch.Tensor]:
+    """`<projection>.lora_A` / `.lora_B` of a PEFT-wrapped model's SA LoRA, named after the plain model's modules."""
+    factors = {}
+    for name, module in model.get_base_model().named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            factors[f"{name}.lora_A"] = module.lora_A["default"].weight
+            factors[f"{name}.lora_B"] = module.lora_B["default"].weight
+    return factors
+
+
+def freeze_smollm2(model) -> dict[str, int]:
+    """SmolLM2 frozen; CASA sub-layers, vision tower, projector and a PEFT-wrapped model's SA LoRA train. Returns the
+    parameter counts."""
     counts = {"trainable": 0, "frozen": 0}
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(is_added(name))
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, parameter in plain.named_parameters():
+        parameter.requires_grad_(is_added(name) or ".lora_" in name)
         counts["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
     return counts
 
@@ -151,23 +189,45 @@ SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "casa_smollm2_weights"  # ad
 ADDED_ROWS = "model.language_model.embed_tokens.weight.added_rows"
 
 
-def added_state_dict(model: CasaForConditionalGeneration, dtype: torch.dtype = torch.float16) -> dict:
-    """The weights CASA-SmolLM2 adds to SmolLM2 (CASA, vision tower, projector, the added token rows), as `dtype`."""
-    state = {name: tensor for name, tensor in model.state_dict().items() if is_added(name)}
-    state[ADDED_ROWS] = model.get_input_embeddings().weight[-len(IMAGE_TOKENS) :]
+def added_state_dict(model, dtype: torch.dtype = torch.float16) -> dict:
+    """The weights CASA-SmolLM2 adds to SmolLM2 (CASA, vision tower, projector, the added token rows, the SA LoRA
+    factors of a PEFT-wrapped model), as `dtype`."""
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    state = {name: tensor for name, tensor in plain.state_dict().items() if is_added(name)}
+    state[ADDED_ROWS] = plain.get_input_embeddings().weight[-len(IMAGE_TOKENS) :]
+    if plain is not model:
+        state.update(_lora_factors(model))
     return {name: tensor.detach().to(dtype).contiguous() for name, tensor in state.items()}
 
 
 @torch.no_grad()
-def load_added_weights(model: CasaForConditionalGeneration, path: str | Path) -> None:
-    """Put trained added weights (from `added_state_dict`) into a model built by `build_casa_smollm2`."""
+def load_added_weights(model, path: str | Path, partial: bool = False) -> list[str]:
+    """Put trained added weights (from `added_state_dict`) into a model built by `build_casa_smollm2`; SA LoRA
+    factors go into the adapters of a PEFT-wrapped model, or are merged into SmolLM2's SA weights of a plain one.
+
+    The weights must match the model's recipe. With `partial` (a run continued with another recipe, e.g. more CASA
+    layers) what both have is loaded, and the names of the model's added weights left as built are returned."""
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
     state = load_file(str(path))
     rows = state.pop(ADDED_ROWS)
-    model.get_input_embeddings().weight[-len(rows) :] = rows.float()
-    expected = {name for name in model.state_dict() if is_added(name)}
-    if set(state) != expected:
-        raise ValueError(f"{path} does not match the recipe: {sorted(set(state) ^ expected)[:5]} ...")
-    model.load_state_dict({name: tensor.float() for name, tensor in state.items()}, strict=False)
+    plain.get_input_embeddings().weight[-len(rows) :] = rows.float()
+    lora = {name: state.pop(name) for name in [name for name in state if name.endswith((".lora_A", ".lora_B"))]}
+    expected = {name for name in plain.state_dict() if is_added(name)}
+    factors = _lora_factors(model) if plain is not model else {}
+    modules = dict(plain.named_modules())
+    # a plain model takes any SA LoRA (merged); a PEFT model exactly the factors of its adapters
+    expected_lora = set(factors) if factors else {name for name in lora if name.rsplit(".", 1)[0] in modules}
+    if not partial and (set(state) != expected or set(lora) != expected_lora):
+        mismatch = sorted((set(state) ^ expected) | (set(lora) ^ expected_lora))
+        raise ValueError(f"{path} does not match the recipe: {mismatch[:5]} ...")
+    plain.load_state_dict({name: tensor.float() for name, tensor in state.items() if name in expected}, strict=False)
+    for name in expected_lora & set(lora):
+        if factors:
+            factors[name].copy_(lora[name].float())
+        elif name.endswith(".lora_A"):  # lora_alpha = rank: the update is B @ A
+            projection = name.removesuffix(".lora_A")
+            modules[projection].weight += lora[f"{projection}.lora_B"].float() @ lora[name].float()
+    return sorted((expected - set(state)) | (set(factors) - set(lora)))
 
 
 def recipe_from_file(path: str | Path) -> CasaSmolLM2Recipe:

@@ -228,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     smol.add_argument("--casa-layers", type=_layer_list, default=None, help="SmolLM2 blocks given CASA (e.g. 26,27)")
     smol.add_argument("--vision-depth", type=int, default=None, help="vision tower blocks (default: the recipe's)")
     smol.add_argument(
+        "--sa-lora-rank",
+        type=int,
+        default=None,
+        help="LoRA rank of SmolLM2's self-attention above the lowest CASA layer (0: frozen; default: the recipe's)",
+    )
+    smol.add_argument(
         "--vision-steps", type=int, default=0, help="stage 1: steps training the vision tower on scene attributes"
     )
     smol.add_argument(
@@ -247,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     smol.add_argument("--seed", type=int, default=0)
     smol.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of the schedule")
     smol.add_argument(
-        "--init-from", default=None, help="a run's output folder: train on from its weights, with its recipe"
+        "--init-from",
+        default=None,
+        help="a run's output folder: train on from its weights and recipe (with --casa-layers or --sa-lora-rank, "
+        "what it lacks starts at zero output)",
     )
 
     export = commands.add_parser("export", help="write a built-in model as a standard checkpoint folder")

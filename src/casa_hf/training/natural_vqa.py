@@ -114,6 +114,7 @@ HELD_OUT_PHRASINGS = 2  # the last phrasings of each kind: evaluation only
 # they learnt the docstrings and made it worse; README, CASA-SmolLM2). The perplexity benchmark scores other modules'
 # docstrings (`benchmarks/smollm2_text_perplexity.py`).
 PROSE = "prose"
+TEXT = "text"  # the prose questions without an image: distilled too when SmolLM2's SA is adapted (its LoRA)
 PROSE_MODULES = (
     "os", "re", "random", "collections", "string", "shutil", "tempfile", "fnmatch", "gzip", "sqlite3", "hashlib",
     "hmac", "secrets", "uuid", "struct", "copy", "pprint", "operator", "typing", "inspect", "ast", "tokenize", "pdb",
@@ -209,9 +210,10 @@ class NaturalVQA(SyntheticVQA):
         system_prompt: str | None = None,
     ):
         super().__init__(size, seed, image_size, None, system_prompt=False)
-        unknown = set(kinds or ()) - set(PHRASINGS) - {PROSE, STREAM}
+        unknown = set(kinds or ()) - set(PHRASINGS) - {PROSE, TEXT, STREAM}
         if unknown:
-            raise ValueError(f"Unknown question kinds {sorted(unknown)}; known: {sorted([*PHRASINGS, PROSE, STREAM])}")
+            known = sorted([*PHRASINGS, PROSE, TEXT, STREAM])
+            raise ValueError(f"Unknown question kinds {sorted(unknown)}; known: {known}")
         self.kinds = kinds or self.kinds
         if phrasings not in ("train", "held_out", "all"):
             raise ValueError(f"phrasings={phrasings!r} must be 'train', 'held_out' or 'all'")
@@ -229,8 +231,8 @@ class NaturalVQA(SyntheticVQA):
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, index])
         kind = self.kinds[index % len(self.kinds)]
-        if kind == PROSE:
-            return self._prose(rng)
+        if kind in (PROSE, TEXT):
+            return self._prose(rng, kind)
         if kind == STREAM:
             return self._stream(rng)
         images, answer = self._make(kind, rng)
@@ -242,13 +244,14 @@ class NaturalVQA(SyntheticVQA):
         content.append({"type": "text", "text": question})
         return self._example(content, answer_sentence(kind, answer), kind, answer, question)
 
-    def _prose(self, rng: np.random.Generator) -> dict:
+    def _prose(self, rng: np.random.Generator, kind: str) -> dict:
         images, _ = self._make("colour", rng)
         module = str(rng.choice(PROSE_MODULES))
         question = str(rng.choice(PROSE_QUESTIONS)).format(module)
         answer = module_summary(module)
-        content = [{"type": "image", "image": images[0]}, {"type": "text", "text": question}]
-        return self._example(content, answer, PROSE, answer, question)
+        content = [{"type": "image", "image": images[0]}] if kind == PROSE else []
+        content.append({"type": "text", "text": question})
+        return self._example(content, answer, kind, answer, question)
 
     def _stream(self, rng: np.random.Generator) -> dict:
         turns = []
@@ -283,6 +286,7 @@ __all__ = [
     "PHRASINGS",
     "PROSE",
     "STREAM",
+    "TEXT",
     "UNTRAINED_KINDS",
     "NaturalVQA",
     "answer_sentence",

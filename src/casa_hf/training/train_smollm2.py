@@ -10,7 +10,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,9 +28,10 @@ from ..casa_smollm2 import (
     freeze_smollm2,
     load_added_weights,
     recipe_from_file,
+    with_sa_lora,
 )
 from .collator import IGNORE_INDEX, CasaDataCollator
-from .natural_vqa import PROSE, STREAM, NaturalVQA, grade
+from .natural_vqa import PROSE, STREAM, TEXT, NaturalVQA, grade
 from .synthetic_vqa import MULTI_KINDS, SINGLE_KINDS, TRAINING_MIX
 from .train import generate_answers
 from .vision_pretraining import pretrain_vision_tower
@@ -61,7 +62,9 @@ class SmolLM2TrainConfig:
     freeze_vision: bool = False  # the vision tower and projector do not train in stage 2 (only the CASA layers)
     save_every: int = 100  # added weights written every this many steps (a run stopped early keeps its latest)
     stop_after: int | None = None  # stop after this many steps of the `steps`-long schedule (None: run it all)
-    init_from: str | None = None  # a run's folder: start from its added weights (its recipe must be `recipe`)
+    # a run's folder: start from its added weights; with another recipe (e.g. more CASA layers, an SA LoRA), from
+    # those both have, the others starting as built (CASA layers and LoRA at zero output: as that run's model)
+    init_from: str | None = None
     recipe: CasaSmolLM2Recipe = field(default_factory=CasaSmolLM2Recipe)
 
 
@@ -151,12 +154,12 @@ def without_casa(model) -> Iterator[None]:
 
 
 class DistillingCollator(CasaDataCollator):
-    """`CasaDataCollator`, and `distill` (`[rows]`) marking the prose examples: their text after the image is
-    trained to be predicted as the LLM alone predicts it (`PROSE` in `natural_vqa`)."""
+    """`CasaDataCollator`, and `distill` (`[rows]`) marking the prose examples: their text after the image (all of
+    it without one) is trained to be predicted as the LLM alone predicts it (`PROSE` and `TEXT` in `natural_vqa`)."""
 
     def __call__(self, examples: list[dict]):
         batch = super().__call__(examples)
-        distill = [example.get("kind") == PROSE for example in examples]
+        distill = [example.get("kind") in (PROSE, TEXT) for example in examples]
         if any(distill):
             batch["distill"] = torch.tensor(distill)
         return batch
@@ -170,7 +173,7 @@ class _AnswerOnlyLossTrainer(Trainer):
         distill = inputs.pop("distill", None)
         if self.prefix is not None:
             self.prefix.input_ids, self.prefix.attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        model = _unwrap_peft(model)  # a PEFT model's adapters sit inside its base model's modules
+        wrapped, model = model, _unwrap_peft(model)  # a PEFT model's adapters sit inside its base model's modules
         hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
@@ -181,17 +184,20 @@ class _AnswerOnlyLossTrainer(Trainer):
         if distill is None:
             loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
         else:  # the Trainer's token count is the labels'; here prose tokens count too
-            divergence, distilled = self._distillation(model, inputs, hidden, distill)
+            divergence, distilled = self._distillation(wrapped, inputs, hidden, distill)
             loss = (loss + divergence) / (keep.sum() + distilled)
         return (loss, logits) if return_outputs else loss
 
-    def _distillation(self, model, inputs: dict, hidden: torch.Tensor, distill: torch.Tensor):
-        """KL divergence, summed over the distilled rows' positions in an image window, from the LLM's own next-token
-        distribution on the same tokens (the model without CASA) to the model's; and the number of positions."""
+    def _distillation(self, wrapped, inputs: dict, hidden: torch.Tensor, distill: torch.Tensor):
+        """KL divergence, summed over the distilled rows' positions from their image on (all positions of a row
+        without one), from the LLM's own next-token distribution on the same tokens (the model without CASA or SA
+        LoRA) to the model's; and the number of positions."""
+        model = _unwrap_peft(wrapped)
         ids, mask = inputs["input_ids"][distill], inputs["attention_mask"][distill]
         image = ids == model.config.image_token_id
-        scored = (image.cumsum(1) > 0)[:, :-1] & mask[:, 1:].bool()
-        with torch.no_grad(), without_casa(model):
+        scored = ((image.cumsum(1) > 0) | ~image.any(1, keepdim=True))[:, :-1] & mask[:, 1:].bool()
+        adapters_off = wrapped.disable_adapter() if hasattr(wrapped, "disable_adapter") else nullcontext()
+        with torch.no_grad(), without_casa(model), adapters_off:
             if self.prefix is not None:
                 self.prefix.input_ids, self.prefix.attention_mask = ids, mask
             embeds = model.get_input_embeddings()(ids)
@@ -242,21 +248,25 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
     `output_dir/added.safetensors` (fp16) with `recipe.json`."""
     if config.init_from and config.vision_steps:
         raise ValueError("init_from starts from a trained vision tower; vision_steps would train it again (set 0)")
-    model, processor = build_casa_smollm2(config.recipe, config.seed)
+    plain, processor = build_casa_smollm2(config.recipe, config.seed)
+    model = with_sa_lora(plain, config.recipe) if config.recipe.sa_lora_rank else plain
     if config.init_from:
-        load_added_weights(model, Path(config.init_from, "added.safetensors"))
+        partial = recipe_from_file(Path(config.init_from, "recipe.json")) != config.recipe
+        fresh = load_added_weights(model, Path(config.init_from, "added.safetensors"), partial=partial)
+        if fresh:
+            print(f"{len(fresh)} added tensors not in {config.init_from} start as built, e.g. {fresh[0]}")
     freeze_smollm2(model)
     if config.freeze_vision:  # stage 1 still trains the tower
-        model.model.visual.requires_grad_(False)
-    trainable = model.num_parameters(only_trainable=True)
-    frozen = model.num_parameters() - trainable
+        plain.model.visual.requires_grad_(False)
+    trainable = plain.num_parameters(only_trainable=True)
+    frozen = plain.num_parameters() - trainable
     print(f"CASA-SmolLM2: {trainable / 1e6:.2f}M trainable in stage 2, {frozen / 1e6:.1f}M frozen")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.json").write_text(json.dumps(asdict(config), indent=1, default=list))
     if config.vision_steps:
         steps, batch = config.vision_steps, config.vision_batch_size
-        probe = pretrain_vision_tower(model, processor, steps, batch, seed=config.seed)
+        probe = pretrain_vision_tower(plain, processor, steps, batch, seed=config.seed)
         print("vision tower, attribute accuracy (last 50 steps):", json.dumps(probe))
     dataset = NaturalVQA(config.train_examples, config.seed, config.recipe.image_size, config.kinds)
     arguments = TrainingArguments(
@@ -281,7 +291,9 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
     seconds, steps = time.perf_counter() - start, trainer.state.global_step
     save_file(added_state_dict(model), str(output / "added.safetensors"), metadata={"step": str(steps)})
     print(f"trained {steps} steps in {seconds:.0f} s ({seconds / steps:.2f} s/step)")
-    return model.eval(), processor
+    if model is not plain:  # the SA LoRA merged into SmolLM2's SA weights, as an assembled model has it
+        model.merge_and_unload()
+    return plain.eval(), processor
 
 
 def held_out_natural(examples: int, image_size: int, phrasings: str = "held_out", training_seed: int = 0, kinds=None):
@@ -334,6 +346,8 @@ def run_train_smollm2(args) -> None:
         recipe.vision_depth = args.vision_depth
     if args.text_only_windows:
         recipe.text_only_windows = args.text_only_windows
+    if args.sa_lora_rank is not None:
+        recipe.sa_lora_rank = args.sa_lora_rank
     config = SmolLM2TrainConfig(
         args.output_dir,
         args.steps,
