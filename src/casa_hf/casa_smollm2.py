@@ -278,12 +278,12 @@ tags: [casa, vision-language, cross-attention, smollm2]
 
 # CASA-SmolLM2
 
-SmolLM2-135M-Instruct (frozen) made a vision-language model with CASA (Cross-Attention over Self-Attention,
-arXiv 2512.19535): a small vision tower trained from scratch, a projector and CASA sub-layers in blocks
+SmolLM2-135M-Instruct made a vision-language model with CASA (Cross-Attention over Self-Attention, arXiv
+2512.19535): a small vision tower trained from scratch, a projector and CASA sub-layers in blocks
 {", ".join(map(str, recipe.casa_layers))} of SmolLM2 ({recipe.image_size}-px images). Images enter
-through the CASA sub-layers, never as tokens in SmolLM2's sequence; on text the model is SmolLM2. It was trained
-only on synthetic images (coloured shapes, digits) asked about in English, in the `casa_hf` package
-(`casa-hf train-smollm2`); it does not know natural photos.
+through the CASA sub-layers, never as tokens in SmolLM2's sequence. {_sa_sentence(recipe)} It was trained only on
+synthetic images (coloured shapes, digits) asked about in English, in the `casa_hf` package (`casa-hf
+train-smollm2`); it does not know natural photos.
 
 ## Usage
 
@@ -307,6 +307,17 @@ of the sentence).
 
 {table}
 """
+
+
+def _sa_sentence(recipe: CasaSmolLM2Recipe) -> str:
+    if not recipe.sa_lora_rank:
+        return "SmolLM2's weights are unchanged: on text the model is SmolLM2."
+    blocks = f"{min(recipe.casa_layers) + 1}-29"
+    return (
+        f"SmolLM2's self-attention in blocks {blocks} carries a merged rank-{recipe.sa_lora_rank} LoRA (so that a "
+        "question after a second image can read what was seen in the first), trained to leave its text predictions "
+        "as they were (distilled from SmolLM2); its other weights are SmolLM2's."
+    )
 
 
 def accuracy_table(accuracy: dict) -> str:
