@@ -255,7 +255,6 @@ class CasaStaticLayer(CasaDynamicLayer):
             self.lazy_initialization(key_states, value_states)
         key_states, value_states, valid = front_aligned(key_states, value_states, valid)
         largest_image, slots = int(image_tokens.max()), key_states.shape[2]
-        self.image_width = largest_image
         if largest_image > self.max_image_tokens:
             raise ValueError(
                 f"An image of {largest_image} tokens does not fit this static CASA cache (max_image_tokens="
@@ -267,7 +266,7 @@ class CasaStaticLayer(CasaDynamicLayer):
                 f"(max_image_tokens + max_text_since_image = {self.max_slots}): build the cache with a larger "
                 "max_text_since_image, or use the dynamic cache"
             )
-        self.longest_window = slots
+        self.longest_window, self.image_width = slots, largest_image
         self.keys[:, :, :slots].copy_(key_states)
         self.values[:, :, :slots].copy_(value_states)
         self.valid.zero_()

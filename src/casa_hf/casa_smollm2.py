@@ -146,6 +146,11 @@ def is_added(name: str) -> bool:
 SA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def unwrap_peft(model):
+    """The model inside a PEFT wrapper (its adapters sit in that model's modules), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def sa_lora_modules(recipe: CasaSmolLM2Recipe, num_blocks: int) -> list[str]:
     """The SA projections that `recipe.sa_lora_rank` adapts: those of the blocks above the lowest CASA layer (the
     blocks below see no image, and stay frozen for `FrozenPrefix`)."""
@@ -178,7 +183,7 @@ def freeze_smollm2(model) -> dict[str, int]:
     """SmolLM2 frozen; CASA sub-layers, vision tower, projector and a PEFT-wrapped model's SA LoRA train. Returns the
     parameter counts."""
     counts = {"trainable": 0, "frozen": 0}
-    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plain = unwrap_peft(model)
     for name, parameter in plain.named_parameters():
         parameter.requires_grad_(is_added(name) or ".lora_" in name)
         counts["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
@@ -192,7 +197,7 @@ ADDED_ROWS = "model.language_model.embed_tokens.weight.added_rows"
 def added_state_dict(model, dtype: torch.dtype = torch.float16) -> dict:
     """The weights CASA-SmolLM2 adds to SmolLM2 (CASA, vision tower, projector, the added token rows, the SA LoRA
     factors of a PEFT-wrapped model), as `dtype`."""
-    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plain = unwrap_peft(model)
     state = {name: tensor for name, tensor in plain.state_dict().items() if is_added(name)}
     state[ADDED_ROWS] = plain.get_input_embeddings().weight[-len(IMAGE_TOKENS) :]
     if plain is not model:
@@ -207,7 +212,7 @@ def load_added_weights(model, path: str | Path, partial: bool = False) -> list[s
 
     The weights must match the model's recipe. With `partial` (a run continued with another recipe, e.g. more CASA
     layers) what both have is loaded, and the names of the model's added weights left as built are returned."""
-    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plain = unwrap_peft(model)
     state = load_file(str(path))
     rows = state.pop(ADDED_ROWS)
     plain.get_input_embeddings().weight[-len(rows) :] = rows.float()

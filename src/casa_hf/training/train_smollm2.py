@@ -28,6 +28,7 @@ from ..casa_smollm2 import (
     freeze_smollm2,
     load_added_weights,
     recipe_from_file,
+    unwrap_peft,
     with_sa_lora,
 )
 from .collator import IGNORE_INDEX, CasaDataCollator
@@ -173,7 +174,7 @@ class _AnswerOnlyLossTrainer(Trainer):
         distill = inputs.pop("distill", None)
         if self.prefix is not None:
             self.prefix.input_ids, self.prefix.attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        wrapped, model = model, _unwrap_peft(model)  # a PEFT model's adapters sit inside its base model's modules
+        wrapped, model = model, unwrap_peft(model)  # a PEFT model's adapters sit inside its base model's modules
         hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
@@ -192,7 +193,7 @@ class _AnswerOnlyLossTrainer(Trainer):
         """KL divergence, summed over the distilled rows' positions from their image on (all positions of a row
         without one), from the LLM's own next-token distribution on the same tokens (the model without CASA or SA
         LoRA) to the model's; and the number of positions."""
-        model = _unwrap_peft(wrapped)
+        model = unwrap_peft(wrapped)
         ids, mask = inputs["input_ids"][distill], inputs["attention_mask"][distill]
         image = ids == model.config.image_token_id
         scored = ((image.cumsum(1) > 0) | ~image.any(1, keepdim=True))[:, :-1] & mask[:, 1:].bool()
@@ -223,10 +224,6 @@ class _SaveAdded(TrainerCallback):
             staging.rename(self.folder / "added.safetensors")
 
 
-def _unwrap_peft(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def train_answers(model, processor, dataset, arguments: TrainingArguments, callbacks=()) -> Trainer:
     """Train `model`'s trainable parameters (or a PEFT model's adapters) on `dataset` with the loss on answer tokens
     only (prose examples: on their text after the image, distilled from the LLM alone), the frozen blocks below the
@@ -238,7 +235,7 @@ def train_answers(model, processor, dataset, arguments: TrainingArguments, callb
         data_collator=DistillingCollator(processor),
         callbacks=list(callbacks),
     )
-    with frozen_prefix(_unwrap_peft(model)) as trainer.prefix:
+    with frozen_prefix(unwrap_peft(model)) as trainer.prefix:
         trainer.train()
     return trainer
 
