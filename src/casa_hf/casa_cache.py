@@ -283,19 +283,19 @@ class CasaStaticLayer(CasaDynamicLayer):
         new = key_states.shape[-2]
         first_new_slot = self.used.clone()
         if with_text:
-            if not is_torchdynamo_compiling() and self.longest_window + new > self.max_slots:
-                raise ValueError(
-                    f"The text since the latest image no longer fits this static CASA cache (max_image_tokens + "
-                    f"max_text_since_image = {self.max_slots} slots): build it with a larger max_text_since_image"
-                )
+            if not is_torchdynamo_compiling():  # compiled steps trust the sizes generate() chose
+                if self.longest_window + new > self.max_slots:
+                    raise ValueError(
+                        f"The text since the latest image no longer fits this static CASA cache (max_image_tokens + "
+                        f"max_text_since_image = {self.max_slots} slots): build it with a larger max_text_since_image"
+                    )
+                self.longest_window += new
             slots = first_new_slot[:, None] + torch.arange(new, device=self.used.device)
             index = slots[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
             self.keys.scatter_(2, index, key_states)
             self.values.scatter_(2, index, value_states)
             self.valid.scatter_(1, slots, True)
             self.used.add_(new)
-            if not is_torchdynamo_compiling():
-                self.longest_window += new
         self.text_tokens.add_(new)
         return self.keys, self.values, self.valid, first_new_slot
 
