@@ -1,5 +1,5 @@
 """`casa-hf demo` with a real LLM (CASA-SmolLM2): images drawn in code, questions in plain English, sentence answers,
-and a text-only follow-up answered by SmolLM2's own (frozen) language ability."""
+two-frame "what changed" questions, and a text-only follow-up answered by SmolLM2's own language ability."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import numpy as np
 
 from .demo import answer_chat, demo_images, stream_colours, user_turn
 from .training.natural_vqa import HELD_OUT_PHRASINGS, PHRASINGS, grade
+from .training.train_smollm2 import held_out_natural
 
 FOLLOW_UP = "Thanks! A different question now: what is the capital of France?"
+CHANGE_QUESTIONS = 3
 
 
 def run_natural_demo(model, processor, images: int, frames: int, seed: int, save_images: str | None) -> None:
@@ -35,6 +37,7 @@ def run_natural_demo(model, processor, images: int, frames: int, seed: int, save
         for kind, truth in truths.items():
             ask(image, kind, truth)
     print(f"\n{correct}/{asked} answers right on freshly generated images")
+    ask_what_changed(model, processor, seed, size)
 
     if follow_up:
         print(f"\nA text-only follow-up in the first image's chat:\n  Q: {FOLLOW_UP}")
@@ -43,3 +46,20 @@ def run_natural_demo(model, processor, images: int, frames: int, seed: int, save
 
     if frames:
         stream_colours(model, processor, rng, frames, PHRASINGS["colour"][0], max_new_tokens=8)
+
+
+def ask_what_changed(model, processor, seed: int, size: int) -> None:
+    """Two frames in one message, then the question: CASA windows never cross an image, so the first frame reaches
+    the question only through the text written after it."""
+    print("\nTwo frames, then a question about both:")
+    correct = 0
+    for example in held_out_natural(CHANGE_QUESTIONS, size, "all", seed, kinds=("change",)):
+        user, _ = example["messages"]
+        answer = answer_chat(model, processor, [user], max_new_tokens=12)
+        ok = grade("change", answer, example["answer"])
+        correct += ok
+        frames = iter(range(1, 3))
+        parts = [part.get("text") or f"[frame {next(frames)}]" for part in user["content"]]
+        print(f"  {' '.join(parts)}")
+        print(f"  A: {answer}  [{'ok' if ok else 'expected: the ' + example['answer'] + ' changed'}]")
+    print(f"{correct}/{CHANGE_QUESTIONS} two-frame answers right")
