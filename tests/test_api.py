@@ -294,14 +294,16 @@ def test_image_centering_gives_casa_each_images_tokens_minus_their_mean(tmp_path
 
 def test_transformers_serve_loads_casa_and_sends_it_images(tmp_path):
     """`transformers serve` picks the loading class and the modality from the static name tables, as for built-ins."""
-    from transformers.cli.serving.model_manager import Modality, ModelManager
+    from transformers.cli.serving.model_manager import ModelLoader
+    from transformers.cli.serving.utils import Modality
 
     model = tiny_model(attn="sdpa")
     model.save_pretrained(tmp_path)
     tiny_processor().save_pretrained(tmp_path)
-    served, processor = ModelManager(device="cpu", dtype="float32").load_model_and_processor(str(tmp_path))
+    served, processor = ModelLoader(device="cpu", dtype="float32").load_model_and_processor(str(tmp_path))
     assert isinstance(served, CasaForConditionalGeneration)
-    assert ModelManager.get_model_modality(served, processor) == Modality.MULTIMODAL  # as Qwen2.5-VL: images go in
+    # as Qwen2.5-VL: images go in
+    assert ModelLoader.get_model_modality(served.config, processor) == Modality.MULTIMODAL
     with torch.no_grad():
         assert torch.equal(model(**image_inputs()).logits, served.eval()(**image_inputs()).logits)
 

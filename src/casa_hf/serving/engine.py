@@ -1,5 +1,5 @@
 """The model worker: one loaded CASA model whose every call (chat generations, session frames) runs in turn on one
-inference thread (Transformers' own `InferenceThread`), with tokens streamed back through its `DirectStreamer`.
+inference thread (`InferenceThread`), with tokens streamed back through a `TokenStreamer`.
 
 Requests queue there in arrival order; each call's exception goes to that call's future only, so one failing
 request never touches another's state. The processor and tokenizer are used on that thread only too (a fast
@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.cli.serving.utils import DirectStreamer, InferenceThread
 
 from .chat import ChatRequest, StopHoldBack, chunk_body, completion_body, trim_at_stop, usage
 from .errors import ApiError
+from .inference_thread import InferenceThread, TokenStreamer
 
 
 def sse(payload: dict | str) -> str:
@@ -120,11 +120,11 @@ class Engine:
             streamer.cancel()  # the client left: the next token aborts the generation
             raise
 
-    def _start_streaming(self, fn, *args) -> tuple[asyncio.Queue, DirectStreamer]:
+    def _start_streaming(self, fn, *args) -> tuple[asyncio.Queue, TokenStreamer]:
         """Run `fn(*args, streamer=...)` on the inference thread; its text, then None or the exception, on a queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        streamer = DirectStreamer(self.tokenizer._tokenizer, loop, queue)
+        streamer = TokenStreamer(self.tokenizer._tokenizer, loop, queue)
 
         def run() -> None:
             try:
