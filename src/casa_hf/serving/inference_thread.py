@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from queue import Queue
-from typing import Any
 
 import torch
 
@@ -30,12 +29,14 @@ class InferenceThread:
         while True:
             fn, args, future, loop = self._calls.get()
             try:
-                result = fn(*args)
+                settle, outcome = future.set_result, fn(*args)
             except Exception as error:  # noqa: BLE001  (reported to this call's future only)
-                _settle(future, loop, error=error)
+                settle, outcome = future.set_exception, error
+            if loop is None:
+                settle(outcome)
             else:
-                _settle(future, loop, result=result)
-            del fn, args  # drop the call's references (model inputs) before waiting for the next
+                loop.call_soon_threadsafe(settle, outcome)
+            del fn, args, outcome  # drop the call's references (model inputs) before waiting for the next
 
     def submit(self, fn: Callable, *args) -> Future:
         """Run `fn(*args)` on the thread; a blocking future."""
@@ -49,15 +50,6 @@ class InferenceThread:
         future = loop.create_future()
         self._calls.put((fn, args, future, loop))
         return future
-
-
-def _settle(future, loop: asyncio.AbstractEventLoop | None, result: Any = None, error: Exception | None = None):
-    setter = future.set_exception if error is not None else future.set_result
-    value = error if error is not None else result
-    if loop is None:
-        setter(value)
-    else:
-        loop.call_soon_threadsafe(setter, value)
 
 
 class GenerationCancelled(Exception):
