@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from varlen import STAND_INS
 
 from casa_hf import CasaConfig, CasaForConditionalGeneration
 
@@ -57,7 +58,10 @@ def tiny_model(backbone: str = "qwen2", attn: str = "eager", seed: int = 0, **ov
     config = tiny_config(backbone, **overrides)
     model = CasaForConditionalGeneration(config).eval()
     # The Qwen2.5-VL vision tower has no flex/varlen path of its own: it keeps sdpa there.
-    model.set_attn_implementation({"text_config": attn, "vision_config": "sdpa"})
+    stand_in = attn in STAND_INS
+    model.set_attn_implementation({"text_config": "sdpa" if stand_in else attn, "vision_config": "sdpa"})
+    if stand_in:  # set as is: Transformers (>= 5.25) would look for a Hub kernel under a "flash" name it does not know
+        model.config.text_config._attn_implementation = attn
     return model
 
 

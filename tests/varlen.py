@@ -16,6 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 # (query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scaling, is_causal) -> output, with
 # packed `[tokens, heads, head_dim]` tensors, keys and values already repeated to the query heads
 VarlenKernel = Callable[..., torch.Tensor]
+STAND_INS: set[str] = set()  # the names registered here
 
 
 def register_varlen_stand_in(name: str, kernel: VarlenKernel) -> None:
@@ -51,6 +52,7 @@ def register_varlen_stand_in(name: str, kernel: VarlenKernel) -> None:
 
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, sdpa_mask)
+    STAND_INS.add(name)
 
 
 def reference_varlen_kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scaling, is_causal):
