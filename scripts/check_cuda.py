@@ -77,7 +77,8 @@ def check(attn, mode, device, dtype):
 
 
 def check_compiled_static(device, dtype):
-    """generate() on the static cache with compiled decode steps (on CUDA: CUDA graphs) against the dynamic cache."""
+    """generate() on the static cache with compiled decode steps (on CUDA: CUDA graphs) against the dynamic cache:
+    the same tokens, and logits as close as the dtype allows up to any token where a near tie went the other way."""
     model = tiny_model(attn="sdpa").to(device=device, dtype=dtype)
     inputs = to_device(static_batch_inputs(), device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -86,8 +87,17 @@ def check_compiled_static(device, dtype):
     compile_config = CompileConfig(fullgraph=True)
     compile_config._compile_all_devices = True  # CPU dry runs
     static = model.generate(**options, cache_implementation="static", compile_config=compile_config)
-    logits = (torch.stack(static.logits) - torch.stack(dynamic.logits)).float().abs().max().item()
-    return dict(same_tokens=torch.equal(static.sequences, dynamic.sequences), static_vs_dynamic_logits=logits)
+    # in bf16 a near tie can pick another token, after which the two runs see different text: compare each step's
+    # logits only while every token before it agrees
+    steps = len(static.logits)
+    agree = (static.sequences[:, -steps:] == dynamic.sequences[:, -steps:]).long().cumprod(1)
+    comparable = torch.cat([torch.ones_like(agree[:, :1]), agree[:, :-1]], dim=1).bool().T  # [steps, batch]
+    difference = (torch.stack(static.logits) - torch.stack(dynamic.logits)).float().abs().amax(-1)
+    return dict(
+        same_tokens=torch.equal(static.sequences, dynamic.sequences),
+        static_vs_dynamic_logits=difference[comparable].max().item(),
+        steps_compared=int(comparable.sum()),
+    )
 
 
 def main():

@@ -243,3 +243,17 @@ def test_key_shift_refuses_scaled_rope(rope_type):
     language_model = rope_model(rope_type).model.language_model
     with pytest.raises(ValueError, match=f"needs plain RoPE; this backbone uses rope_type='{rope_type}'"):
         language_model.shift_key_positions(torch.randn(1, 2, 6, 16), -3)
+
+
+@pytest.mark.parametrize("attn", ["eager", "flex_attention"])
+def test_cross_attention_decodes_before_the_first_image(attn):
+    """A cross-attention window before any image holds no key: decode steps there give no update, on every backend
+    (flex_attention cannot run over zero keys)."""
+    model = tiny_model(attn=attn, casa_attention="cross_attention")
+    input_ids, pixel_values, grid_thw = conversation(1)
+    # see test_attention.py: torch's CPU flex template needs static recompiles
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=attn != "flex_attention"):
+        full = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw).logits
+        chunks = [3, 1, input_ids.shape[1] - 4]
+        chunked, _ = incremental_logits(model, input_ids, pixel_values, grid_thw, chunks)
+    assert (full - chunked).abs().max() <= TOLERANCE

@@ -376,6 +376,10 @@ def _continue_cached_windows(
     """The decode step: no image, no padding, every sample goes on in its cached window. Its queries attend to the
     stored window plus the new text directly, one row per sample, with no window bookkeeping."""
     keys, values, key_valid, first_new_slot = cache_layer.append_text(key, value, module.mode == "casa")
+    if keys.shape[2] == 0:  # cross-attention before any image: no key to attend to, no update (flex fails on none)
+        output = query.new_zeros(query.transpose(1, 2).shape)
+        eager = (module.config._attn_implementation or "sdpa") == "eager"  # the backend that returns weights
+        return output, query.new_zeros(*query.shape[:3], 0) if eager else None
     # one query per sample over windows without unused slots sees every key: no mask to build
     unmasked = cache_layer.all_valid and query.shape[2] == 1
     key_valid = None if unmasked else key_valid

@@ -43,6 +43,9 @@ SIZES = {
     "base": ModelSize(896, 24, 14, 2, 4864, 8, 640, 10, **_QWEN_LIKE),
     # SmolLM2-135M's LLM shape (30 blocks, hidden 576, 9 heads / 3 KV heads) on a Qwen2-style block
     "smollm2": ModelSize(576, 30, 9, 3, 1536, 4, 256, 4, vision_mlp_ratio=4, rope_theta=1e5),
+    # Helium-1 2B's LLM shape (Transformers' `HeliumConfig` defaults: 24 blocks, hidden 2560, 20 heads, no GQA), the
+    # LLM of the paper's CASA-Helium1-VL-2B, on a Qwen2-style block: for GPU decode figures next to the paper's
+    "helium2b": ModelSize(2560, 24, 20, 20, 7040, 8, 640, 10, **_QWEN_LIKE),
 }
 SPECIAL_TOKENS = (
     "<|endoftext|>",
