@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from casa_hf.random_models import SIZES, random_casa, random_qwen2_5_vl, random_text_llm, word_tokenizer  # noqa: E402
+from casa_hf.random_models import SIZES, random_casa, random_qwen2_5_vl, random_text_llm, word_tokenizer
 
 # the real models' vocabularies: the LM head is part of every decode step
 VOCABS = {"smollm2": 49152, "base": 151936}
