@@ -3,7 +3,7 @@
 # correctness of every attention backend and of the compiled static cache on CUDA, then decode speed in bf16 with
 # CUDA graphs (the compiled static cache) against Qwen2.5-VL insertion and the text LLM, at Qwen2.5-0.5B's shape and
 # at Helium-1 2B's (the paper's CASA-Helium1-VL-2B decodes at 59 tok/s). Each step has its own time limit, so a slow
-# one leaves the others' results. Outputs go to $OUT (default results/).
+# one leaves the others' results (a step cut short writes nothing). Outputs go to $OUT (default results/).
 #
 #     bash scripts/gpu_decode.sh
 #     DEVICE=cpu SIZES=tiny OUT=/tmp/dry bash scripts/gpu_decode.sh     # a dry run of the same steps on a CPU
@@ -21,8 +21,8 @@ for entry in $SIZES; do
     size=${entry%%:*}
     vocab=${entry#*:}
     [ "$vocab" = "$entry" ] && vocab=1024
-    timeout 300 python benchmarks/bench_decode.py --device "$DEVICE" --dtype "$DTYPE" --size "$size" \
-        --vocab "$vocab" --images "" --generate-images 1,8 --caches dynamic,static,compiled --new-tokens 33 \
+    timeout 200 python benchmarks/bench_decode.py --device "$DEVICE" --dtype "$DTYPE" --size "$size" \
+        --vocab "$vocab" --images "" --generate-images 1 --caches dynamic,static,compiled --new-tokens 33 \
         --repeats 3 --out "$OUT/decode_${DEVICE}_$size" || status=1
 done
 exit $status
