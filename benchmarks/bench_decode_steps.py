@@ -30,6 +30,7 @@ from casa_hf.random_models import SIZES, random_casa, random_qwen2_5_vl, random_
 
 # the real models' vocabularies: the LM head is part of every decode step
 VOCABS = {"smollm2": 49152, "base": 151936}
+WARMUP_STEPS = 10  # left out of the medians: first buffer allocations, caches warming
 PATCH_FEATURES = 1176  # 3 channels x 2 frames x 14 x 14 pixels per patch, what the vision tower takes
 
 
@@ -80,7 +81,7 @@ class Decoder:
         self.model = model
         with torch.no_grad():
             output = model(**inputs, use_cache=True, logits_to_keep=1)
-        self.cache, self.length = output.past_key_values, inputs["input_ids"].shape[1]
+        self.cache, self.length = output.cache, inputs["input_ids"].shape[1]
         self.token = output.logits[:, -1:].argmax(-1)
 
     @torch.no_grad()
@@ -127,8 +128,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/decode_steps", help="prefix of the .json and .png outputs")
     args = parser.parse_args()
-    if args.steps < 20:
-        raise ValueError(f"--steps must be at least 20 (the first 10 steps are warm-up), got {args.steps}")
+    if args.steps < 2 * WARMUP_STEPS:
+        raise ValueError(
+            f"--steps must be at least {2 * WARMUP_STEPS} (the first {WARMUP_STEPS} are warm-up), got {args.steps}"
+        )
     cases = []
     for case in args.cases.split(","):
         count, _, tokens = case.partition("x")
@@ -162,7 +165,8 @@ def main() -> None:
         for _ in tqdm(range(args.steps), desc=f"{count} x {tokens} image tokens", leave=False):
             for name, decoder in decoders.items():
                 times[name].append(decoder.step())
-        medians = {name: statistics.median(series[10:]) for name, series in times.items()}
+        timed = {name: series[WARMUP_STEPS:] for name, series in times.items()}
+        medians = {name: statistics.median(series) for name, series in timed.items()}
         rows.append(
             dict(
                 images=count,
@@ -172,7 +176,7 @@ def main() -> None:
                 casa_over_llm=medians["casa"] / medians["text_llm"],
                 casa_over_floor=medians["casa"] / medians["floor"],
                 casa_speed_over_insertion=medians["insertion"] / medians["casa"],
-                step_ms={name: series[10:] for name, series in times.items()},
+                step_ms=timed,
             )
         )
 
