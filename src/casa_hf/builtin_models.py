@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from .kyutai_release import refuse_kyutai_release
+
 TINY_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 
@@ -24,18 +26,27 @@ DEFAULT_MODEL = "tiny"  # what `serve` and `evaluate` load without `--model`: ne
 DEMO_MODEL = "casa-smollm2"  # what `casa-hf demo` shows without `--model`: a real LLM that sees
 
 
-def resolve_model(name_or_folder: str | Path | None) -> Path:
-    """A built-in name (`tiny`, ...) or a checkpoint folder -> the folder to load; `None` is the default model."""
-    name_or_folder = DEFAULT_MODEL if name_or_folder is None else name_or_folder
+def check_model(name_or_folder: str | Path) -> None:
+    """Refuse, before any work, what is neither a built-in name nor a loadable checkpoint folder (e.g. a typo, or one
+    of Kyutai's released checkpoints)."""
     if str(name_or_folder) in BUILTIN_MODELS:
-        return BUILTIN_MODELS[str(name_or_folder)]()
+        return
     folder = Path(name_or_folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"--model {name_or_folder!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
+            f"--model {str(name_or_folder)!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
             "nor a folder holding a config.json"
         )
-    return folder
+    refuse_kyutai_release(folder)
+
+
+def resolve_model(name_or_folder: str | Path | None) -> Path:
+    """A built-in name (`tiny`, ...) or a checkpoint folder -> the folder to load; `None` is the default model."""
+    name_or_folder = DEFAULT_MODEL if name_or_folder is None else name_or_folder
+    check_model(name_or_folder)
+    if str(name_or_folder) in BUILTIN_MODELS:
+        return BUILTIN_MODELS[str(name_or_folder)]()
+    return Path(name_or_folder)
 
 
 def export_model(name_or_folder: str | Path, output: str | Path, overwrite: bool = False) -> Path:

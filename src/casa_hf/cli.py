@@ -5,8 +5,36 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .builtin_models import DEMO_MODEL
+from .builtin_models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODEL, check_model
+from .kyutai_release import UnsupportedCheckpointError
+
+
+class OptionsError(ValueError):
+    """Options that are each valid but do not go together."""
+
+
+# What a user gets wrong (a missing or existing path, a package not installed, a checkpoint casa_hf cannot load):
+# one line and status 2, as argparse answers a bad option. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    ModuleNotFoundError,
+    UnsupportedCheckpointError,
+    OptionsError,
+)
+MODEL_HELP = f"a built-in model name ({', '.join(BUILTIN_MODELS)}) or a CASA checkpoint folder"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless there is none to show (None, an unset flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _layer_list(text: str) -> list[int]:
@@ -24,10 +52,10 @@ def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shared", action="store_true", help="the -Shared variant: CASA reuses SA projections")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: keep the source dtype)")
-    parser.add_argument("--max-shard-size", default="5GB")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard written")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--verify", action="store_true", help="compare with the source and run an image prompt")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the randomly initialised CASA weights")
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -55,6 +83,35 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {value}")
+    return value
+
+
+def _model(text: str) -> str:
+    """`--model`: checked before anything loads, so a typo costs no model load."""
+    try:
+        check_model(text)
+    except (FileNotFoundError, UnsupportedCheckpointError) as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--model ")) from error
+    return text
+
+
+def _existing_path(text: str) -> str:
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    return text
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -85,7 +142,10 @@ def run_train(args: argparse.Namespace) -> None:
         resume=args.resume,
         overwrite=args.overwrite,
     )
-    config = TrainConfig(args.output_dir, **{name: value for name, value in options.items() if value is not None})
+    try:
+        config = TrainConfig(args.output_dir, **{name: value for name, value in options.items() if value is not None})
+    except ValueError as error:  # TrainConfig only checks its options here: nothing has run yet
+        raise OptionsError(str(error)) from error
     model, processor, trainer = train(config)
     # every process of a launch leaves its process group here: a gloo group still alive at interpreter exit can
     # abort the process (SIGABRT) as its worker threads are torn down (FSDP's rank 0 scores the saved checkpoint)
@@ -136,58 +196,56 @@ def run_serve(args: argparse.Namespace) -> None:
 
 def _add_serve_parser(commands) -> None:
     server = commands.add_parser(
-        "serve", help="an OpenAI-compatible server with live video sessions and a captioning page (casa-hf[serve])"
+        "serve",
+        help="an OpenAI-compatible server with live video sessions and a captioning page (casa-hf[serve])",
+        formatter_class=_HelpFormatter,
+    )
+    server.add_argument("--model", type=_model, default=DEFAULT_MODEL, help=MODEL_HELP)
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=_port, default=8000, help="TCP port to listen on")
+    server.add_argument(
+        "--max-sessions", type=_positive_int, default=8, help="live sessions at once; more get HTTP 429"
     )
     server.add_argument(
-        "--model", default=None, help="a built-in model name (tiny, casa-smollm2) or a CASA checkpoint folder (tiny)"
+        "--session-ttl", type=_positive_float, default=300.0, help="seconds before an idle session expires"
     )
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8000)
-    server.add_argument("--max-sessions", type=int, default=8, help="live sessions at once; more get HTTP 429")
-    server.add_argument("--session-ttl", type=float, default=300.0, help="seconds before an idle session expires")
-    server.add_argument("--max-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="casa-hf", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="a shipped CASA model answers questions about generated images")
-    demo.add_argument(
-        "--model",
-        default=DEMO_MODEL,
-        help=f"a built-in model name (tiny, casa-smollm2) or a CASA folder ({DEMO_MODEL})",
+    server.add_argument(
+        "--max-tokens-limit", type=_positive_int, default=512, help="the largest max_tokens a request may ask"
     )
-    demo.add_argument("--images", type=int, default=3, help="images to generate and ask about")
-    demo.add_argument("--frames", type=int, default=12, help="frames of the streaming part (0 to skip it)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--save-images", default=None, help="folder where the generated images are written")
 
-    convert = commands.add_parser("convert", help="convert a checkpoint folder into a CASA checkpoint folder")
-    sources = convert.add_subparsers(dest="source_kind", required=True)
-    qwen = sources.add_parser("qwen2_5_vl", help="a Qwen2.5-VL (token insertion) checkpoint -> CASA")
-    qwen.add_argument("source", help="local Qwen2.5-VL checkpoint folder")
-    _add_conversion_options(qwen)
-    llm = sources.add_parser("llm", help="a text LLM (Qwen2, Llama, Helium) + a Qwen2.5-VL vision tower -> CASA")
-    llm.add_argument("llm", help="local text LLM checkpoint folder, or a .gguf file (dequantized on the way)")
-    llm.add_argument("vision", help="local Qwen2.5-VL checkpoint folder whose vision tower is used")
-    _add_conversion_options(llm)
 
+def _add_train_parser(commands) -> None:
+    from .training.train import TrainConfig
+
+    defaults = TrainConfig("")
     trainer = commands.add_parser(
         "train",
         help="train a small model on the synthetic VQA data (Trainer, CPU or GPU)",
-        description="Options left out take the defaults of casa_hf.training.TrainConfig.",
+        description="Defaults are those of casa_hf.training.TrainConfig.",
+        formatter_class=_HelpFormatter,
     )
-    trainer.add_argument("--output-dir", required=True)
-    trainer.add_argument("--kind", choices=("casa", "cross_attention", "insertion"), default=None)
-    trainer.add_argument("--steps", type=_positive_int, default=None)
+    trainer.add_argument("--output-dir", required=True, help="folder for the model, checkpoints and training_run.json")
     trainer.add_argument(
-        "--batch-size", type=_positive_int, default=None, help="global batch, split over the launched processes"
+        "--kind", choices=("casa", "cross_attention", "insertion"), default=defaults.kind, help="the model to train"
     )
-    trainer.add_argument("--learning-rate", type=float, default=None)
-    trainer.add_argument("--warmup-steps", type=int, default=None)
-    trainer.add_argument("--image-size", type=int, default=None)
+    trainer.add_argument("--steps", type=_positive_int, default=defaults.steps, help="optimizer steps")
+    trainer.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=defaults.batch_size,
+        help="global batch, split over the launched processes",
+    )
+    trainer.add_argument("--learning-rate", type=_positive_float, default=defaults.learning_rate, help="AdamW's")
+    trainer.add_argument(
+        "--warmup-steps", type=_non_negative_int, default=defaults.warmup_steps, help="before the cosine decay"
+    )
+    trainer.add_argument(
+        "--image-size", type=_positive_int, default=defaults.image_size, help="side of the drawn images, in pixels"
+    )
     trainer.add_argument("--pack", action="store_true", help="pack several conversations per row")
-    trainer.add_argument("--recipe", choices=("qwen", "full", "casa_only"), default=None, help="freezing recipe")
+    trainer.add_argument(
+        "--recipe", choices=("qwen", "full", "casa_only"), help="freezing recipe (default: everything trains)"
+    )
     trainer.add_argument(
         "--trainable-vision-blocks",
         type=_non_negative_int,
@@ -200,41 +258,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--fsdp", action="store_true", help="shard the model over the launched processes (FSDP2; torchrun)"
     )
     trainer.add_argument(
-        "--save-steps", type=_non_negative_int, default=None, help="write a resumable checkpoint every N steps"
+        "--save-steps",
+        type=_non_negative_int,
+        default=defaults.save_steps,
+        help="write a resumable checkpoint every N steps (0: only the final model)",
     )
     existing = trainer.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue from the output dir's last checkpoint")
     existing.add_argument("--overwrite", action="store_true", help="train from scratch over a previous run")
-    trainer.add_argument("--seed", type=int, default=None)
-    trainer.add_argument("--workers", type=int, default=None, help="dataloader processes drawing the examples")
+    trainer.add_argument("--seed", type=int, default=defaults.seed, help="model initialisation and data seed")
+    trainer.add_argument(
+        "--workers", type=_non_negative_int, default=defaults.workers, help="dataloader processes drawing examples"
+    )
     trainer.add_argument(
         "--image-positions",
         choices=("insertion", "raster"),
-        default=None,
+        default=defaults.image_positions,
         help="RoPE positions of CASA image keys (raster: token j at placeholder + j)",
     )
     trainer.add_argument(
         "--kinds", default=None, help="comma-separated question kinds drawn in turn (default: TrainConfig's mix)"
     )
-    trainer.add_argument("--eval-examples", type=int, default=700, help="held-out examples to score afterwards")
-
-    smol = commands.add_parser(
-        "train-smollm2", help="train CASA-SmolLM2's added weights (SmolLM2 frozen) on natural-language VQA"
+    trainer.add_argument(
+        "--eval-examples", type=_non_negative_int, default=700, help="held-out examples to score afterwards"
     )
-    smol.add_argument("--output-dir", required=True)
-    smol.add_argument("--steps", type=int, default=1000)
-    smol.add_argument("--batch-size", type=int, default=16)
-    smol.add_argument("--learning-rate", type=float, default=1e-3)
+
+
+def _add_train_smollm2_parser(commands) -> None:
+    smol = commands.add_parser(
+        "train-smollm2",
+        help="train CASA-SmolLM2's added weights (SmolLM2 frozen) on natural-language VQA",
+        formatter_class=_HelpFormatter,
+    )
+    smol.add_argument("--output-dir", required=True, help="folder for the added weights, recipe and scores")
+    smol.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps of stage 2 (the questions)")
+    smol.add_argument("--batch-size", type=_positive_int, default=16, help="questions per step")
+    smol.add_argument("--learning-rate", type=_positive_float, default=1e-3, help="AdamW's peak learning rate")
     smol.add_argument("--casa-layers", type=_layer_list, default=None, help="SmolLM2 blocks given CASA (e.g. 26,27)")
-    smol.add_argument("--vision-depth", type=int, default=None, help="vision tower blocks (default: the recipe's)")
+    smol.add_argument(
+        "--vision-depth", type=_positive_int, default=None, help="vision tower blocks (default: the recipe's)"
+    )
     smol.add_argument(
         "--sa-lora-rank",
-        type=int,
+        type=_non_negative_int,
         default=None,
         help="LoRA rank of SmolLM2's self-attention above the lowest CASA layer (0: frozen; default: the recipe's)",
     )
     smol.add_argument(
-        "--vision-steps", type=int, default=0, help="stage 1: steps training the vision tower on scene attributes"
+        "--vision-steps",
+        type=_non_negative_int,
+        default=0,
+        help="stage 1: steps training the vision tower on scene attributes",
     )
     smol.add_argument(
         "--kinds",
@@ -250,23 +324,76 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CASA in windows without an image (default: the recipe's 'skip')",
     )
-    smol.add_argument("--seed", type=int, default=0)
-    smol.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of the schedule")
+    smol.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
+    smol.add_argument(
+        "--stop-after", type=_positive_int, default=None, help="stop after this many steps of the schedule"
+    )
     smol.add_argument(
         "--init-from",
+        type=_existing_path,
         default=None,
         help="a run's output folder: train on from its weights and recipe (with --casa-layers or --sa-lora-rank, "
         "what it lacks starts at zero output)",
     )
 
-    export = commands.add_parser("export", help="write a built-in model as a standard checkpoint folder")
-    export.add_argument("model", help="a built-in model name (tiny, casa-smollm2) or a checkpoint folder")
-    export.add_argument("output", help="folder to write (appears only when complete)")
-    export.add_argument("--overwrite", action="store_true")
 
-    scorer = commands.add_parser("evaluate", help="held-out synthetic VQA accuracy of a model (default: tiny)")
-    scorer.add_argument("--model", default=None, help="a built-in model name (tiny, casa-smollm2) or a model folder")
-    scorer.add_argument("--examples", type=int, default=700, help="held-out questions, every kind equally often")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="casa-hf", description=__doc__, formatter_class=_HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="a shipped CASA model answers questions about generated images", formatter_class=_HelpFormatter
+    )
+    demo.add_argument("--model", type=_model, default=DEMO_MODEL, help=MODEL_HELP)
+    demo.add_argument("--images", type=_positive_int, default=3, help="scenes to draw and ask about (then one digit)")
+    demo.add_argument(
+        "--frames", type=_non_negative_int, default=8, help="frames of the streaming part (0 to skip it)"
+    )
+    demo.add_argument(
+        "--seed", type=int, default=None, help="seed of the drawn images (default: from the clock, printed)"
+    )
+    demo.add_argument("--save-images", default=None, help="folder where the generated images are written")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a checkpoint folder into a CASA checkpoint folder",
+        formatter_class=_HelpFormatter,
+    )
+    sources = convert.add_subparsers(dest="source_kind", required=True)
+    qwen = sources.add_parser(
+        "qwen2_5_vl", help="a Qwen2.5-VL (token insertion) checkpoint -> CASA", formatter_class=_HelpFormatter
+    )
+    qwen.add_argument("source", type=_existing_path, help="local Qwen2.5-VL checkpoint folder")
+    _add_conversion_options(qwen)
+    llm = sources.add_parser(
+        "llm",
+        help="a text LLM (Qwen2, Llama, Helium) + a Qwen2.5-VL vision tower -> CASA",
+        formatter_class=_HelpFormatter,
+    )
+    llm.add_argument(
+        "llm", type=_existing_path, help="local text LLM checkpoint folder, or a .gguf file (dequantized on the way)"
+    )
+    llm.add_argument(
+        "vision", type=_existing_path, help="local Qwen2.5-VL checkpoint folder whose vision tower is used"
+    )
+    _add_conversion_options(llm)
+
+    _add_train_parser(commands)
+    _add_train_smollm2_parser(commands)
+
+    export = commands.add_parser(
+        "export", help="write a built-in model as a standard checkpoint folder", formatter_class=_HelpFormatter
+    )
+    export.add_argument("model", type=_model, help=MODEL_HELP)
+    export.add_argument("output", help="folder to write (appears only when complete)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    scorer = commands.add_parser(
+        "evaluate", help="held-out synthetic VQA accuracy of a model", formatter_class=_HelpFormatter
+    )
+    scorer.add_argument("--model", type=_model, default=DEFAULT_MODEL, help=MODEL_HELP)
+    scorer.add_argument(
+        "--examples", type=_positive_int, default=700, help="held-out questions, every kind equally often"
+    )
     scorer.add_argument("--seed", type=int, default=0, help="training seed whose held-out questions to use")
     scorer.add_argument(
         "--questions",
@@ -278,8 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace) -> None:
     if args.command == "demo":
         from .demo import run_demo
 
@@ -300,6 +426,15 @@ def main(argv: list[str] | None = None) -> None:
         run_evaluate(args)
     elif args.command == "serve":
         run_serve(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run_command(args)
+    except USER_ERRORS as error:
+        parser.exit(2, f"casa-hf {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

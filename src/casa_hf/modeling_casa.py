@@ -35,6 +35,7 @@ from .backbones import BACKBONES
 from .casa_attention import CasaAttention, CasaInputs, build_casa_windows
 from .casa_cache import CasaCache, CasaStaticCache, CasaWindowCache
 from .configuration_casa import CasaConfig
+from .kyutai_release import refuse_kyutai_release
 
 BACKBONE_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
@@ -140,6 +141,14 @@ class CasaPreTrainedModel(PreTrainedModel):
         # CASA's weights on image tokens (its cross-attention part), with `output_attentions` as for built-in models
         "cross_attentions": OutputRecorder(target_class=CasaAttention, index=1),
     }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a local folder holding one of Kyutai's released checkpoints is
+        refused first: their weights have other names, so loading would leave every weight random."""
+        if pretrained_model_name_or_path is not None:
+            refuse_kyutai_release(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.get_text_config().initializer_range
