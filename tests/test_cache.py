@@ -1,6 +1,7 @@
 """Cached and streamed computation against one full forward; the cache holds text only."""
 
 import copy
+import itertools
 import os
 import traceback
 
@@ -144,12 +145,90 @@ def _recording_read_backs(name: str, calls: list[str]):
     return read_back
 
 
+def chunk_splits(length: int):
+    """Every way to cut `length` tokens into consecutive chunks, as `(start, end)` pairs (2^(length - 1) ways)."""
+    for count in range(length):
+        for cuts in itertools.combinations(range(1, length), count):
+            yield list(itertools.pairwise([0, *cuts, length]))
+
+
+def left_padded_batch(seed: int, width: int, with_image: bool):
+    """Three rows of random lengths, one of them a single token, left-padded to `width`, with their 2D mask; with an
+    image, its placeholder at a random real token of a random row."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, *torch.randint(1, width + 1, (2,), generator=g).tolist()]
+    lengths = [lengths[i] for i in torch.randperm(3, generator=g).tolist()]
+    input_ids = torch.tensor(
+        [[0] * (width - length) + random_text(length, seed + row) for row, length in enumerate(lengths)]
+    )
+    mask = (torch.arange(width)[None] >= width - torch.tensor(lengths)[:, None]).long()
+    images = {}
+    if with_image:
+        row = int(torch.randint(3, (1,), generator=g))
+        input_ids[row, width - 1 - int(torch.randint(lengths[row], (1,), generator=g))] = IMAGE_TOKEN
+        images = dict(zip(("pixel_values", "image_grid_thw"), random_images([(4, 4)], seed), strict=True))
+    return input_ids, mask, images
+
+
+def chunked_prefill_logits(model, input_ids, mask, images, chunks, cache):
+    """The batch fed chunk by chunk through `cache`, each chunk with the mask up to its end (as `generate()`'s
+    chunked prefill passes it) and the image with the chunk that holds its placeholder."""
+    logits = []
+    for start, end in chunks:
+        has_image = bool((input_ids[:, start:end] == IMAGE_TOKEN).any())
+        out = model(
+            input_ids=input_ids[:, start:end],
+            attention_mask=mask[:, :end],
+            cache=cache,
+            use_cache=True,
+            **(images if has_image else {}),
+        )
+        logits.append(out.logits)
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_chunked_prefill_of_left_padded_batches_matches_full_forward(static, with_image):
+    """Random left-padded layouts (a row of one token among them) prefilled in every split into chunks give one full
+    forward's logits at the rows' real tokens, within 1e-5 in float32: one-token chunks that are padding for a row
+    that has had no real token yet must not enter its CASA window."""
+    model, width = tiny_model(attn="sdpa"), 6
+    worst = 0.0
+    with torch.no_grad():
+        for seed in range(3):
+            input_ids, mask, images = left_padded_batch(seed, width, with_image)
+            full = model(input_ids=input_ids, attention_mask=mask, **images).logits[mask.bool()]
+            for chunks in chunk_splits(width):
+                cache = CasaStaticCache(model.config, width, max_image_tokens=4) if static else CasaCache()
+                chunked = chunked_prefill_logits(model, input_ids, mask, images, chunks, cache)[mask.bool()]
+                worst = max(worst, float((chunked - full).abs().max()))
+    assert worst <= 1e-5, f"chunked prefill is {worst:.3g} off the full forward"
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+def test_generate_prefilling_a_left_padded_batch_in_chunks_matches_one_prefill(cache_implementation):
+    """`generate(prefill_chunk_size=...)` on left-padded text (rows of 1, 2 and 6 tokens) gives the tokens and logits
+    of a prefill in one forward: with a static cache too, whose prefill chunks keep their 2D mask for the windows."""
+    model = tiny_model(attn="sdpa")
+    input_ids, mask, _ = left_padded_batch(1, width=6, with_image=False)
+    options = dict(input_ids=input_ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    options.update(return_dict_in_generate=True, output_logits=True)
+    reference = model.generate(**options)
+    for chunk_size in (1, 2, 4):
+        chunked = model.generate(**options, cache_implementation=cache_implementation, prefill_chunk_size=chunk_size)
+        assert chunked.sequences.tolist() == reference.sequences.tolist()
+        assert (torch.stack(chunked.logits) - torch.stack(reference.logits)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("prefill", [[(0, 6)], [(0, 1), (1, 2), (2, 6)]], ids=["one_forward", "chunks"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_decode_steps_read_nothing_back_from_the_device(attn, static, monkeypatch):
+def test_decode_steps_read_nothing_back_from_the_device(attn, static, prefill, monkeypatch):
     """A one-token step never reads a tensor back in casa_hf's code (on a GPU each read-back synchronises, at every
     generated token), with the dynamic or the static cache: a left-padded batch, one sample with an image and one
-    before any image (no CASA update), its 2D mask given; the steps' logits equal one full forward's."""
+    before any image (no CASA update), its 2D mask given; the steps' logits equal one full forward's. Also after a
+    chunked prefill whose one-token chunks are padding for the second sample (those chunks check their mask)."""
     model = tiny_model(attn=attn, casa_text_only_windows="skip")
     rows = (random_text(2, seed=5) + [IMAGE_TOKEN] + random_text(3, seed=6), random_text(4, seed=4))
     width, steps = max(map(len, rows)), 3
@@ -162,7 +241,7 @@ def test_decode_steps_read_nothing_back_from_the_device(attn, static, monkeypatc
         full_mask = torch.cat([mask, torch.ones_like(new_tokens)], 1)
         full = model(input_ids=torch.cat([prompt, new_tokens], 1), attention_mask=full_mask, **images).logits
         cache = CasaStaticCache(model.config, max_cache_len=16, max_image_tokens=4) if static else CasaCache()
-        model(input_ids=prompt, attention_mask=mask, **images, cache=cache, use_cache=True)
+        chunked_prefill_logits(model, prompt, mask, images, prefill, cache)
         for name in READ_BACKS:
             monkeypatch.setattr(torch.Tensor, name, _recording_read_backs(name, read_backs))
         logits = []

@@ -53,6 +53,8 @@ class CasaDynamicLayer(CacheLayerMixin):
         self.all_valid = False  # every slot of every window in use: a one-token decode step then needs no mask
         self.all_see_images = False  # every window holds an image: a decode step then updates every sample
         self.image_width = 0  # tokens of the largest image in the windows, read by decode steps without a sync
+        # every sample has had a real token: left padding, which comes before it, is over (see `padding_is_over`)
+        self.all_started = False
         # keys, values and valid slots with free slots after them; `keys` etc. are their leading views while
         # decode steps append in place (anything that replaces the windows, e.g. `update`, ends that)
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -84,6 +86,7 @@ class CasaDynamicLayer(CacheLayerMixin):
         # read here, once per stored window, rather than by each decode step
         self.all_valid, self.all_see_images = bool(valid.all()), bool((image_tokens > 0).all())
         self.image_width = int(image_tokens.max())
+        self.all_started = bool((text_tokens > 0).all())
         return self.keys, self.values
 
     def append_text(
@@ -175,7 +178,7 @@ class CasaDynamicLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.image_tokens = self.text_tokens = self._buffers = None
-        self.all_valid = self.all_see_images = False
+        self.all_valid = self.all_see_images = self.all_started = False
         self.image_width = 0
         self.is_initialized = False
 
@@ -267,6 +270,7 @@ class CasaStaticLayer(CasaDynamicLayer):
                 "max_text_since_image, or use the dynamic cache"
             )
         self.longest_window, self.image_width = slots, largest_image
+        self.all_started = bool((text_tokens > 0).all())
         self.keys[:, :, :slots].copy_(key_states)
         self.values[:, :, :slots].copy_(value_states)
         self.valid.zero_()
@@ -316,7 +320,7 @@ class CasaStaticLayer(CasaDynamicLayer):
             tensor.copy_(tensor.index_select(0, rows.to(tensor.device)))
 
     def reset(self) -> None:
-        self.longest_window = 0
+        self.longest_window, self.all_started = 0, False
         if self.is_initialized:
             for tensor in self._state():
                 tensor.zero_()
@@ -366,6 +370,12 @@ class CasaWindowCache:
     def has_windows(self) -> bool:
         """Whether a forward has gone through this cache (its CASA windows are stored): later chunks continue them."""
         return bool(self.casa_layer_positions) and self.get_casa_state(min(self.casa_layer_positions)).is_initialized
+
+    def padding_is_over(self) -> bool:
+        """Whether every sample has had a real token (counted on the host when windows were stored). Left padding
+        comes before a sample's first real token: until then a one-token chunk may be padding (chunked prefill),
+        afterwards it never is, and decode steps need not read their mask back."""
+        return self.has_windows() and self.get_casa_state(min(self.casa_layer_positions)).all_started
 
     def check_batch_size(self, batch_size: int) -> None:
         """A cache continues the conversations it holds, one per sample: the batch must match them."""

@@ -268,9 +268,9 @@ class CasaTextModel(CasaPreTrainedModel):
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = _text_positions(attention_mask, past_seen, batch_size, seq_len, inputs_embeds.device)
 
-        # padding, from a 2D mask. With a static cache generate() prepares 4D masks instead: its decode steps have
-        # no padding, and in its prefill left padding sits at position 0 before a sample's first position 0, which
-        # `_segment_starts` separates as packed conversations are (tested equal to the dynamic cache)
+        # padding, from a 2D mask. With a static cache generate() prepares 4D masks for its decode steps, which have
+        # no padding (its prefill keeps the 2D mask). In a one-forward prefill given 4D masks, left padding sits at
+        # position 0 before a sample's first position 0, which `_segment_starts` separates as packed conversations
         token_valid = None
         if attention_mask is not None and not isinstance(attention_mask, dict) and attention_mask.ndim == 2:
             token_valid = attention_mask[:, -seq_len:].bool()
@@ -278,12 +278,16 @@ class CasaTextModel(CasaPreTrainedModel):
         if chunk_valid is None:
             chunk_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=inputs_embeds.device)
         segment_starts = None if continues else _segment_starts(position_ids.expand(batch_size, -1), chunk_valid)
-        # decode steps: every sample goes on in its cached window, no bookkeeping. A one-token step's token is never
-        # padding (generate() appends real tokens): its mask is not read back, which would synchronise every token.
+        # decode steps: every sample goes on in its cached window, no bookkeeping. A one-token step's token is padding
+        # only while a sample has had no real token yet (left padding, prefilled in chunks): chunks are checked until
+        # the stored windows show every sample started; after that a one-token step's mask is not read back, which
+        # would synchronise every generated token.
         windows = None
         if not continues or image_features is not None or is_flash_attention_requested(self.config):
             windows = build_casa_windows(image_mask, chunk_valid, image_sizes or [], segment_starts)
-        elif token_valid is not None and seq_len > 1 and not bool(token_valid.all()):
+        elif token_valid is not None and (
+            not cache.padding_is_over() or (seq_len > 1 and not bool(token_valid.all()))
+        ):
             windows = build_casa_windows(image_mask, token_valid, [], None)
         image_positions = None
         if image_features is not None:
@@ -626,6 +630,23 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
                 model_kwargs["cache"] = CasaCache(config=self.config)
                 return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict[str, Any]:
+        """As `GenerationMixin`'s, except that a prefill (each chunk of a chunked one) keeps its 2D mask with a static
+        cache too: its CASA windows must know which tokens are padding, which the 4D masks prepared for compiled
+        decode steps no longer tell once a chunk continues the cache (left padding would enter a sample's window)."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if is_first_iteration and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            model_inputs["attention_mask"] = attention_mask
+        return model_inputs
 
     def _prepare_static_cache(
         self, cache_implementation: str, batch_size: int, max_cache_len: int, prefill_chunk_size, model_kwargs
