@@ -85,7 +85,7 @@ def smollm2_stream(name: str, args):
     casa = AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     chat = dict(
-        prompt=f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n",
+        system=f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n",
         **SMOLLM2_TURN,
         max_new_tokens=args.new_tokens,
         eos_token_id=-1,  # never stop early: every turn decodes the same number of tokens

@@ -69,8 +69,9 @@ class TextOnlyStream(CasaStream):
         return DynamicCache()
 
     def _encode_turn(self, frame, text):
-        frame_turn = self.frame_prefix + self.frame_text
-        return super()._encode_turn(None, frame_turn if frame is not None and not text else text)
+        if frame is not None:  # the frame's turn without its image
+            text = self.frame_prefix + (text or self.prompt or "") + self.frame_text
+        return super()._encode_turn(None, text)
 
 
 def idefics3_on(

@@ -3,6 +3,7 @@ Auto classes and the pipeline load, accurate on held-out questions, still SmolLM
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -13,7 +14,9 @@ from casa_hf.casa_smollm2 import SHIPPED_WEIGHTS, assembled_folder, load_added_w
 from casa_hf.cli import main
 from casa_hf.demo_smollm2 import CHANGE_QUESTIONS, run_natural_demo
 from casa_hf.gguf_llm import load_gguf_llm, smollm2_gguf
-from casa_hf.training.natural_vqa import answer_word
+from casa_hf.streaming import CasaStream, TextBudget
+from casa_hf.training.natural_vqa import answer_word, grade
+from casa_hf.training.synthetic_vqa import random_scene, render
 from casa_hf.training.train_smollm2 import FIXED_TEST_SET, evaluate_natural, held_out_natural
 
 # KL(SmolLM2 || model) of the next token at any position of a text-only chat, in nats (measured 0.046 at most)
@@ -80,6 +83,28 @@ def test_demo_asks_about_images_two_frames_and_text(loaded, capsys):
     out = capsys.readouterr().out
     assert f"/{CHANGE_QUESTIONS} two-frame answers right" in out and "frame  1:" in out, out
     assert "A: The capital of France is Paris." in out, out
+
+
+def test_readme_stream_answers_each_frame_and_a_text_turn(loaded):
+    """The README's streaming snippet as written: its turns follow the chat template, so every frame gets its
+    colour in a sentence and a text-only question after them is answered."""
+    model, processor = loaded
+    rng = np.random.default_rng(25)
+    scenes, frames = [], []
+    for _ in range(5):
+        scenes.append(random_scene(rng, count=1))
+        frames.append(render(scenes[-1], processor.image_size, rng))
+    stream = CasaStream(
+        model,
+        processor,
+        prompt="What colour is the shape?",
+        max_new_tokens=16,
+        text_budget=TextBudget(sink_tokens=4, window_tokens=2048),
+    )
+    answers = [step.text for step in stream.run(frames)]
+    assert all(grade("colour", answer, scene.colour) for answer, scene in zip(answers, scenes, strict=True)), answers
+    answer = stream.feed(text="What is the capital of France?").text
+    assert "Paris" in answer, answer
 
 
 def test_text_only_chats_are_smollm2s(loaded):

@@ -319,7 +319,7 @@ def _alone(engine, frames: list[str], window: int) -> list[str]:
         engine.model,
         engine.processor,
         max_new_tokens=3,
-        prompt=f"<|im_start|>system\n{SYSTEM_TEXT}<|im_end|>\n",
+        system=f"<|im_start|>system\n{SYSTEM_TEXT}<|im_end|>\n",
         frame_prefix="<|im_start|>user\n",
         frame_text=f"{SESSION_PROMPT}<|im_end|>\n<|im_start|>assistant\n",
         text_budget=TextBudget(sink_tokens=4, window_tokens=window),

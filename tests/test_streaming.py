@@ -10,6 +10,7 @@ from tiny import tiny_model, tiny_processor
 
 from casa_hf import CasaCache
 from casa_hf.casa_cache import WINDOW_HEADROOM
+from casa_hf.processing_casa import DEFAULT_CHAT_TEMPLATE
 from casa_hf.streaming import CasaStream, TextBudget
 from casa_hf.video import read_video_frames
 
@@ -27,7 +28,7 @@ def model_and_processor():
 def test_stream_equals_full_forward_and_generate(model_and_processor):
     model, processor = model_and_processor
     video = frames(6)
-    stream = CasaStream(model, processor, prompt="describe the video .", frame_text="what changed ?", max_new_tokens=3)
+    stream = CasaStream(model, processor, system="describe the video .", frame_text="what changed ?", max_new_tokens=3)
     steps = list(stream.run(video))
 
     # plain generate() with a passed-back cache and the growing history
@@ -61,6 +62,65 @@ def test_stream_equals_full_forward_and_generate(model_and_processor):
     assert "".join(s.text for s in steps)  # the tiny vocabulary decodes every id
 
 
+def test_chat_stream_is_generate_over_the_rendered_conversation():
+    """By default the turns are the chat template's: each turn's answer is `generate()`'s over the whole conversation
+    so far as `apply_chat_template` tokenizes it (with the answers given, a cut one closed by the template), whose
+    start is what the stream already holds. The shipped tiny model gets each colour right."""
+    from transformers import AutoModel, AutoProcessor
+
+    from casa_hf.builtin_models import TINY_MODEL
+    from casa_hf.training.synthetic_vqa import QUESTIONS, SYSTEM_TEXT, random_scene, render
+
+    model, processor = AutoModel.from_pretrained(TINY_MODEL).eval(), AutoProcessor.from_pretrained(TINY_MODEL)
+    rng = np.random.default_rng(25)
+    scenes = [random_scene(rng, count=1) for _ in range(4)]
+    images = [render(scene, processor.image_size, rng) for scene in scenes]
+    stream = CasaStream(model, processor, system=SYSTEM_TEXT, prompt=QUESTIONS["colour"], max_new_tokens=3)
+    assert stream.chat_template
+    steps = [stream.feed(image) for image in images[:3]]
+    steps.append(stream.feed(text="what colour is the shape ?", max_new_tokens=1))  # cut before its end of turn
+    steps.append(stream.feed(images[3], QUESTIONS["shape"]))
+    assert [step.text.rstrip(".") for step in steps[:3]] == [scene.colour for scene in scenes[:3]]
+    assert steps[-1].text.rstrip(".") == scenes[3].shape
+
+    turns = [(image, QUESTIONS["colour"], 3) for image in images[:3]]
+    turns += [(None, "what colour is the shape ?", 1), (images[3], QUESTIONS["shape"], 3)]
+    messages = [{"role": "system", "content": SYSTEM_TEXT}]
+    cache, history = CasaCache(), torch.empty(1, 0, dtype=torch.long)
+    for (image, question, max_new_tokens), step in zip(turns, steps, strict=True):
+        content = [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": ([{"type": "image", "image": image}] if image else []) + content})
+        conversation = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )["input_ids"]
+        assert conversation[:, : history.shape[1]].equal(history)  # the previous turns' tokens, answers included
+        pixels = {} if image is None else processor(images=[image], text=stream.image_text, return_tensors="pt")
+        out = model.generate(
+            input_ids=conversation,
+            pixel_values=pixels.get("pixel_values"),
+            image_grid_thw=pixels.get("image_grid_thw"),
+            cache=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+        assert out[0, conversation.shape[1] :].tolist() == step.token_ids
+        assert step.cache_tokens == out.shape[1] - 1  # all of it but the last answer token, fed with the next turn
+        messages.append({"role": "assistant", "content": step.text})
+        history = out
+
+
+def test_chat_templates_that_rewrite_the_past_are_refused(model_and_processor):
+    model, _ = model_and_processor
+    counting = tiny_processor(chat_template="{{ messages | length }}" + DEFAULT_CHAT_TEMPLATE)
+    stream = CasaStream(model, counting, prompt="what ?", max_new_tokens=2)
+    stream.feed(frames(1)[0])
+    with pytest.raises(ValueError, match="does not render the conversation as an extension"):
+        stream.feed(frames(1)[0])
+    assert not CasaStream(model, counting, frame_text="what ?").chat_template  # markup written by hand: raw
+    with pytest.raises(ValueError, match="chat_template=True needs"):
+        CasaStream(model, counting, frame_text="what ?", chat_template=True)
+
+
 def test_hundred_frames_keep_text_and_one_image(model_and_processor):
     model, processor = model_and_processor
     stream = CasaStream(model, processor, frame_text="what ?", max_new_tokens=2)
@@ -87,7 +147,7 @@ def test_text_budget_keeps_the_cache_bounded(model_and_processor):
     model, processor = model_and_processor
     budget = TextBudget(sink_tokens=4, window_tokens=24)
     stream = CasaStream(
-        model, processor, prompt="describe the video .", frame_text="what ?", max_new_tokens=3, text_budget=budget
+        model, processor, system="describe the video .", frame_text="what ?", max_new_tokens=3, text_budget=budget
     )
     steps = list(stream.run(frames(30)))
     per_turn_max = (
@@ -101,12 +161,12 @@ def test_text_budget_keeps_the_cache_bounded(model_and_processor):
     roomy = CasaStream(
         model,
         processor,
-        prompt="describe the video .",
+        system="describe the video .",
         frame_text="what ?",
         max_new_tokens=3,
         text_budget=TextBudget(4, 10_000),
     )
-    plain = CasaStream(model, processor, prompt="describe the video .", frame_text="what ?", max_new_tokens=3)
+    plain = CasaStream(model, processor, system="describe the video .", frame_text="what ?", max_new_tokens=3)
     assert [s.token_ids for s in roomy.run(frames(5))] == [s.token_ids for s in plain.run(frames(5))]
 
 

@@ -103,7 +103,8 @@ def demo_images(rng, size: int, images: int, save_images: str | None) -> Iterato
 def stream_colours(
     model, processor, rng, frames: int, question: str, prompt: str | None = None, max_new_tokens: int = 3
 ):
-    """Feed `frames` one-shape frames through one `CasaStream`, asking `question` (the colour) after each."""
+    """Feed `frames` one-shape frames through one `CasaStream`, asking `question` (the colour) after each; `prompt`
+    (e.g. a system prompt in ChatML) is fed first."""
     from .streaming import CasaStream
     from .training.synthetic_vqa import random_scene, render
 
@@ -112,7 +113,7 @@ def stream_colours(
         model,
         processor,
         max_new_tokens=max_new_tokens,
-        prompt=prompt,
+        system=prompt,
         frame_prefix="<|im_start|>user\n",
         frame_text=f"{question}<|im_end|>\n<|im_start|>assistant\n",
     )

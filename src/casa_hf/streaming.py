@@ -64,13 +64,20 @@ class CasaStream:
     """Feed frames (with optional text) one at a time and get the model's text for each.
 
     ```python
-    stream = CasaStream(model, processor, prompt="Describe what happens.", max_new_tokens=16)
+    stream = CasaStream(model, processor, prompt="What happens now?", max_new_tokens=16)
     for step in stream.run(frames):
         print(step.index, step.text)
+    stream.feed(text="What colour was the car?")
     ```
 
-    Each frame's turn is `frame_prefix + <image> + frame_text` (a chat model can get its user-turn markup there,
-    e.g. `frame_prefix="<|im_start|>user\n"`, `frame_text="What now?<|im_end|>\n<|im_start|>assistant\n"`).
+    `prompt` is the question asked about every frame (`feed(frame, text)` asks `text` instead); `system` opens the
+    conversation. By default the turns are the processor's chat template's: a frame is a user message (the image, then
+    the question) followed by the generation prompt, a text-only `feed(text=...)` a user message with that text, and
+    each answer is closed by the template's end of turn before the next user message: the stream holds exactly the
+    template's rendering of the conversation. Raw mode (`chat_template=False`, `frame_prefix` / `frame_text` given, or
+    a processor without a chat template) feeds text as written: `system` once, then per frame
+    `frame_prefix + <image> + prompt + frame_text`, and a text-only turn as is.
+
     Decoding is greedy unless `do_sample=True`. The last generated token of a turn is fed at the start of the
     next one, exactly as `generate()` with a passed-back cache and the growing history would do.
     """
@@ -81,6 +88,8 @@ class CasaStream:
         processor,
         *,
         prompt: str | None = None,
+        system: str | None = None,
+        chat_template: bool | None = None,
         frame_prefix: str = "",
         frame_text: str = "",
         max_new_tokens: int = 16,
@@ -89,9 +98,19 @@ class CasaStream:
         temperature: float = 1.0,
         eos_token_id: int | list[int] | None = None,
     ):
+        raw_markup = bool(frame_prefix or frame_text)
+        if chat_template is None:
+            chat_template = processor.chat_template is not None and not raw_markup
+        elif chat_template and (raw_markup or processor.chat_template is None):
+            raise ValueError(
+                "chat_template=True needs a processor with a chat template and no frame_prefix / frame_text "
+                "(those write the turns' markup by hand: raw mode)"
+            )
         self.model = model
         self.processor = processor
         self.prompt = prompt
+        self.system = system
+        self.chat_template = chat_template
         self.frame_prefix = frame_prefix
         self.frame_text = frame_text
         self.max_new_tokens = max_new_tokens
@@ -113,6 +132,9 @@ class CasaStream:
         self._pending: list[int] = []
         self._steps = 0
         self.evicted_tokens = 0
+        # chat mode: the last exchange (user message, then the answer) and the text the stream holds of it
+        self._exchange: list[dict] = []
+        self._fed_text = ""
 
     def _new_cache(self) -> CasaCache:
         return CasaCache()
@@ -120,33 +142,26 @@ class CasaStream:
     def feed(
         self, frame=None, text: str | None = None, max_new_tokens: int | None = None, streamer=None
     ) -> StreamStep:
-        """Feed one frame (PIL / numpy / tensor / path) and/or text, then generate up to `max_new_tokens`.
+        """Feed one frame (PIL / numpy / tensor / path) asked `text` (default: `prompt`), or a text-only turn, then
+        generate up to `max_new_tokens`.
 
         `streamer` follows `generate()`'s protocol (`put(prompt_ids)`, then `put` per new token, then `end()`), so
         Transformers' `TextStreamer` / `TextIteratorStreamer` show the text as it is produced.
         """
+        if frame is None and not text:
+            raise ValueError("feed() needs a frame or some text")
         input_ids, pixel_values, grid = self._encode_turn(frame, text)
         input_ids = torch.cat([torch.tensor([self._pending], dtype=torch.long), input_ids], dim=1)
         step = self._generate(input_ids, pixel_values, grid, max_new_tokens or self.max_new_tokens, streamer)
+        if self.chat_template:
+            self._close_exchange(step.token_ids)
         self._steps += 1
         return step
 
     def _encode_turn(self, frame, text: str | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Token ids (one image token per frame) and pixels of one turn."""
-        pieces = []
-        if self._steps == 0 and self.prompt:
-            pieces.append(self.prompt)
-        images = None
-        if frame is not None:
-            images = [load_image_input(frame)]
-            pieces += [self.frame_prefix, self.image_text]
-            if self.frame_text:
-                pieces.append(self.frame_text)
-        if text:
-            pieces.append(text)
-        if not pieces:
-            raise ValueError("feed() needs a frame or some text")
-        turn = "".join(pieces)
+        images = None if frame is None else [load_image_input(frame)]
+        turn = (self._chat_turn if self.chat_template else self._raw_turn)(images is not None, text)
         if images is None:
             return (
                 self.processor.tokenizer(turn, add_special_tokens=False, return_tensors="pt")["input_ids"],
@@ -157,8 +172,45 @@ class CasaStream:
         # processors of fixed-size images (Idefics3's) give no grid: the model infers it from the pixels
         return encoded["input_ids"], encoded["pixel_values"], encoded.get("image_grid_thw")
 
+    def _raw_turn(self, image: bool, text: str | None) -> str:
+        system = self.system if self._steps == 0 and self.system else ""
+        if not image:
+            return system + text
+        return "".join([system, self.frame_prefix, self.image_text, text or self.prompt or "", self.frame_text])
+
+    def _chat_turn(self, image: bool, text: str | None) -> str:
+        """What the chat template adds to the conversation for this turn: the end of the previous answer's turn, the
+        user message and the generation prompt. Only the system message and the last exchange are rendered (the
+        template must render a conversation as an extension of its start), so a turn costs the same at any length."""
+        question = text or self.prompt if image else text
+        content = [{"type": "image"}] if image else []
+        content += [{"type": "text", "text": question}] if question else []
+        self._asked = {"role": "user", "content": content}
+        rendered = self._render([*self._exchange, self._asked])
+        if not rendered.startswith(self._fed_text):
+            raise ValueError(
+                "The processor's chat template does not render the conversation as an extension of what the stream "
+                f"already holds (it holds ...{self._fed_text[-80:]!r}, the template gives ...{rendered[-160:]!r}); "
+                "write the turns' markup with frame_prefix / frame_text (raw mode) instead"
+            )
+        return rendered[len(self._fed_text) :]
+
+    def _close_exchange(self, answer_ids: list[int]) -> None:
+        """Record the answer: the exchange the next turn is rendered from, and the text the stream holds of it."""
+        ended = answer_ids[-1] in self.eos_token_ids
+        decode = self.processor.tokenizer.decode
+        answer = decode(answer_ids[:-1] if ended else answer_ids)
+        self._fed_text = self._render([self._asked]) + answer + (decode(answer_ids[-1:]) if ended else "")
+        self._exchange = [self._asked, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+    def _render(self, messages: list[dict]) -> str:
+        """The chat template's text of the system message and `messages` (ending with a user message), then the
+        generation prompt."""
+        system = [{"role": "system", "content": [{"type": "text", "text": self.system}]}] if self.system else []
+        return self.processor.apply_chat_template(system + messages, add_generation_prompt=True, tokenize=False)
+
     def run(self, frames: Iterable, text: str | None = None) -> Iterator[StreamStep]:
-        """`feed` every frame of `frames` in turn (with the same `text` after each), yielding each step."""
+        """`feed` every frame of `frames` in turn (asked `text`, default: `prompt`), yielding each step."""
         for frame in frames:
             yield self.feed(frame, text)
 

@@ -99,11 +99,13 @@ class SessionStore:
 
 
 def new_stream(engine, system: str | None, question: str, max_tokens: int, budget: TextBudget) -> CasaStream:
-    """A `CasaStream` whose turns follow the model's chat template: system prompt once, then per frame a user turn
-    `<image> question` and the assistant's answer."""
-    stream = CasaStream(engine.model, engine.processor, max_new_tokens=max_tokens, text_budget=budget)
+    """A raw-mode `CasaStream` with the chat template's markup written out (the server sets each frame's markup per
+    request): system prompt once, then per frame a user turn `<image> question` and the assistant's answer."""
+    stream = CasaStream(
+        engine.model, engine.processor, chat_template=False, max_new_tokens=max_tokens, text_budget=budget
+    )
     if system:
-        stream.prompt = render(engine.processor, [{"role": "system", "content": [{"type": "text", "text": system}]}])
+        stream.system = render(engine.processor, [{"role": "system", "content": [{"type": "text", "text": system}]}])
     stream.frame_prefix, stream.frame_text = frame_markup(engine.processor, stream.image_text, question)
     return stream
 
