@@ -1,5 +1,6 @@
 """`generate()` with the text-only cache: batching, decoding strategies, conversations continued with new images."""
 
+import pytest
 import torch
 from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
 from transformers import TextStreamer
@@ -51,6 +52,36 @@ def test_batched_left_padded_generation_equals_per_sample():
         assert batched[i, ids.shape[1] :].tolist() == single[0, len(row) :].tolist()
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+def test_chunked_prefill_with_images_matches_one_prefill(cache_implementation):
+    """`generate(prefill_chunk_size=k)` on a left-padded batch with images gives one prefill's tokens and logits: each
+    chunk gets the whole images whose placeholders it holds (one placeholder per image, whatever its token count),
+    in order, also when a chunk takes the images of two samples that another image comes between in the batch's
+    order (chunks of 5: the first of sample 0 and the one of sample 2)."""
+    model = tiny_model(attn="sdpa")
+    rows, images = samples()
+    ids, mask = left_pad(rows)
+    columns = (ids == IMAGE_TOKEN).nonzero()[:, 1].tolist()
+    boundaries = set(range(3, ids.shape[1], 3))  # chunks of 3 split right before an image and right after one
+    assert any(col in boundaries for col in columns) and any(col + 1 in boundaries for col in columns)
+    options = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=torch.cat([pv for pv, _ in images if pv is not None]),
+        image_grid_thw=torch.cat([g for _, g in images if g is not None]),
+        max_new_tokens=4,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    reference = model.generate(**options)
+    for chunk_size in (1, 2, 3, 5):
+        chunked = model.generate(**options, cache_implementation=cache_implementation, prefill_chunk_size=chunk_size)
+        difference = float((torch.stack(chunked.logits) - torch.stack(reference.logits)).abs().max())
+        assert difference <= 1e-5, f"prefill_chunk_size={chunk_size}: logits {difference:.3g} off one prefill"
+        assert chunked.sequences.tolist() == reference.sequences.tolist(), chunk_size
+
+
 def greedy_without_cache(model, input_ids, pixel_values, grid_thw, steps):
     """Reference: re-run the whole sequence for every new token."""
     ids = input_ids
@@ -70,21 +101,20 @@ def test_greedy_generate_equals_uncached_loop():
     assert generated.tolist() == greedy_without_cache(model, ids, pv, grid, 10).tolist()
 
 
-def test_conversation_continues_with_new_images_through_passed_back_cache():
-    """Turn 2 brings a new image on top of turn 1's cache: same tokens as generating from the whole history."""
+@pytest.mark.parametrize("prefill_chunk_size", [None, 3])
+def test_conversation_continues_with_new_images_through_passed_back_cache(prefill_chunk_size):
+    """Turn 2 brings a new image on top of turn 1's cache: same tokens as generating from the whole history, also
+    when each turn is prefilled in chunks (turn 2's chunks start after the cached tokens, one right at its image)."""
     model = tiny_model(attn="sdpa")
     turn1 = torch.tensor([random_text(4, 1) + [IMAGE_TOKEN] + random_text(3, 2)])
     pv1, grid1 = random_images([(4, 4)], seed=1)
     cache = CasaCache()
-    out1 = model.generate(
-        input_ids=turn1, pixel_values=pv1, image_grid_thw=grid1, cache=cache, max_new_tokens=5, do_sample=False
-    )
+    options = dict(cache=cache, max_new_tokens=5, do_sample=False, prefill_chunk_size=prefill_chunk_size)
+    out1 = model.generate(input_ids=turn1, pixel_values=pv1, image_grid_thw=grid1, **options)
     turn2 = torch.tensor([random_text(2, 3) + [IMAGE_TOKEN] + random_text(3, 4)])
     pv2, grid2 = random_images([(2, 4)], seed=2)
     history = torch.cat([out1, turn2], dim=1)
-    out2 = model.generate(
-        input_ids=history, pixel_values=pv2, image_grid_thw=grid2, cache=cache, max_new_tokens=5, do_sample=False
-    )
+    out2 = model.generate(input_ids=history, pixel_values=pv2, image_grid_thw=grid2, **options)
 
     full = model.generate(
         input_ids=history,

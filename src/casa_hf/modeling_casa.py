@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import (
     create_causal_mask,
@@ -635,18 +635,90 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
     ) -> dict[str, Any]:
         """As `GenerationMixin`'s, except that a prefill (each chunk of a chunked one) keeps its 2D mask with a static
         cache too: its CASA windows must know which tokens are padding, which the 4D masks prepared for compiled
-        decode steps no longer tell once a chunk continues the cache (left padding would enter a sample's window)."""
+        decode steps no longer tell once a chunk continues the cache (left padding would enter a sample's window).
+        `inputs_embeds` is named so that `generate()` knows this model takes them."""
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs
+            input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
         )
         if is_first_iteration and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
             model_inputs["attention_mask"] = attention_mask
         return model_inputs
+
+    def _prefill(
+        self,
+        input_ids: torch.LongTensor,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+        is_first_iteration: bool = True,
+    ) -> CausalLMOutputWithCrossAttentions:
+        """As `GenerationMixin`'s, except that a chunked prefill with images gives each chunk the whole images whose
+        placeholders it holds, in order. Transformers slices pre-encoded features one row per placeholder token, but
+        a CASA image of N tokens has one placeholder (its N rows enter only the CASA layers): each chunk would get a
+        wrong "image"."""
+        images = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        chunk_size = generation_config.prefill_chunk_size
+        cache = model_kwargs.get("cache")
+        if (
+            chunk_size is None
+            or cache is None
+            or not is_first_iteration
+            or model_kwargs.get("inputs_embeds") is not None
+            or images is None
+            or not images.pooler_output
+        ):
+            return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration)
+
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        position_ids = model_kwargs.pop("position_ids", None)
+        mm_encoder_outputs = model_kwargs.pop("mm_encoder_outputs")
+        model_forward = (
+            self.get_compiled_call(generation_config.compile_config)
+            if self._valid_auto_compile_criteria(model_kwargs, generation_config)
+            else self.__call__
+        )
+        # a mask as long as `input_ids` covers a passed-back cache too: only the tokens after it are prefilled
+        mask_length = (
+            attention_mask.shape[1] if attention_mask is not None else getattr(generation_config, "_mask_length", -1)
+        )
+        past_length = cache.get_seq_length()
+        prefill_ids = input_ids[:, past_length:] if mask_length == input_ids.shape[1] else input_ids
+        # image i fills the i-th placeholder over (batch, sequence), as `CasaModel.forward` pairs them
+        columns = (prefill_ids == self.config.image_token_id).nonzero()[:, 1].tolist()
+        if len(columns) != len(images.pooler_output):
+            raise ValueError(
+                f"Found {len(columns)} image tokens (id {self.config.image_token_id}) in the input but "
+                f"{len(images.pooler_output)} images; each image needs exactly one image token at its insertion point"
+            )
+        for start in range(0, prefill_ids.shape[1], chunk_size):
+            chunk = prefill_ids[:, start : start + chunk_size]
+            end = past_length + start + chunk.shape[1]
+            if attention_mask is not None:
+                model_kwargs["attention_mask"] = attention_mask[:, :end]
+            if position_ids is not None:
+                model_kwargs["position_ids"] = position_ids[..., past_length + start : end]
+            model_inputs = self.prepare_inputs_for_generation(chunk, is_first_iteration=True, **model_kwargs)
+            chunk_images = tuple(
+                image
+                for image, column in zip(images.pooler_output, columns, strict=True)
+                if start <= column < start + chunk_size
+            )
+            if chunk_images:
+                model_inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=chunk_images)}
+            outputs = model_forward(**model_inputs, return_dict=True)
+        model_kwargs.update(
+            attention_mask=attention_mask, position_ids=position_ids, mm_encoder_outputs=mm_encoder_outputs
+        )
+        return outputs
 
     def _prepare_static_cache(
         self, cache_implementation: str, batch_size: int, max_cache_len: int, prefill_chunk_size, model_kwargs
