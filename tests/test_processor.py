@@ -1,5 +1,8 @@
 """CasaProcessor, chat template and `pipeline("image-text-to-text")`, offline on a tiny saved model."""
 
+import base64
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from tiny import IMAGE_TOKEN, tiny_model, tiny_processor, tiny_tokenizer
 from transformers import AutoProcessor, pipeline
 
 import casa_hf  # noqa: F401  (registers the Auto classes)
+from casa_hf.processing_casa import load_image_input
 
 PROMPT_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -203,6 +207,27 @@ def test_bad_inputs_name_the_problem(tmp_path):
         processor(images=[picture(56, 56)], text="  ")
     with pytest.raises(ValueError, match="non-empty list"):
         processor.apply_chat_template([{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}])
+
+
+def test_a_file_that_is_not_an_image_is_named_with_its_size_and_what_it_looks_like(tmp_path):
+    pdf, text = tmp_path / "scan.png", tmp_path / "notes.jpg"
+    pdf.write_bytes(b"%PDF-1.7\n" + bytes(91))
+    text.write_text("a shopping list\n")
+    with pytest.raises(ValueError, match=r"Cannot read image file .*scan\.png \(100 bytes, starts like a PDF file\)"):
+        load_image_input(str(pdf))
+    with pytest.raises(ValueError, match=r"notes\.jpg \(16 bytes, looks like plain text \('a shopping list"):
+        load_image_input(text)
+
+
+def test_data_urls_load_as_transformers_load_image_takes_them():
+    """`transformers serve` hands an OpenAI `image_url` to the processor as it came: a data URL is an image too."""
+    image = picture(20, 30)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    np.testing.assert_array_equal(np.asarray(load_image_input(url)), np.asarray(image))
+    with pytest.raises(ValueError, match=r"Cannot read the image in a data URL \(6 bytes, starts like a PDF file\)"):
+        load_image_input("data:image/png;base64," + base64.b64encode(b"%PDF-1").decode())
 
 
 def test_images_given_per_sample_must_match_each_sample():

@@ -7,14 +7,18 @@ import base64
 import gc
 import io
 import json
+import queue
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -24,7 +28,7 @@ import uvicorn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import casa_hf  # noqa: F401
-from casa_hf.builtin_models import TINY_MODEL
+from casa_hf.builtin_models import TINY_MODEL, export_model
 from casa_hf.serving import Engine, ServeLimits, build_app
 from casa_hf.streaming import CasaStream, TextBudget
 from casa_hf.training import SyntheticVQA
@@ -50,6 +54,24 @@ class Server:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+    """Until `url/health` answers; fails with the server's log if the process exits or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the server never answered (exit code {process.poll()}):\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +316,38 @@ def test_bad_request_shapes(server, tmp_path):
         assert code == status and message in body["error"]["message"], body
 
 
+PDF = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n"
+
+
+@pytest.mark.parametrize(
+    "data, looks_like",
+    [
+        (PDF, "starts like a PDF file"),
+        (b"hello, this is not a picture\n", "looks like plain text ('hello, this is not a picture"),
+        (bytes(range(200, 216)), "starts with bytes c8 c9 ca cb cc cd ce cf (no known file type)"),
+    ],
+)
+def test_a_file_that_is_not_an_image_is_named_with_its_size_and_what_it_looks_like(server, tmp_path, data, looks_like):
+    path = tmp_path / "photo.png"
+    path.write_bytes(data)
+    encoded = "data:image/png;base64," + base64.b64encode(data).decode()
+    url = f"{server.url}/v1/chat/completions"
+    text = {"type": "text", "text": "what is it ?"}
+    for sent, source in ((encoded, "the data URL"), (str(path), str(path))):  # a data URL, a path on the server
+        code, body = post(url, {"messages": [{"role": "system", "content": "hi"}, _user(text, _image(sent))[0]]})
+        message = body["error"]["message"]
+        assert code == 400 and body["error"]["param"] == "messages[1].content[1].image_url", body
+        assert f"messages[1].content[1].image_url: cannot decode the image in {source}" in message, message
+        assert f"({len(data)} bytes, {looks_like}" in message and "BytesIO" not in message, message
+    code, session = post(f"{server.url}/v1/sessions", {"max_tokens": 2})
+    code, body = post(f"{server.url}/v1/sessions/{session['id']}/frames", {"image": encoded, "stream": False})
+    assert code == 400 and body["error"]["param"] == "image", body
+    assert (
+        f"image: cannot decode the image in the data URL ({len(data)} bytes, {looks_like}" in body["error"]["message"]
+    )
+    assert call("DELETE", f"{server.url}/v1/sessions/{session['id']}")[0] == 200
+
+
 def _frame_urls(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng([seed, 7])
     return [data_url(render(random_scene(rng, count=1), 112, rng)) for _ in range(n)]
@@ -422,3 +476,51 @@ def test_session_cap_expiry_and_deletion_free_memory(engine):
         assert post(f"{server.url}/v1/sessions", {})[0] == 201  # room again
     finally:
         server.stop()
+
+
+def test_casa_hf_serve_says_where_it_listens_once_it_does(tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    command = [sys.executable, "-m", "casa_hf", "serve", "--model", "tiny", "--port", str(port)]
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        try:
+            line = lines.get(timeout=240)
+        except queue.Empty:
+            pytest.fail(f"casa-hf serve printed nothing (exit code {process.poll()}):\n{log.read_text()[-4000:]}")
+        url = f"http://127.0.0.1:{port}/"
+        assert url in line and f"{url}v1" in line and "tiny" in line, line
+        assert call("GET", f"{url}health")[1]["model"] == "tiny"  # it listens by the time it says so
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_transformers_serve_serves_casa_through_the_launcher(engine, tmp_path):
+    """Transformers' own server loads the model in a spawned process: the launcher registers CASA there too."""
+    folder, port, log = export_model("tiny", tmp_path / "tiny"), free_port(), tmp_path / "serve.log"
+    launcher = [sys.executable, "-m", "casa_hf.serving.transformers_serve", "serve", str(folder)]
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [*launcher, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"], stdout=output, stderr=output
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url, process, log)
+        messages = questions(1, seed=31_007)[0]
+        body = {"model": str(folder), "messages": openai_messages(messages), "max_tokens": 3, "temperature": 0}
+        code, answer = post(f"{url}/v1/chat/completions", body)
+        assert code == 200, f"{answer}\n{log.read_text()[-4000:]}"
+        assert answer["choices"][0]["message"]["content"] == reference_answer(engine, messages, 3)[0]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_serve_extra_installs_the_readme_client():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["serve"]
+    assert {requirement.split(">")[0] for requirement in extra} >= {"fastapi", "uvicorn", "openai"}

@@ -1,10 +1,9 @@
 """The FastAPI app: OpenAI `/v1/models` and `/v1/chat/completions`, CASA live sessions under `/v1/sessions`, and the
 live-captioning page at `/`. `casa-hf serve` runs it with uvicorn.
 
-Why not `transformers serve`: it picks the model class with `getattr(transformers, config.architectures[0])` and the
-modality from the static `MODEL_FOR_*_MAPPING_NAMES` tables, so a plugin model registered with the Auto classes fails
-to load there (`AttributeError: module transformers has no attribute CasaForConditionalGeneration`), and it has no
-persistent per-client cache. Its inference thread and token streamer are reused (see `engine.py`).
+Why not only `transformers serve` (which serves CASA through `python -m casa_hf.serving.transformers_serve serve`):
+it keeps no cache between requests, so it has no live sessions. Its 5.24 inference thread and token streamer live on
+here (see `inference_thread.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import json
 import time
 from importlib import resources
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -234,10 +234,25 @@ def _check_turn_fits(engine: Engine, stream, turn: str, param: str) -> None:
         )
 
 
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn runs at warning level, so says nothing once up: this prints where the server listens, and what."""
+
+    def __init__(self, config: uvicorn.Config, model_id: str):
+        super().__init__(config)
+        self.model_id = model_id
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:  # listening (a failed bind exits instead)
+            host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+            port = self.servers[0].sockets[0].getsockname()[1]  # the one bound, also when asked for port 0
+            url = f"http://{host}:{port}/"
+            print(f"casa-hf serve: {self.model_id} on {url} (the captioning page), OpenAI API at {url}v1", flush=True)
+
+
 def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None) -> None:
     """Load `model` (a built-in name or a folder) once and serve it until interrupted."""
     import torch
-    import uvicorn
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..builtin_models import DEFAULT_MODEL, resolve_model
@@ -246,4 +261,5 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, limits: 
     path = resolve_model(model)
     loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     engine = Engine(loaded, AutoProcessor.from_pretrained(path), model_id=str(model))
-    uvicorn.run(build_app(engine, limits), host=host, port=port, log_level="warning")
+    config = uvicorn.Config(build_app(engine, limits), host=host, port=port, log_level="warning")
+    _AnnouncingServer(config, engine.model_id).run()

@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlparse
 
 import PIL.Image
 
+from ..processing_casa import describe_undecodable_image
 from .errors import ApiError
 
 
@@ -69,5 +70,5 @@ def _decode(data: bytes, source: str, param: str, max_pixels: int) -> PIL.Image.
             opened.load()  # decode now: a truncated or corrupt image fails here, with its request only
             return opened.convert("RGB")
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
-        message = f"{param}: cannot decode the image in {source}: {error}"
+        message = f"{param}: cannot decode the image in {source} {describe_undecodable_image(data, error)}"
         raise ApiError(400, message, param, "invalid_image") from error
