@@ -2,6 +2,7 @@
 Auto classes and the pipeline load, accurate on held-out questions, still SmolLM2 on text."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -82,6 +83,8 @@ def test_demo_asks_about_images_two_frames_and_text(loaded, capsys):
     run_natural_demo(model, processor, images=1, frames=2, seed=0, save_images=None)
     out = capsys.readouterr().out
     assert f"/{CHANGE_QUESTIONS} two-frame answers right" in out and "frame  1:" in out, out
+    # what each of the two frames showed, so the reader can check the answer
+    assert re.search(r"\[frame 1: one \w+ \w+ at the \w+-\w+\] .+ \[frame 2: one \w+ \w+ at the \w+-\w+\]", out), out
     assert "A: The capital of France is Paris." in out, out
 
 

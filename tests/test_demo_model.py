@@ -1,6 +1,10 @@
 """The CASA model shipped with the package answers synthetic questions offline, through the Auto classes."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,6 +49,29 @@ def test_demo_command_runs(capsys):
     run_demo(None, images=1, frames=2, seed=0, save_images=None)
     printed = capsys.readouterr().out
     assert "answers right" in printed and "frame  1" in printed
+
+
+def test_demo_prints_each_answer_as_it_comes_and_the_seed_that_repeats_it():
+    """`casa-hf demo` as a user runs it, its output piped (as into `tee`): stopped as soon as its first answer
+    arrives, it has not finished (output held back until the end would come all at once); the seed it printed
+    draws the same images again."""
+    command = [sys.executable, "-m", "casa_hf", "demo", "--model", "tiny", "--images", "3", "--frames", "0"]
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}  # as a user's shell
+    demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    printed = []
+    for line in demo.stdout:
+        printed.append(line)
+        if line.lstrip().startswith("Q:"):
+            demo.kill()
+            break
+    printed += demo.stdout.readlines()
+    demo.wait()
+    assert any(line.lstrip().startswith("Q:") for line in printed), printed
+    assert not any("answers right" in line for line in printed), "the answers came only once the demo was done"
+    seed = re.search(r"with seed (\d+) \(`--seed \1` draws the same ones again\)", "".join(printed)).group(1)
+    again = subprocess.run([*command, "--seed", seed], capture_output=True, text=True, check=True).stdout
+    first_image = next(line for line in printed if line.startswith("image 1:"))
+    assert first_image in again.splitlines(True) and "answers right" in again, again
 
 
 def test_demo_command_shows_casa_smollm2_unless_told_otherwise(monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -259,6 +260,11 @@ def assemble_casa_smollm2(weights: str | Path = SHIPPED_WEIGHTS, cache_dir: str 
     folder = assembled_folder(weights, cache_dir)
     if (folder / "config.json").is_file():
         return folder
+    print(
+        f"Assembling CASA-SmolLM2 once into {folder}: SmolLM2 from its GGUF file + the shipped CASA weights",
+        file=sys.stderr,
+        flush=True,
+    )
     recipe = recipe_from_file(weights / "recipe.json")
     model, processor = build_casa_smollm2(recipe)
     load_added_weights(model, weights / "added.safetensors")

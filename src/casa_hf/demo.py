@@ -5,6 +5,7 @@ Everything runs offline: images are drawn in code, the model and processor load 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .builtin_models import resolve_model
+from .builtin_models import DEFAULT_MODEL, resolve_model
 
 DEMO_QUESTIONS = ("colour", "shape", "count", "horizontal", "vertical")
 
@@ -32,20 +33,28 @@ def user_turn(image, question: str) -> dict:
     return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
 
 
-def answer_chat(model, processor, messages: list[dict], max_new_tokens: int) -> str:
-    """The model's greedy answer to a chat, decoded without special tokens."""
+def answer_chats(model, processor, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """The model's greedy answers to several chats, generated as one left-padded batch, decoded without special
+    tokens."""
     inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
 
 
-def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_images: str | None) -> None:
+def run_demo(model_path: str | None, images: int, frames: int, seed: int | None, save_images: str | None) -> None:
+    """Draw `images` scenes (then a digit) and ask about them, then stream `frames` frames; `seed` None draws new
+    images from the clock (the seed is printed, so a run can be repeated)."""
     from .training.synthetic_vqa import QUESTIONS, SYSTEM_TEXT
 
+    print(f"Loading {model_path or DEFAULT_MODEL} ...", flush=True)
     model, processor = load_demo_model(model_path)
+    if seed is None:
+        seed = int(time.time()) % 100_000
+    print(f"Images drawn in code with seed {seed} (`--seed {seed}` draws the same ones again)", flush=True)
     if model.config.text_config.vocab_size > 1000:  # a real LLM's tokenizer: ask in plain English
         from .demo_smollm2 import run_natural_demo
 
@@ -57,23 +66,17 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int, save_i
         f"{size}px images, offline\n"
     )
     correct = asked = 0
-
-    def ask_and_check(image, kind: str, truth: str) -> None:
-        nonlocal correct, asked
-        system = {"role": "system", "content": SYSTEM_TEXT}
-        answer = answer_chat(model, processor, [system, user_turn(image, QUESTIONS[kind])], max_new_tokens=3)
-        ok = answer.split(" ")[0].rstrip(".") == truth
-        correct, asked = correct + ok, asked + 1
-        print(f"  Q: {QUESTIONS[kind]:<42} A: {answer:<10} {'ok' if ok else 'expected ' + truth}")
-
+    system = {"role": "system", "content": SYSTEM_TEXT}
     for image, truths in demo_images(rng, size, images, save_images):
-        for kind, truth in truths.items():
-            ask_and_check(image, kind, truth)
+        chats = [[system, user_turn(image, QUESTIONS[kind])] for kind in truths]
+        for (kind, truth), answer in zip(truths.items(), answer_chats(model, processor, chats, 3), strict=True):
+            ok = answer.split(" ")[0].rstrip(".") == truth
+            correct, asked = correct + ok, asked + 1
+            print(f"  Q: {QUESTIONS[kind]:<42} A: {answer:<10} {'ok' if ok else 'expected ' + truth}", flush=True)
     print(f"\n{correct}/{asked} answers right on freshly generated images")
 
     if frames:
-        prompt = f"<|im_start|>system\n{SYSTEM_TEXT}<|im_end|>\n"
-        stream_colours(model, processor, rng, frames, QUESTIONS["colour"], prompt=prompt, max_new_tokens=3)
+        stream_colours(model, processor, rng, frames, QUESTIONS["colour"], system=SYSTEM_TEXT, max_new_tokens=3)
 
 
 def demo_images(rng, size: int, images: int, save_images: str | None) -> Iterator[tuple[Image.Image, dict]]:
@@ -85,15 +88,13 @@ def demo_images(rng, size: int, images: int, save_images: str | None) -> Iterato
     for index in range(images + 1):
         if index < images:
             scene = random_scene(rng, count=int(rng.integers(1, 4)))
-            image, truth = render(scene, size, rng), scene.answers()
-            described = f"{truth['count']} {scene.colour} {scene.shape}"
-            described += f" at the {truth['vertical']}-{truth['horizontal']}" if scene.count == 1 else "s"
+            image, truth, described = render(scene, size, rng), scene.answers(), scene.describe()
             kinds = [kind for kind in DEMO_QUESTIONS if scene.count == 1 or kind not in ("horizontal", "vertical")]
             truths = {kind: truth[kind] for kind in kinds}
         else:
             digit = str(rng.choice(DIGITS))
             image, described, truths = render_digit(digit, size, rng), f"the digit {digit}", {"digit": digit}
-        print(f"image {index + 1}: {described}")
+        print(f"image {index + 1}: {described}", flush=True)
         if save_images:
             Path(save_images).mkdir(parents=True, exist_ok=True)
             image.save(Path(save_images) / f"image_{index + 1}.png")
@@ -101,27 +102,21 @@ def demo_images(rng, size: int, images: int, save_images: str | None) -> Iterato
 
 
 def stream_colours(
-    model, processor, rng, frames: int, question: str, prompt: str | None = None, max_new_tokens: int = 3
-):
-    """Feed `frames` one-shape frames through one `CasaStream`, asking `question` (the colour) after each; `prompt`
-    (e.g. a system prompt in ChatML) is fed first."""
+    model, processor, rng, frames: int, question: str, system: str | None = None, max_new_tokens: int = 3
+) -> None:
+    """Feed `frames` one-shape frames through one `CasaStream` (turns from the chat template, after the `system`
+    message), asking `question` (the colour) after each."""
     from .streaming import CasaStream
     from .training.synthetic_vqa import random_scene, render
 
     print(f"\nStreaming {frames} frames through one cache, asking {question!r} after each:")
-    stream = CasaStream(
-        model,
-        processor,
-        max_new_tokens=max_new_tokens,
-        system=prompt,
-        frame_prefix="<|im_start|>user\n",
-        frame_text=f"{question}<|im_end|>\n<|im_start|>assistant\n",
-    )
+    stream = CasaStream(model, processor, system=system, prompt=question, max_new_tokens=max_new_tokens)
     size = processor.image_size or 112
     for step_index in range(frames):
         scene = random_scene(rng, count=1)
         step = stream.feed(render(scene, size, rng))
         print(
             f"  frame {step_index:>2}: {scene.colour:<7} -> {step.text.strip():<22} cache {step.cache_tokens:>4} "
-            f"text tokens, {step.cache_bytes / 1024:>6.1f} KiB; one image in the CASA state"
+            f"text tokens, {step.cache_bytes / 1024:>6.1f} KiB; one image in the CASA state",
+            flush=True,
         )

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .demo import answer_chat, demo_images, stream_colours, user_turn
-from .training.natural_vqa import HELD_OUT_PHRASINGS, PHRASINGS, grade
-from .training.train_smollm2 import held_out_natural
+from .demo import answer_chats, demo_images, stream_colours, user_turn
+from .training.natural_vqa import FIRST_FRAME_TEXTS, HELD_OUT_PHRASINGS, PHRASINGS, grade
+from .training.synthetic_vqa import changed_scenes, render
 
 FOLLOW_UP = "Thanks! A different question now: what is the capital of France?"
 CHANGE_QUESTIONS = 3
@@ -19,47 +19,53 @@ def run_natural_demo(model, processor, images: int, frames: int, seed: int, save
     print(f"CASA-SmolLM2: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {size}px images\n")
     correct = asked = 0
     follow_up: list[dict] | None = None
-
-    def ask(image, kind: str, truth: str) -> None:
-        nonlocal correct, asked, follow_up
-        index = int(rng.integers(len(PHRASINGS[kind])))
-        question = PHRASINGS[kind][index]
-        held_out = index >= len(PHRASINGS[kind]) - HELD_OUT_PHRASINGS
-        answer = answer_chat(model, processor, [user_turn(image, question)], max_new_tokens=12)
-        ok = grade(kind, answer, truth)
-        correct, asked = correct + ok, asked + 1
-        note = " (phrasing never seen in training)" if held_out else ""
-        print(f"  Q: {question}{note}\n  A: {answer}  [{'ok' if ok else 'expected ' + truth}]")
-        if follow_up is None:
-            follow_up = [user_turn(image, question), {"role": "assistant", "content": answer}]
-
     for image, truths in demo_images(rng, size, images, save_images):
-        for kind, truth in truths.items():
-            ask(image, kind, truth)
-    print(f"\n{correct}/{asked} answers right on freshly generated images")
-    ask_what_changed(model, processor, seed, size)
+        # one phrasing per question kind, all of an image's questions answered as one batch
+        picks = {kind: int(rng.integers(len(PHRASINGS[kind]))) for kind in truths}
+        chats = [[user_turn(image, PHRASINGS[kind][index])] for kind, index in picks.items()]
+        answers = answer_chats(model, processor, chats, 12)
+        for (kind, index), chat, answer in zip(picks.items(), chats, answers, strict=True):
+            ok = grade(kind, answer, truths[kind])
+            correct, asked = correct + ok, asked + 1
+            held_out = index >= len(PHRASINGS[kind]) - HELD_OUT_PHRASINGS
+            note = " (phrasing never seen in training)" if held_out else ""
+            verdict = "ok" if ok else f"expected {truths[kind]}"
+            print(f"  Q: {PHRASINGS[kind][index]}{note}\n  A: {answer}  [{verdict}]")
+            follow_up = follow_up or [*chat, {"role": "assistant", "content": answer}]
+    print(f"\n{correct}/{asked} answers right on freshly generated images", flush=True)
+    ask_what_changed(model, processor, rng, size)
 
     if follow_up:
         print(f"\nA text-only follow-up in the first image's chat:\n  Q: {FOLLOW_UP}")
-        answer = answer_chat(model, processor, [*follow_up, {"role": "user", "content": FOLLOW_UP}], 32)
-        print(f"  A: {answer}")
+        [answer] = answer_chats(model, processor, [[*follow_up, {"role": "user", "content": FOLLOW_UP}]], 32)
+        print(f"  A: {answer}", flush=True)
 
     if frames:
         stream_colours(model, processor, rng, frames, PHRASINGS["colour"][0], max_new_tokens=8)
 
 
-def ask_what_changed(model, processor, seed: int, size: int) -> None:
+def ask_what_changed(model, processor, rng: np.random.Generator, size: int) -> None:
     """Two frames in one message, then the question: CASA windows never cross an image, so the first frame reaches
-    the question only through the text written after it."""
+    the question only through the text written after it. What each frame shows is printed, to check the answers."""
     print("\nTwo frames, then a question about both:")
+    pairs, chats = [], []
+    for _ in range(CHANGE_QUESTIONS):
+        first, second, change = changed_scenes(rng)
+        text, question = str(rng.choice(FIRST_FRAME_TEXTS)), str(rng.choice(PHRASINGS["change"]))
+        content = [
+            {"type": "image", "image": render(first, size, rng)},
+            {"type": "text", "text": text},
+            {"type": "image", "image": render(second, size, rng)},
+            {"type": "text", "text": question},
+        ]
+        pairs.append((first, second, change, text, question))
+        chats.append([{"role": "user", "content": content}])
     correct = 0
-    for example in held_out_natural(CHANGE_QUESTIONS, size, "all", seed, kinds=("change",)):
-        user, _ = example["messages"]
-        answer = answer_chat(model, processor, [user], max_new_tokens=12)
-        ok = grade("change", answer, example["answer"])
+    for (first, second, change, text, question), answer in zip(
+        pairs, answer_chats(model, processor, chats, 12), strict=True
+    ):
+        ok = grade("change", answer, change)
         correct += ok
-        frames = iter(range(1, 3))
-        parts = [part.get("text") or f"[frame {next(frames)}]" for part in user["content"]]
-        print(f"  {' '.join(parts)}")
-        print(f"  A: {answer}  [{'ok' if ok else 'expected: the ' + example['answer'] + ' changed'}]")
-    print(f"{correct}/{CHANGE_QUESTIONS} two-frame answers right")
+        print(f"  [frame 1: {first.describe()}] {text} [frame 2: {second.describe()}] {question}")
+        print(f"  A: {answer}  [{'ok' if ok else f'expected: the {change} changed'}]")
+    print(f"{correct}/{CHANGE_QUESTIONS} two-frame answers right", flush=True)

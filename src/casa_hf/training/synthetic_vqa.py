@@ -71,6 +71,14 @@ class Scene:
             "corner": f"{'top' if self.y < 0.5 else 'bottom'} {'left' if self.x < 0.5 else 'right'}",
         }
 
+    def describe(self) -> str:
+        """The scene in words, for a reader checking answers (where only for a single shape: "the shape" is
+        ambiguous among several)."""
+        answers = self.answers()
+        if self.count == 1:
+            return f"one {self.colour} {self.shape} at the {answers['vertical']}-{answers['horizontal']}"
+        return f"{answers['count']} {self.colour} {self.shape}s"
+
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float, fill) -> None:
     cx, cy = centre
@@ -123,6 +131,21 @@ def random_scene(rng: np.random.Generator, count: int | None = None) -> Scene:
     return Scene(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), count, float(x), float(y))
 
 
+def changed_scenes(rng: np.random.Generator) -> tuple[Scene, Scene, str]:
+    """A one-shape scene, the same scene with one of `CHANGES` made (a new colour or shape, or the shape moved to
+    the opposite corner), and the change."""
+    first = random_scene(rng, count=1)
+    change = str(rng.choice(CHANGES))
+    second = Scene(**vars(first))
+    if change == "colour":
+        second.colour = str(rng.choice([c for c in COLOURS if c != first.colour]))
+    elif change == "shape":
+        second.shape = str(rng.choice([s for s in SHAPES if s != first.shape]))
+    else:
+        second.x, second.y = 1 - first.x, 1 - first.y
+    return first, second, change
+
+
 class SyntheticVQA:
     """`len(dataset)` examples; example i is always the same for a given seed.
 
@@ -172,15 +195,7 @@ class SyntheticVQA:
             digit = str(rng.choice(DIGITS))
             return [render_digit(digit, size, rng)], digit
         if kind == "change":
-            first = random_scene(rng, count=1)
-            change = str(rng.choice(CHANGES))
-            second = Scene(**vars(first))
-            if change == "colour":
-                second.colour = str(rng.choice([c for c in COLOURS if c != first.colour]))
-            elif change == "shape":
-                second.shape = str(rng.choice([s for s in SHAPES if s != first.shape]))
-            else:
-                second.x, second.y = 1 - first.x, 1 - first.y
+            first, second, change = changed_scenes(rng)
             return [render(first, size, rng), render(second, size, rng)], change
         scene = random_scene(rng, count=None if kind == "count" else 1)
         return [render(scene, size, rng)], scene.answers()[kind]
