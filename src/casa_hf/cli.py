@@ -25,6 +25,7 @@ USER_ERRORS = (
     UnsupportedCheckpointError,
     OptionsError,
 )
+SERVE_EXTRA = ("fastapi", "uvicorn", "starlette")  # what `pip install 'casa-hf[serve]'` brings
 MODEL_HELP = f"a built-in model name ({', '.join(BUILTIN_MODELS)}) or a CASA checkpoint folder"
 
 
@@ -185,8 +186,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> None:
     try:
         from .serving import ServeLimits, serve
-    except ImportError as error:
-        raise SystemExit(f"casa-hf serve needs the serve extra: pip install 'casa-hf[serve]' ({error})") from error
+    except ModuleNotFoundError as error:
+        if error.name not in SERVE_EXTRA:  # a bug, not a missing extra
+            raise
+        raise ModuleNotFoundError(
+            f"casa-hf serve needs the serve extra: pip install 'casa-hf[serve]' ({error})"
+        ) from error
 
     limits = ServeLimits(
         max_sessions=args.max_sessions, session_ttl_s=args.session_ttl, max_tokens=args.max_tokens_limit
