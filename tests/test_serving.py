@@ -368,14 +368,13 @@ def _run_session(url: str, frames: list[str], window: int) -> tuple[str, list[di
 
 
 def _alone(engine, frames: list[str], window: int) -> list[str]:
-    """The same frames through one `CasaStream` in this process, with the chat markup written out by hand."""
+    """The same frames through one `CasaStream` (the chat template's turns) in this process."""
     stream = CasaStream(
         engine.model,
         engine.processor,
         max_new_tokens=3,
-        system=f"<|im_start|>system\n{SYSTEM_TEXT}<|im_end|>\n",
-        frame_prefix="<|im_start|>user\n",
-        frame_text=f"{SESSION_PROMPT}<|im_end|>\n<|im_start|>assistant\n",
+        system=SYSTEM_TEXT,
+        prompt=SESSION_PROMPT,
         text_budget=TextBudget(sink_tokens=4, window_tokens=window),
     )
     return [stream.feed(base64_image(url)).text for url in frames]
@@ -408,6 +407,19 @@ def test_concurrent_sessions_give_the_captions_of_each_alone_with_flat_memory(en
             f"frames 21-30 {statistics.median(ttft[-10:]):.1f} ms; cache {sizes[-1] / 1024:.1f} KiB"
         )
         assert call("DELETE", f"{server.url}/v1/sessions/{session_id}")[0] == 200
+
+
+def test_the_system_prompt_counts_in_the_first_turn_size_check(server):
+    """The first turn the stream feeds is the system prompt and the first frame's: too long together, the session is
+    refused when it is created, not at its first frame."""
+    body = {"prompt": SESSION_PROMPT, "max_tokens": 3, "window_tokens": 64}
+    code, session = post(f"{server.url}/v1/sessions", body)
+    assert code == 201, session  # the frame's turn alone fits
+    assert call("DELETE", f"{server.url}/v1/sessions/{session['id']}")[0] == 200
+    code, refused = post(f"{server.url}/v1/sessions", {**body, "system": "red " * 80})
+    assert code == 400 and refused["error"]["code"] == "context_length_exceeded", refused
+    assert refused["error"]["param"] == "prompt" and "window of 64 tokens" in refused["error"]["message"], refused
+    assert not server.app.state.sessions.sessions
 
 
 def test_session_text_turns_state_and_errors(server):

@@ -121,6 +121,37 @@ def test_chat_templates_that_rewrite_the_past_are_refused(model_and_processor):
         CasaStream(model, counting, frame_text="what ?", chat_template=True)
 
 
+class FedIds:
+    """A streamer that keeps what `feed()` puts first: the ids it feeds."""
+
+    def put(self, ids: torch.Tensor) -> None:
+        self.__dict__.setdefault("ids", ids[0].tolist())
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_next_turn_ids_are_what_feed_feeds_and_peeking_changes_nothing(model_and_processor, raw):
+    """A server checks that a turn fits before queueing it: `next_turn_ids` is exactly what `feed()` then feeds (in
+    chat mode the end of the last answer's turn, the user message and the generation prompt, after the pending token),
+    and peeking, twice or at another turn, leaves the stream as it was."""
+    model, processor = model_and_processor
+    markup = {"frame_text": " what ?"} if raw else {"prompt": "what ?"}
+    turns = [(frames(1)[0], None), (None, "what colour ?"), (frames(2)[1], "what shape ?")]
+    peeked = CasaStream(model, processor, system="describe .", max_new_tokens=2, **markup)
+    plain = CasaStream(model, processor, system="describe .", max_new_tokens=2, **markup)
+    assert peeked.chat_template is not raw
+    for frame, text in turns:
+        ids = peeked.next_turn_ids(frame is not None, text)
+        peeked.next_turn_ids(frame is None, "something else")
+        assert peeked.next_turn_ids(frame is not None, text) == ids
+        fed = FedIds()
+        step = peeked.feed(frame, text, streamer=fed)
+        assert fed.ids == ids
+        assert step.token_ids == plain.feed(frame, text).token_ids
+
+
 def test_hundred_frames_keep_text_and_one_image(model_and_processor):
     model, processor = model_and_processor
     stream = CasaStream(model, processor, frame_text="what ?", max_new_tokens=2)

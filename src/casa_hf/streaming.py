@@ -154,14 +154,21 @@ class CasaStream:
         input_ids = torch.cat([torch.tensor([self._pending], dtype=torch.long), input_ids], dim=1)
         step = self._generate(input_ids, pixel_values, grid, max_new_tokens or self.max_new_tokens, streamer)
         if self.chat_template:
-            self._close_exchange(step.token_ids)
+            self._close_exchange(self._user_message(frame is not None, text), step.token_ids)
         self._steps += 1
         return step
+
+    def next_turn_ids(self, image: bool, text: str | None = None) -> list[int]:
+        """The token ids the next `feed()` of a frame (`image=True`) or of `text` alone would feed, the pending last
+        answer token first, without feeding them or changing any state: a caller (the server) checks that a turn fits
+        its budget before queueing it. A frame counts as its one image token, as in the fed ids."""
+        turn = self._turn_text(image, text)
+        return self._pending + self.processor.tokenizer(turn, add_special_tokens=False)["input_ids"]
 
     def _encode_turn(self, frame, text: str | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Token ids (one image token per frame) and pixels of one turn."""
         images = None if frame is None else [load_image_input(frame)]
-        turn = (self._chat_turn if self.chat_template else self._raw_turn)(images is not None, text)
+        turn = self._turn_text(images is not None, text)
         if images is None:
             return (
                 self.processor.tokenizer(turn, add_special_tokens=False, return_tensors="pt")["input_ids"],
@@ -171,6 +178,9 @@ class CasaStream:
         encoded = self.processor(images=images, text=turn, add_special_tokens=False, return_tensors="pt")
         # processors of fixed-size images (Idefics3's) give no grid: the model infers it from the pixels
         return encoded["input_ids"], encoded["pixel_values"], encoded.get("image_grid_thw")
+
+    def _turn_text(self, image: bool, text: str | None) -> str:
+        return (self._chat_turn if self.chat_template else self._raw_turn)(image, text)
 
     def _raw_turn(self, image: bool, text: str | None) -> str:
         system = self.system if self._steps == 0 and self.system else ""
@@ -182,11 +192,7 @@ class CasaStream:
         """What the chat template adds to the conversation for this turn: the end of the previous answer's turn, the
         user message and the generation prompt. Only the system message and the last exchange are rendered (the
         template must render a conversation as an extension of its start), so a turn costs the same at any length."""
-        question = text or self.prompt if image else text
-        content = [{"type": "image"}] if image else []
-        content += [{"type": "text", "text": question}] if question else []
-        self._asked = {"role": "user", "content": content}
-        rendered = self._render([*self._exchange, self._asked])
+        rendered = self._render([*self._exchange, self._user_message(image, text)])
         if not rendered.startswith(self._fed_text):
             raise ValueError(
                 "The processor's chat template does not render the conversation as an extension of what the stream "
@@ -195,13 +201,21 @@ class CasaStream:
             )
         return rendered[len(self._fed_text) :]
 
-    def _close_exchange(self, answer_ids: list[int]) -> None:
-        """Record the answer: the exchange the next turn is rendered from, and the text the stream holds of it."""
+    def _user_message(self, image: bool, text: str | None) -> dict:
+        """A turn's user message: the image (for a frame), then its question (`text`; for a frame default `prompt`)."""
+        question = text or self.prompt if image else text
+        content = [{"type": "image"}] if image else []
+        content += [{"type": "text", "text": question}] if question else []
+        return {"role": "user", "content": content}
+
+    def _close_exchange(self, asked: dict, answer_ids: list[int]) -> None:
+        """Record the answer to `asked`: the exchange the next turn is rendered from, and the text the stream holds of
+        it."""
         ended = answer_ids[-1] in self.eos_token_ids
         decode = self.processor.tokenizer.decode
         answer = decode(answer_ids[:-1] if ended else answer_ids)
-        self._fed_text = self._render([self._asked]) + answer + (decode(answer_ids[-1:]) if ended else "")
-        self._exchange = [self._asked, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        self._fed_text = self._render([asked]) + answer + (decode(answer_ids[-1:]) if ended else "")
+        self._exchange = [asked, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
     def _render(self, messages: list[dict]) -> str:
         """The chat template's text of the system message and `messages` (ending with a user message), then the

@@ -20,12 +20,12 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from ..streaming import TextBudget
+from ..streaming import CasaStream, TextBudget
 from .chat import ServeLimits, parse_chat_request
 from .engine import Engine, sse
 from .errors import ApiError
 from .images import load_image_url
-from .sessions import SessionStore, frame_markup, new_stream, text_turn
+from .sessions import SessionStore, new_stream
 
 STATIC = resources.files("casa_hf.serving") / "static"
 DEFAULT_QUESTION = "Describe what happens."
@@ -134,8 +134,7 @@ def build_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
         window = _int_field(body, "window_tokens", limits.session_window_tokens, 1, limits.session_window_tokens)
         sink = _int_field(body, "sink_tokens", 4, 0, 64)
         stream = new_stream(engine, _text_field(body, "system"), question, max_tokens, TextBudget(sink, window))
-        first_turn = (stream.prompt or "") + stream.frame_prefix + stream.frame_text
-        await engine.run(_check_turn_fits, engine, stream, first_turn, "prompt")
+        await engine.run(_check_turn_fits, engine, stream, True, None, "prompt")  # the system prompt and a frame
         return store.create(stream, question, max_tokens).state(limits.session_ttl_s)
 
     @app.get("/v1/sessions")
@@ -163,19 +162,13 @@ def build_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
             frame = load_image_url(body["image"], "image", limits.max_image_bytes, limits.max_image_pixels)
         elif text is None:
             raise ApiError(400, "a frame needs an image (a data: URL or a local path) and/or text", "image")
-        stream = session.stream
-        if frame is not None:  # a frame asked the session's question, or this frame's own text
-            frame_text = frame_markup(engine.processor, stream.image_text, text or session.question)[1]
-            turn_text = None
-            await engine.run(_check_turn_fits, engine, stream, stream.frame_prefix + frame_text, "text")
-        else:  # a text-only user turn
-            frame_text, turn_text = None, text_turn(engine.processor, text)
-            await engine.run(_check_turn_fits, engine, stream, turn_text, "text")
+        stream = session.stream  # a frame is asked the session's question or its own text; text alone is a user turn
+        await engine.run(_check_turn_fits, engine, stream, frame is not None, text, "text")
 
         async def events():
             async with session.lock:
                 done = asyncio.get_running_loop().create_future()
-                queue = engine.feed_streaming(stream, frame, frame_text, turn_text, done)
+                queue = engine.feed_streaming(stream, frame, text, done)
                 while (item := await queue.get()) is not None and not isinstance(item, Exception):
                     yield {"type": "token", "text": item}
                 try:
@@ -212,10 +205,11 @@ async def _sse_events(events):
     yield sse("[DONE]")
 
 
-def _check_turn_fits(engine: Engine, stream, turn: str, param: str) -> None:
-    """A turn plus its answer must fit in the session's text budget (and so in the model's context)."""
+def _check_turn_fits(engine: Engine, stream: CasaStream, image: bool, text: str | None, param: str) -> None:
+    """A turn (the very tokens the stream would feed next) plus its answer must fit in the session's text budget (and
+    so in the model's context). On the inference thread, after the turns queued before it."""
     budget = stream.text_budget
-    tokens = len(engine.tokenizer(turn, add_special_tokens=False)["input_ids"])
+    tokens = len(stream.next_turn_ids(image, text))
     room = budget.window_tokens - stream.max_new_tokens
     if tokens > room:
         raise ApiError(

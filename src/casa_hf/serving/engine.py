@@ -141,15 +141,13 @@ class Engine:
             torch.manual_seed(seed)
         return self.model.generate(**kwargs, streamer=streamer)
 
-    def feed_streaming(self, stream, frame, frame_text: str | None, text: str | None, done: asyncio.Future):
-        """Feed one session turn on the inference thread (a frame asked `frame_text`, or a text-only turn); text
-        deltas on the returned queue, the `StreamStep` (or the exception) in `done`."""
+    def feed_streaming(self, stream, frame, text: str | None, done: asyncio.Future):
+        """Feed one session turn on the inference thread (a frame asked `text`, default the session's question, or a
+        text-only turn); text deltas on the returned queue, the `StreamStep` (or the exception) in `done`."""
         loop = asyncio.get_running_loop()
 
         def feed(streamer) -> None:
             try:
-                if frame_text is not None:
-                    stream.frame_text = frame_text  # set here, on the worker, where the session's turns run in order
                 step = stream.feed(frame, text, streamer=streamer)
                 loop.call_soon_threadsafe(done.set_result, step)
             except Exception as error:  # noqa: BLE001

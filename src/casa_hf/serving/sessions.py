@@ -15,7 +15,7 @@ from .errors import ApiError
 
 @dataclass
 class Session:
-    """A stream, the chat markup of its turns, and the lock that keeps its frames in order."""
+    """A stream, its question and answer length, and the lock that keeps its frames in order."""
 
     id: str
     stream: CasaStream
@@ -99,33 +99,13 @@ class SessionStore:
 
 
 def new_stream(engine, system: str | None, question: str, max_tokens: int, budget: TextBudget) -> CasaStream:
-    """A raw-mode `CasaStream` with the chat template's markup written out (the server sets each frame's markup per
-    request): system prompt once, then per frame a user turn `<image> question` and the assistant's answer."""
-    stream = CasaStream(
-        engine.model, engine.processor, chat_template=False, max_new_tokens=max_tokens, text_budget=budget
+    """A session's stream: the processor's chat template writes its turns (system prompt once, then per frame a user
+    message asking `question` or the frame's own text), as it does a chat request's; raw text without a template."""
+    return CasaStream(
+        engine.model,
+        engine.processor,
+        system=system,
+        prompt=question,
+        max_new_tokens=max_tokens,
+        text_budget=budget,
     )
-    if system:
-        stream.system = render(engine.processor, [{"role": "system", "content": [{"type": "text", "text": system}]}])
-    stream.frame_prefix, stream.frame_text = frame_markup(engine.processor, stream.image_text, question)
-    return stream
-
-
-def frame_markup(processor, image_text: str, question: str) -> tuple[str, str]:
-    """The chat-template text before and after the image of a user turn asking `question`."""
-    if processor.chat_template is None:
-        return "", question
-    turn = render(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
-    before, _, after = turn.partition(image_text)
-    return before, after
-
-
-def text_turn(processor, text: str) -> str:
-    """A user turn holding only text, followed by the assistant's prompt."""
-    if processor.chat_template is None:
-        return text
-    return render(processor, [{"role": "user", "content": [{"type": "text", "text": text}]}])
-
-
-def render(processor, messages: list[dict]) -> str:
-    generation = messages[-1]["role"] == "user"
-    return processor.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
