@@ -55,6 +55,16 @@ def test_every_page_with_code_is_collected():
         assert page.read_text().count("```python\n") == sum(kind == "python" for kind, _ in page_steps(page)), page
 
 
+def test_the_readme_test_command_sets_up_what_the_tests_need():
+    """The README's one test command is the CI script: on a fresh Debian machine it installs Chromium and its driver
+    (for the live-captioning page test) before running the whole suite."""
+    block = re.search(r"^## Tests\n\n```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.MULTILINE | re.DOTALL)
+    assert block.group(1).strip() == "bash .ci/run"
+    script = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"apt-get install .*chromium chromium-driver", script), script
+    assert script.strip().splitlines()[-1] == "python -m pytest tests"
+
+
 @pytest.mark.parametrize("page", [p for p in PAGES if page_steps(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_page_runs_as_written(page, tmp_path):
     steps = tmp_path / "steps.json"
