@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import is_flash_attention_requested
 
 from .backbones import BACKBONES
-from .casa_cache import CasaDynamicLayer, pad_slots
+from .casa_cache import CasaDynamicLayer, StoredWindows, pad_slots
 
 _FLEX_BLOCK_SIZE = 128  # torch's default BlockMask block size
 
@@ -139,7 +139,7 @@ class _PrefixBank:
 
 def _prefix_bank(
     windows: CasaWindows,
-    past: CasaDynamicLayer | None,
+    past: StoredWindows | None,
     image_keys: torch.Tensor | None,
     image_values: torch.Tensor | None,
     like: torch.Tensor,
@@ -264,9 +264,9 @@ class CasaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         casa_inputs: CasaInputs,
         self_attn: nn.Module,
-        cache_layer: CasaDynamicLayer | None = None,
+        cache_window: CasaDynamicLayer | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """CASA attention of a chunk; with a `cache_layer`, windows continue from it and it gets the new ones.
+        """CASA attention of a chunk; with a `cache_window`, windows continue from it and it gets the new ones.
 
         Returns the sub-layer's output and, when the backend gives attention weights (eager), each token's weights on
         the tokens of the image its window sees, `[batch, heads, seq_len, image_tokens]` (zeros without an image).
@@ -291,8 +291,9 @@ class CasaAttention(nn.Module):
             image_keys = image_keys[0][:, index].transpose(0, 1)  # [num_images, kv_heads, max_tokens, head_dim]
             image_values = image_values[0][:, index].transpose(0, 1)
 
+        windows, step_masks = casa_inputs.windows, casa_inputs.step_masks
         attn_output, image_weights = casa_window_attention(
-            self, query, key, value, image_keys, image_values, casa_inputs.windows, cache_layer, casa_inputs.step_masks
+            self, query, key, value, image_keys, image_values, windows, cache_window, step_masks
         )
         return proj.o_proj(attn_output.reshape(batch, seq_len, -1)), image_weights
 
@@ -305,20 +306,20 @@ def casa_window_attention(
     image_keys: torch.Tensor | None,
     image_values: torch.Tensor | None,
     windows: CasaWindows | None,
-    cache_layer: CasaDynamicLayer | None,
+    cache_window: CasaDynamicLayer | None,
     step_masks: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CASA attention of a chunk (`query`/`key`/`value` as `[B, heads, T, D]`, RoPE applied), output `[B, T, heads,
     D]`, and the image weights when the backend returns weights. Windows that continue the cached ones read
-    `cache_layer`, which then stores each sample's last window; a decode step (no `windows`) keeps its mask in
+    `cache_window`, which then stores each sample's last window; a decode step (no `windows`) keeps its mask in
     `step_masks` for the next CASA layers."""
     if windows is None:
-        return _continue_cached_windows(module, query, key, value, cache_layer, step_masks)
+        return _continue_cached_windows(module, query, key, value, cache_window, step_masks)
     with_text = module.mode == "casa"
     implementation = module.config._attn_implementation or "sdpa"
     varlen = is_flash_attention_requested(requested_attention_implementation=implementation)
     dropout = module.attention_dropout if module.training else 0.0
-    past = cache_layer if cache_layer is not None and cache_layer.is_initialized else None
+    past = cache_window.read() if cache_window is not None else None
     bank = _prefix_bank(windows, past, image_keys, image_values, key)
     batch, heads, seq_len, head_dim = query.shape
     output = image_weights = None  # allocated in the kernel's dtype (bfloat16 under autocast, as self-attention)
@@ -358,8 +359,8 @@ def casa_window_attention(
         output[query_index[query_valid]] = group_output[query_valid]
     if output is None:  # no window is updated: text before any image (cross-attention, or skipped)
         output = query.new_zeros(batch * seq_len, heads, head_dim)
-    if cache_layer is not None:
-        _store_last_windows(cache_layer, windows, bank, key, value, past, with_text)
+    if cache_window is not None:
+        _store_last_windows(cache_window, windows, bank, key, value, with_text)
     if image_weights is not None:
         image_weights = image_weights.view(batch, seq_len, heads, -1).transpose(1, 2)
     return output.view(batch, seq_len, heads, head_dim), image_weights
@@ -370,28 +371,26 @@ def _continue_cached_windows(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cache_layer: CasaDynamicLayer,
+    cache_window: CasaDynamicLayer,
     step_masks: dict[str, Any] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The decode step: no image, no padding, every sample goes on in its cached window. Its queries attend to the
     stored window plus the new text directly, one row per sample, with no window bookkeeping."""
-    keys, values, key_valid, first_new_slot = cache_layer.append_text(key, value, module.mode == "casa")
-    if keys.shape[2] == 0:  # cross-attention before any image: no key to attend to, no update (flex fails on none)
+    stored = cache_window.append_text(key, value, module.mode == "casa")
+    if stored.keys.shape[2] == 0:  # cross-attention before any image: no key to attend to, no update (flex fails)
         output = query.new_zeros(query.transpose(1, 2).shape)
         eager = (module.config._attn_implementation or "sdpa") == "eager"  # the backend that returns weights
         return output, query.new_zeros(*query.shape[:3], 0) if eager else None
     # one query per sample over windows without unused slots sees every key: no mask to build
-    unmasked = cache_layer.all_valid and query.shape[2] == 1
-    key_valid = None if unmasked else key_valid
+    key_valid = None if stored.all_valid and query.shape[2] == 1 else stored.valid
     output, weights = _masked_attention(
-        module, query, keys, values, key_valid, first_new_slot, dropout=0.0, masks=step_masks
+        module, query, stored.keys, stored.values, key_valid, stored.text_start, dropout=0.0, masks=step_masks
     )
-    if module.updates_image_windows_only and not cache_layer.all_see_images:  # a window before any image: no update
-        output = output * (cache_layer.image_tokens > 0)[:, None, None, None].to(output.dtype)
+    if module.updates_image_windows_only and not stored.all_see_images:  # a window before any image: no update
+        output = output * (stored.image_tokens > 0)[:, None, None, None].to(output.dtype)
     image_weights = None
     if weights is not None:
-        image_tokens = cache_layer.image_tokens
-        image_weights = _weights_on_images(weights, keys.shape[2], image_tokens, cache_layer.image_width)
+        image_weights = _weights_on_images(weights, stored.keys.shape[2], stored.image_tokens, stored.image_width)
     return output, image_weights
 
 
@@ -439,12 +438,11 @@ def _weights_on_images(
 
 
 def _store_last_windows(
-    cache_layer: CasaDynamicLayer,
+    cache_window: CasaDynamicLayer,
     windows: CasaWindows,
     bank: _PrefixBank,
     key: torch.Tensor,
     value: torch.Tensor,
-    past: CasaDynamicLayer | None,
     with_text: bool,
 ) -> None:
     """Each sample's last window (its image, or the continued cached window, plus its text) goes to the cache."""
@@ -456,20 +454,9 @@ def _store_last_windows(
         keys = torch.cat([keys, _to_windows(key, query_index)], dim=2)
         values = torch.cat([values, _to_windows(value, query_index)], dim=2)
         valid = torch.cat([valid, windows.token_valid[last]], dim=1)
-    text_tokens = windows.token_valid[last].sum(1)
-    if past is not None:  # windows that continue the cached ones add their text to it
-        continued = source == torch.arange(windows.batch_size, device=source.device)
-        text_tokens = text_tokens + past.text_tokens * continued
-    image_tokens = past.image_tokens.clone() if past is not None else last.new_zeros(len(last))
-    for b, window in enumerate(windows.last_window.tolist()):
-        source = windows.sources[window]
-        if source != b:  # opened in this chunk: by an image, or fresh (a packed conversation's start)
-            image = source - windows.batch_size
-            image_tokens[b] = windows.image_sizes[image] if image < len(windows.image_sizes) else 0
-    # Unused slots come from images padded to the bank width, or from left padding at the front of a window.
-    leading_gap = valid.shape[1] > 0 and not bool(valid[:, 0].all())
-    compact = windows.has_new_images or leading_gap
-    cache_layer.update(keys, values, valid, image_tokens, text_tokens, compact=compact)
+    continued = source == torch.arange(windows.batch_size, device=source.device)
+    new_text = windows.token_valid[last].sum(1)
+    cache_window.store(keys, values, valid, bank.image_slots[source], new_text, continued, windows.has_new_images)
 
 
 def _varlen_window_attention(

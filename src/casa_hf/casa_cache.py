@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, StaticCache
@@ -29,6 +30,21 @@ def front_aligned(
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, : int(valid.sum(1).max())]
     gather = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
     return keys.gather(2, gather), values.gather(2, gather), valid.gather(1, order)
+
+
+@dataclass
+class StoredWindows:
+    """Every sample's stored window, as CASA attention reads it: the window's own tensors (no copy), and what it
+    knows of them without reading anything back from the device."""
+
+    keys: torch.Tensor  # [batch, kv_heads, slots, head_dim], RoPE applied
+    values: torch.Tensor
+    valid: torch.Tensor  # [batch, slots]: the slots in use
+    image_tokens: torch.Tensor  # [batch]: leading slots that hold the latest image (0 before a sample's first image)
+    image_width: int  # the largest of `image_tokens`
+    all_valid: bool  # every slot of every window in use
+    all_see_images: bool  # every window holds an image
+    text_start: int | torch.Tensor = 0  # a decode step's first slot (per sample in a static window)
 
 
 class CasaDynamicLayer(CacheLayerMixin):
@@ -89,18 +105,53 @@ class CasaDynamicLayer(CacheLayerMixin):
         self.all_started = bool((text_tokens > 0).all())
         return self.keys, self.values
 
-    def append_text(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    def read(self) -> StoredWindows | None:
+        """The stored windows a chunk continues; None before the first chunk."""
+        return self._stored() if self.is_initialized else None
+
+    def _stored(self, text_start: int | torch.Tensor = 0) -> StoredWindows:
+        return StoredWindows(
+            self.keys,
+            self.values,
+            self.valid,
+            self.image_tokens,
+            self.image_width,
+            self.all_valid,
+            self.all_see_images,
+            text_start,
+        )
+
+    def store(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        valid: torch.Tensor,
+        image_tokens: torch.Tensor,
+        new_text_tokens: torch.Tensor,
+        continued: torch.Tensor,
+        images_padded: bool,
+    ) -> None:
+        """Keep each sample's last window of a chunk, computed by CASA attention from the stored one and the chunk.
+
+        `image_tokens` (`[batch]`) sizes each window's image, `new_text_tokens` counts the chunk's text in it (its
+        placeholder included) and `continued` marks the windows that go on from the stored ones: those add the
+        chunk's text to their count, the others (opened in the chunk by an image, or empty where a packed
+        conversation starts) count from zero. Unused slots, from images padded to a common width
+        (`images_padded`) or from left padding at the front of a window, are compacted away.
+        """
+        text_tokens = new_text_tokens + self.text_tokens * continued if self.is_initialized else new_text_tokens
+        leading_gap = valid.shape[1] > 0 and not bool(valid[:, 0].all())
+        self.update(key_states, value_states, valid, image_tokens, text_tokens, compact=images_padded or leading_gap)
+
+    def append_text(self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool) -> StoredWindows:
         """Every sample's window goes on with the chunk's text (no image, no padding): the decode step. The text K/V
         are added after the stored slots when the window attends to its text (CASA; cross-attention only counts it).
-        Returns the windows' keys, values and valid slots, and the slot of the chunk's first token (the same for
-        every sample here)."""
+        Returns the windows, the chunk's first slot being the same for every sample here."""
         new, first_new_slot = key_states.shape[-2], self.keys.shape[-2]
         if with_text:
             self._append_text_slots(key_states, value_states)
         self.text_tokens = self.text_tokens + new
-        return self.keys, self.values, self.valid, first_new_slot
+        return self._stored(first_new_slot)
 
     def _append_text_slots(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write the chunk's K/V after the stored slots: in place while the buffers behind the windows have room, so
@@ -280,9 +331,7 @@ class CasaStaticLayer(CasaDynamicLayer):
         self.text_tokens.copy_(text_tokens)
         return self.keys, self.values
 
-    def append_text(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def append_text(self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool) -> StoredWindows:
         """The decode step, in place: each sample's text K/V go to its next free slots (`used` onwards)."""
         new = key_states.shape[-2]
         first_new_slot = self.used.clone()
@@ -301,7 +350,7 @@ class CasaStaticLayer(CasaDynamicLayer):
             self.valid.scatter_(1, slots, True)
             self.used.add_(new)
         self.text_tokens.add_(new)
-        return self.keys, self.values, self.valid, first_new_slot
+        return self._stored(first_new_slot)
 
     def shift_positions(self, shift: Callable[[torch.Tensor, int], torch.Tensor], delta: int) -> None:
         if self.is_initialized:
@@ -474,4 +523,4 @@ class CasaCache(CasaWindowCache, DynamicCache):
         return excess
 
 
-__all__ = ["CasaCache", "CasaDynamicLayer", "CasaStaticCache", "CasaStaticLayer", "CasaWindowCache"]
+__all__ = ["CasaCache", "CasaDynamicLayer", "CasaStaticCache", "CasaStaticLayer", "CasaWindowCache", "StoredWindows"]

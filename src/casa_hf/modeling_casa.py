@@ -369,9 +369,8 @@ class CasaModel(CasaPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """Vision tower + merger. `pooler_output` holds one `[1, image_tokens, hidden]` tensor per image: an image
         fills one placeholder position, so `generate()` pairs (and repeats, for beams) one entry per image token."""
-        if pixel_values is None:  # generate() encodes explicit `pixel_values=None` of text-only prompts too
+        if not self._check_image_inputs(pixel_values, image_grid_thw):  # generate() encodes `pixel_values=None` too
             return BaseModelOutputWithPooling(pooler_output=())
-        self._check_image_inputs(pixel_values, image_grid_thw)
         pixel_values = pixel_values.type(self.visual.dtype)
         vision_outputs = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs)
         sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
@@ -381,9 +380,11 @@ class CasaModel(CasaPreTrainedModel):
         vision_outputs.pooler_output = tuple(image[None] for image in images)
         return vision_outputs
 
-    def _check_image_inputs(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> None:
-        """Grids and patches the vision tower can take, refused here by name rather than by a reshape inside it."""
-        _count_images(pixel_values, image_grid_thw)
+    def _check_image_inputs(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> int:
+        """The number of images (0 without pixels), after checking that the vision tower can take their grids and
+        patches: refused here by name rather than by a reshape inside it."""
+        if not _count_images(pixel_values, image_grid_thw):
+            return 0
         vision = self.config.vision_config
         merge = vision.spatial_merge_size
         for index, (frames, height, width) in enumerate(image_grid_thw.tolist()):
@@ -400,6 +401,7 @@ class CasaModel(CasaPreTrainedModel):
                 f"image_grid_thw describes {patches} patches of channels x temporal_patch_size x patch_size^2 = "
                 f"{vision.in_channels} x {vision.temporal_patch_size} x {vision.patch_size}^2 values"
             )
+        return image_grid_thw.shape[0]
 
     def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         if input_ids is not None:
@@ -440,9 +442,9 @@ class CasaModel(CasaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-        num_images = _count_images(pixel_values, image_grid_thw)
-        if image_outputs is not None:
-            num_images = len(image_outputs.pooler_output)
+        if image_outputs is None and (pixel_values is not None or image_grid_thw is not None):
+            image_outputs = self.get_image_features(pixel_values, image_grid_thw)
+        num_images = len(image_outputs.pooler_output) if image_outputs is not None else 0
         # A one-token chunk without images (a decode step) is not counted, as built-in VLMs check placeholders only
         # against given images: reading the count back would synchronise with the device at every generated token.
         if num_images or image_mask.shape[1] > 1:
@@ -455,8 +457,6 @@ class CasaModel(CasaPreTrainedModel):
             )
         image_features = image_sizes = None
         if num_images:
-            if image_outputs is None:
-                image_outputs = self.get_image_features(pixel_values, image_grid_thw)
             image_sizes = [image.shape[-2] for image in image_outputs.pooler_output]
             image_features = torch.cat([image.reshape(-1, image.shape[-1]) for image in image_outputs.pooler_output])
             image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
