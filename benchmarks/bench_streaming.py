@@ -78,7 +78,7 @@ def smollm2_stream(name: str, args):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from casa_hf.builtin_models import resolve_model
-    from casa_hf.casa_smollm2 import SYSTEM_PROMPT
+    from casa_hf.smollm2.model import SYSTEM_PROMPT
     from casa_hf.streaming import CasaStream
 
     folder = resolve_model("casa-smollm2")

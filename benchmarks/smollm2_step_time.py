@@ -19,10 +19,10 @@ from types import SimpleNamespace
 
 import torch
 
-from casa_hf.casa_smollm2 import CasaSmolLM2Recipe, build_casa_smollm2, freeze_smollm2
+from casa_hf.smollm2.model import CasaSmolLM2Recipe, build_casa_smollm2, freeze_smollm2
+from casa_hf.smollm2.natural_vqa import NaturalVQA
+from casa_hf.smollm2.train import _AnswerOnlyLossTrainer, frozen_prefix
 from casa_hf.training.collator import CasaDataCollator
-from casa_hf.training.natural_vqa import NaturalVQA
-from casa_hf.training.train_smollm2 import _AnswerOnlyLossTrainer, frozen_prefix
 
 LAYOUTS = {
     "all 30 blocks": tuple(range(30)),

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoProcessor
 
 from casa_hf.builtin_models import resolve_model
-from casa_hf.gguf_llm import load_gguf_llm, smollm2_gguf
+from casa_hf.smollm2.gguf_llm import load_gguf_llm, smollm2_gguf
 
 SMOLLM2_VOCAB = 49152
 MODULES = ("argparse", "json", "logging", "unittest", "doctest", "pickle", "csv", "heapq", "bisect", "textwrap")

@@ -1,7 +1,7 @@
 """Teach CASA-SmolLM2 a question it was never trained on with PEFT LoRA: "Which corner is the shape in?".
 
 The shipped model was trained to say whether a shape is on the left or the right and at the top or the bottom, never
-which corner it is in (`UNTRAINED_KINDS` in `casa_hf.training.natural_vqa`); asked, it says half ("It is at the
+which corner it is in (`UNTRAINED_KINDS` in `casa_hf.smollm2.natural_vqa`); asked, it says half ("It is at the
 top."). LoRA adapters on the CASA sub-layers and the vision projector learn the new question and its answer ("It is
 at the top, on the left.") from a few hundred steps of examples in its training phrasings, half of them questions
 of the shipped model's own mix (`--replay`), so that the adapters do not make it forget those. The held-out
@@ -25,10 +25,10 @@ from transformers import AutoModel, AutoProcessor, TrainingArguments, set_seed
 
 import casa_hf  # noqa: F401  (registers CASA with the Auto classes)
 from casa_hf.builtin_models import resolve_model
-from casa_hf.casa_smollm2 import SHIPPED_WEIGHTS
 from casa_hf.checkpoint_io import staged_output
-from casa_hf.training.natural_vqa import PHRASINGS, NaturalVQA
-from casa_hf.training.train_smollm2 import evaluate_natural, held_out_natural, train_answers
+from casa_hf.smollm2.assembly import SHIPPED_WEIGHTS
+from casa_hf.smollm2.natural_vqa import PHRASINGS, NaturalVQA
+from casa_hf.smollm2.train import evaluate_natural, held_out_natural, train_answers
 
 NEW_KIND = "corner"
 # Images reach the LLM only through the CASA sub-layers, which read the projector's output: the new question needs

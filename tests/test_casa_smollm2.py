@@ -11,14 +11,15 @@ from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoProcessor, pipeline
 
 from casa_hf import CasaForConditionalGeneration
-from casa_hf.casa_smollm2 import SHIPPED_WEIGHTS, assembled_folder, load_added_weights, recipe_from_file
 from casa_hf.cli import main
-from casa_hf.demo_smollm2 import CHANGE_QUESTIONS, run_natural_demo
-from casa_hf.gguf_llm import load_gguf_llm, smollm2_gguf
+from casa_hf.smollm2.assembly import SHIPPED_WEIGHTS, assembled_folder
+from casa_hf.smollm2.demo import CHANGE_QUESTIONS, run_natural_demo
+from casa_hf.smollm2.gguf_llm import load_gguf_llm, smollm2_gguf
+from casa_hf.smollm2.model import load_added_weights, recipe_from_file
+from casa_hf.smollm2.natural_vqa import answer_word, grade
+from casa_hf.smollm2.train import FIXED_TEST_SET, evaluate_natural, held_out_natural
 from casa_hf.streaming import CasaStream, TextBudget
-from casa_hf.training.natural_vqa import answer_word, grade
 from casa_hf.training.synthetic_vqa import random_scene, render
-from casa_hf.training.train_smollm2 import FIXED_TEST_SET, evaluate_natural, held_out_natural
 
 # KL(SmolLM2 || model) of the next token at any position of a text-only chat, in nats (measured 0.046 at most)
 LORA_TEXT_KL = 0.1

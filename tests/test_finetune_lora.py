@@ -12,8 +12,8 @@ from peft import PeftModel
 from transformers import AutoModel
 
 from casa_hf.builtin_models import resolve_model
+from casa_hf.smollm2.natural_vqa import NaturalVQA
 from casa_hf.training.collator import CasaDataCollator
-from casa_hf.training.natural_vqa import NaturalVQA
 
 
 def load_example():

@@ -6,9 +6,9 @@ from peft import LoraConfig, get_peft_model
 from tiny import IMAGE_TOKEN, random_images, random_text, tiny_config
 
 from casa_hf import CasaForConditionalGeneration
-from casa_hf.casa_smollm2 import freeze_smollm2
+from casa_hf.smollm2.model import freeze_smollm2
+from casa_hf.smollm2.train import _AnswerOnlyLossTrainer, frozen_prefix
 from casa_hf.training.collator import IGNORE_INDEX
-from casa_hf.training.train_smollm2 import _AnswerOnlyLossTrainer, frozen_prefix
 
 
 def batch(seed: int) -> dict:

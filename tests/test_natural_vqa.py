@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from casa_hf.training.natural_vqa import (
+from casa_hf.smollm2.natural_vqa import (
     HELD_OUT_PHRASINGS,
     PHRASINGS,
     PROSE,
@@ -107,7 +107,7 @@ def test_prose_examples_answer_a_module_question_next_to_an_image_with_other_mod
 def test_the_training_collator_marks_the_prose_rows_for_distillation():
     from tiny import tiny_processor
 
-    from casa_hf.training.train_smollm2 import DistillingCollator
+    from casa_hf.smollm2.train import DistillingCollator
 
     collator = DistillingCollator(tiny_processor(image_size=56))
     dataset = NaturalVQA(4, seed=2, image_size=56, kinds=("colour", PROSE))

@@ -8,15 +8,15 @@ from test_frozen_prefix import NoPrefix, loss_and_grads, model_with_casa_on_top
 from tiny import IMAGE_TOKEN, random_images, random_text
 
 from casa_hf import CasaForConditionalGeneration
-from casa_hf.casa_smollm2 import (
+from casa_hf.smollm2.model import (
     CasaSmolLM2Recipe,
     added_state_dict,
     freeze_smollm2,
     load_added_weights,
     with_sa_lora,
 )
+from casa_hf.smollm2.train import frozen_prefix
 from casa_hf.training.collator import IGNORE_INDEX
-from casa_hf.training.train_smollm2 import frozen_prefix
 
 RECIPE = CasaSmolLM2Recipe(casa_layers=(2, 3), sa_lora_rank=4)  # LoRA on block 3's SA (above the lowest CASA)
 

@@ -6,7 +6,7 @@ from tiny import save_tiny_qwen2_5_vl
 from transformers import AutoModel, AutoTokenizer
 
 from casa_hf.cli import main
-from casa_hf.gguf_llm import SMOLLM2_INSTALL, load_gguf_llm, smollm2_gguf
+from casa_hf.smollm2.gguf_llm import SMOLLM2_INSTALL, load_gguf_llm, smollm2_gguf
 
 
 @pytest.fixture(scope="module")

@@ -173,9 +173,9 @@ def test_train_command_passes_every_option_to_the_training_config(monkeypatch, t
 
 
 def test_train_smollm2_command_passes_every_option_to_the_training_config(monkeypatch, tmp_path):
-    import casa_hf.training.train_smollm2 as smollm2_training
-    from casa_hf.casa_smollm2 import CasaSmolLM2Recipe
+    import casa_hf.smollm2.train as smollm2_training
     from casa_hf.cli import main
+    from casa_hf.smollm2.model import CasaSmolLM2Recipe
 
     seen = []
 
@@ -213,9 +213,9 @@ def test_train_smollm2_goes_on_from_a_run_with_its_recipe(monkeypatch, tmp_path)
     import json
     from dataclasses import asdict
 
-    import casa_hf.training.train_smollm2 as smollm2_training
-    from casa_hf.casa_smollm2 import CasaSmolLM2Recipe
+    import casa_hf.smollm2.train as smollm2_training
     from casa_hf.cli import main
+    from casa_hf.smollm2.model import CasaSmolLM2Recipe
 
     run = tmp_path / "run"
     run.mkdir()

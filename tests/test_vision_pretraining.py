@@ -4,15 +4,15 @@ import numpy as np
 import torch
 from tiny import random_images, tiny_model, tiny_processor
 
-from casa_hf.training.collator import IGNORE_INDEX
-from casa_hf.training.synthetic_vqa import COUNTS
-from casa_hf.training.vision_pretraining import (
+from casa_hf.smollm2.vision_pretraining import (
     ATTRIBUTES,
     POSITIONS,
     AttributeProbe,
     labelled_image,
     pretrain_vision_tower,
 )
+from casa_hf.training.collator import IGNORE_INDEX
+from casa_hf.training.synthetic_vqa import COUNTS
 
 
 def test_labels_say_what_the_image_shows():

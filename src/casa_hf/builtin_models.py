@@ -12,7 +12,7 @@ TINY_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 def _casa_smollm2() -> Path:
     """The shipped CASA-SmolLM2 weights joined with the installed SmolLM2 (assembled once into a cached folder)."""
-    from .casa_smollm2 import assemble_casa_smollm2
+    from .smollm2.assembly import assemble_casa_smollm2
 
     return assemble_casa_smollm2()
 

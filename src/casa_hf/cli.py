@@ -174,7 +174,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     path = resolve_model(args.model)
     model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
     if (args.questions or ("natural" if args.model == "casa-smollm2" else "synthetic")) == "natural":
-        from .training.train_smollm2 import natural_accuracy
+        from .smollm2.train import natural_accuracy
 
         print(json.dumps(natural_accuracy(model, processor, args.examples, args.seed), indent=1))
         return
@@ -420,7 +420,7 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "train":
         run_train(args)
     elif args.command == "train-smollm2":
-        from .training.train_smollm2 import run_train_smollm2
+        from .smollm2.train import run_train_smollm2
 
         run_train_smollm2(args)
     elif args.command == "export":

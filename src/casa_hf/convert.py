@@ -362,7 +362,7 @@ def convert_llm_to_casa(
     options = _options(options, overrides)
     llm, vision, output = Path(llm), Path(vision), Path(output)
     if llm.suffix == ".gguf":
-        from .gguf_llm import gguf_as_folder
+        from .smollm2.gguf_llm import gguf_as_folder
 
         with gguf_as_folder(llm) as folder:
             report = convert_llm_to_casa(folder, vision, output, options)

@@ -56,7 +56,7 @@ def run_demo(model_path: str | None, images: int, frames: int, seed: int | None,
         seed = int(time.time()) % 100_000
     print(f"Images drawn in code with seed {seed} (`--seed {seed}` draws the same ones again)", flush=True)
     if model.config.text_config.vocab_size > 1000:  # a real LLM's tokenizer: ask in plain English
-        from .demo_smollm2 import run_natural_demo
+        from .smollm2.demo import run_natural_demo
 
         return run_natural_demo(model, processor, images, frames, seed, save_images)
     size = processor.image_size or 112

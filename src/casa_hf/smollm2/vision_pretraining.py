@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .collator import IGNORE_INDEX
-from .synthetic_vqa import COLOURS, COUNTS, DIGITS, SHAPES, random_scene, render, render_digit
+from ..training.collator import IGNORE_INDEX
+from ..training.synthetic_vqa import COLOURS, COUNTS, DIGITS, SHAPES, random_scene, render, render_digit
 
 # What the tower must tell apart. Positions too: the CASA layers' raster key positions tell rows apart (4 positions
 # apart) but hardly columns (neighbours, seen from a question a varying distance away), so the answer loss alone left

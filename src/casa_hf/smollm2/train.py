@@ -21,7 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..casa_smollm2 import (
+from ..training.collator import IGNORE_INDEX, CasaDataCollator
+from ..training.synthetic_vqa import MULTI_KINDS, SINGLE_KINDS, TRAINING_MIX
+from ..training.train import generate_answers
+from .model import (
     CasaSmolLM2Recipe,
     added_state_dict,
     build_casa_smollm2,
@@ -31,10 +34,7 @@ from ..casa_smollm2 import (
     unwrap_peft,
     with_sa_lora,
 )
-from .collator import IGNORE_INDEX, CasaDataCollator
 from .natural_vqa import PROSE, STREAM, TEXT, NaturalVQA, grade
-from .synthetic_vqa import MULTI_KINDS, SINGLE_KINDS, TRAINING_MIX
-from .train import generate_answers
 from .vision_pretraining import pretrain_vision_tower
 
 HELD_OUT_SEED_OFFSET = 10_000

@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from .synthetic_vqa import COLOURS, COUNTS, DIGITS, SHAPES, SyntheticVQA
+from ..training.synthetic_vqa import COLOURS, COUNTS, DIGITS, SHAPES, SyntheticVQA
 
 PHRASINGS = {
     "colour": (
@@ -110,7 +110,7 @@ STREAM_FRAMES = (3, 5)  # fewest, most
 HELD_OUT_PHRASINGS = 2  # the last phrasings of each kind: evaluation only
 # "prose": a question about a Python standard-library module next to an unrelated image, answered with the module's
 # docstring, its text in the image's CASA window. Training distils that text from the LLM alone rather than fitting
-# the docstring (`train_smollm2.DistillingCollator`): so the CASA layers leave text after an image to the LLM (fitted,
+# the docstring (`train.DistillingCollator`): so the CASA layers leave text after an image to the LLM (fitted,
 # they learnt the docstrings and made it worse; README, CASA-SmolLM2). The perplexity benchmark scores other modules'
 # docstrings (`benchmarks/smollm2_text_perplexity.py`).
 PROSE = "prose"

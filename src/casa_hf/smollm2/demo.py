@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .demo import answer_chats, demo_images, stream_colours, user_turn
-from .training.natural_vqa import FIRST_FRAME_TEXTS, HELD_OUT_PHRASINGS, PHRASINGS, grade
-from .training.synthetic_vqa import changed_scenes, render
+from ..demo import answer_chats, demo_images, stream_colours, user_turn
+from ..training.synthetic_vqa import changed_scenes, render
+from .natural_vqa import FIRST_FRAME_TEXTS, HELD_OUT_PHRASINGS, PHRASINGS, grade
 
 FOLLOW_UP = "Thanks! A different question now: what is the capital of France?"
 CHANGE_QUESTIONS = 3
