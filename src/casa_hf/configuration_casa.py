@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Literal
+from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
@@ -15,7 +15,10 @@ from .backbones import SUPPORTED_TEXT_MODEL_TYPES
 
 logger = logging.get_logger(__name__)
 
-CASA_ATTENTION_TYPES = ("casa", "cross_attention")
+# The values a CASA field takes, named once: the annotations below use them and `_check_consistency` reads them.
+CasaAttentionKind = Literal["casa", "cross_attention"]
+ImagePositions = Literal["insertion", "raster"]
+TextOnlyWindows = Literal["attend", "skip"]
 
 
 def _warn_on_misspelt_fields(kwargs: dict) -> None:
@@ -99,11 +102,11 @@ class CasaConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
     casa_layers: list[int] | None = None
-    casa_attention: Literal["casa", "cross_attention"] = "casa"
+    casa_attention: CasaAttentionKind = "casa"
     casa_shared: bool = False
-    casa_image_positions: Literal["insertion", "raster"] = "insertion"
+    casa_image_positions: ImagePositions = "insertion"
     casa_image_centering: bool = False
-    casa_text_only_windows: Literal["attend", "skip"] = "attend"
+    casa_text_only_windows: TextOnlyWindows = "attend"
     image_token_id: int = 151655
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
@@ -130,14 +133,16 @@ class CasaConfig(PreTrainedConfig):
                 f"vision_config.out_hidden_size ({vision.out_hidden_size}) must equal text_config.hidden_size "
                 f"({text.hidden_size}): the merger projects image features into the text width"
             )
-        if self.casa_image_positions not in ("insertion", "raster"):
-            raise ValueError(f"casa_image_positions={self.casa_image_positions!r} must be 'insertion' or 'raster'")
+        choices = {
+            "casa_attention": CasaAttentionKind,
+            "casa_image_positions": ImagePositions,
+            "casa_text_only_windows": TextOnlyWindows,
+        }
+        for name, kind in choices.items():
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {get_args(kind)}")
         if not isinstance(self.casa_image_centering, bool):
             raise ValueError(f"casa_image_centering={self.casa_image_centering!r} must be True or False")
-        if self.casa_text_only_windows not in ("attend", "skip"):
-            raise ValueError(f"casa_text_only_windows={self.casa_text_only_windows!r} must be 'attend' or 'skip'")
-        if self.casa_attention not in CASA_ATTENTION_TYPES:
-            raise ValueError(f"casa_attention={self.casa_attention!r} must be one of {CASA_ATTENTION_TYPES}")
         num_layers = text.num_hidden_layers
         if self.casa_layers is not None:
             if not self.casa_layers:
