@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 
 import casa_hf  # noqa: F401
 from casa_hf.builtin_models import TINY_MODEL
-from casa_hf.demo import run_demo
+from casa_hf.demo import load_demo_model, run_word_demo
 from casa_hf.training import SyntheticVQA
 from casa_hf.training.synthetic_vqa import SINGLE_KINDS
 from casa_hf.training.train import evaluate
@@ -46,7 +46,7 @@ def test_shipped_model_through_the_pipeline():
 
 
 def test_demo_command_runs(capsys):
-    run_demo(None, images=1, frames=2, seed=0, save_images=None)
+    run_word_demo(*load_demo_model(None), images=1, frames=2, seed=0, save_images=None)
     printed = capsys.readouterr().out
     assert "answers right" in printed and "frame  1" in printed
 
@@ -74,15 +74,33 @@ def test_demo_prints_each_answer_as_it_comes_and_the_seed_that_repeats_it():
     assert first_image in again.splitlines(True) and "answers right" in again, again
 
 
-def test_demo_command_shows_casa_smollm2_unless_told_otherwise(monkeypatch):
+def test_demo_command_shows_casa_smollm2_unless_told_otherwise(monkeypatch, tmp_path):
+    """The demo is chosen by the model: CASA-SmolLM2 is asked in English, the tiny model and a folder trained like it
+    (a word-level tokenizer) the one-word questions, a folder with a real LLM's tokenizer in English."""
+    import shutil
+
     import casa_hf.demo
+    import casa_hf.smollm2.demo
     from casa_hf.cli import main
 
     shown = []
-    monkeypatch.setattr(casa_hf.demo, "run_demo", lambda model, *args: shown.append(model))
+
+    def demo(kind: str):
+        return lambda model, *args: shown.append((kind, model))
+
+    monkeypatch.setattr(casa_hf.demo, "start_demo", lambda model, seed: (model, None, seed))
+    monkeypatch.setattr(casa_hf.demo, "run_word_demo", demo("words"))
+    monkeypatch.setattr(casa_hf.smollm2.demo, "run_natural_demo", demo("English"))
+    tiny_copy, english = shutil.copytree(TINY_MODEL, tmp_path / "tiny"), tmp_path / "english"
+    english.mkdir()
+    (english / "config.json").write_text("{}")
+    (english / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}}))
     main(["demo"])
     main(["demo", "--model", "tiny"])
-    assert shown == ["casa-smollm2", "tiny"]
+    main(["demo", "--model", str(tiny_copy)])
+    main(["demo", "--model", str(english)])
+    expected = [("English", "casa-smollm2"), ("words", "tiny"), ("words", str(tiny_copy)), ("English", str(english))]
+    assert shown == expected
 
 
 def test_evaluate_command_scores_the_shipped_model(capsys):

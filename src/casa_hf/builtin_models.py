@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,8 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
 }
 DEFAULT_MODEL = "tiny"  # what `serve` and `evaluate` load without `--model`: needs nothing installed, starts at once
 DEMO_MODEL = "casa-smollm2"  # what `casa-hf demo` shows without `--model`: a real LLM that sees
+# what each built-in model is asked: the synthetic questions answered in one word, or English ones in sentences
+BUILTIN_QUESTIONS = {"tiny": "synthetic", "casa-smollm2": "natural"}
 
 
 def check_model(name_or_folder: str | Path) -> None:
@@ -38,6 +41,18 @@ def check_model(name_or_folder: str | Path) -> None:
             "nor a folder holding a config.json"
         )
     refuse_kyutai_release(folder)
+
+
+def questions_for(name_or_folder: str | Path) -> str:
+    """What `casa-hf demo` and `casa-hf evaluate` ask a model: "synthetic" (one-word answers, the tiny model's
+    `training.synthetic_vqa`) or "natural" (English questions, sentence answers, CASA-SmolLM2's
+    `smollm2.natural_vqa`). A built-in model by its name; a folder by its tokenizer: a word-level one (`casa-hf
+    train`'s) knows only the synthetic questions' words, any other is a real LLM's."""
+    if str(name_or_folder) in BUILTIN_QUESTIONS:
+        return BUILTIN_QUESTIONS[str(name_or_folder)]
+    tokenizer = Path(name_or_folder) / "tokenizer.json"
+    word_level = tokenizer.is_file() and json.loads(tokenizer.read_text())["model"]["type"] == "WordLevel"
+    return "synthetic" if word_level else "natural"
 
 
 def resolve_model(name_or_folder: str | Path | None) -> Path:

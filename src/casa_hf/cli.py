@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .builtin_models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODEL, check_model
+from .builtin_models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODEL, check_model, questions_for
 from .kyutai_release import UnsupportedCheckpointError
 
 
@@ -27,6 +27,10 @@ USER_ERRORS = (
 )
 SERVE_EXTRA = ("fastapi", "uvicorn", "starlette")  # what `pip install 'casa-hf[serve]'` brings
 MODEL_HELP = f"a built-in model name ({', '.join(BUILTIN_MODELS)}) or a CASA checkpoint folder"
+QUESTIONS_HELP = (
+    "tiny and folders with a word-level tokenizer (casa-hf train's) get the synthetic questions, answered in one "
+    "word; casa-smollm2 and other folders (a real LLM's tokenizer) English questions, answered in sentences"
+)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -163,6 +167,19 @@ def run_train(args: argparse.Namespace) -> None:
         print(json.dumps(accuracy, indent=1))
 
 
+def run_demo(args: argparse.Namespace) -> None:
+    """The demo of the questions the model is asked (`questions_for`): one-word synthetic ones, or CASA-SmolLM2's
+    English ones."""
+    from .demo import start_demo
+
+    if questions_for(args.model) == "natural":
+        from .smollm2.demo import run_natural_demo as demo
+    else:
+        from .demo import run_word_demo as demo
+    model, processor, seed = start_demo(args.model, args.seed)
+    demo(model, processor, args.images, args.frames, seed, args.save_images)
+
+
 def run_evaluate(args: argparse.Namespace) -> None:
     import json
 
@@ -173,7 +190,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     path = resolve_model(args.model)
     model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
-    if (args.questions or ("natural" if args.model == "casa-smollm2" else "synthetic")) == "natural":
+    if (args.questions or questions_for(args.model)) == "natural":
         from .smollm2.train import natural_accuracy
 
         print(json.dumps(natural_accuracy(model, processor, args.examples, args.seed), indent=1))
@@ -348,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="a shipped CASA model answers questions about generated images", formatter_class=_HelpFormatter
     )
-    demo.add_argument("--model", type=_model, default=DEMO_MODEL, help=MODEL_HELP)
+    demo.add_argument("--model", type=_model, default=DEMO_MODEL, help=f"{MODEL_HELP}; {QUESTIONS_HELP}")
     demo.add_argument("--images", type=_positive_int, default=3, help="scenes to draw and ask about (then one digit)")
     demo.add_argument(
         "--frames", type=_non_negative_int, default=8, help="frames of the streaming part (0 to skip it)"
@@ -404,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--questions",
         choices=("synthetic", "natural"),
         default=None,
-        help="one-word synthetic questions, or English phrasings with sentence answers (default for casa-smollm2)",
+        help=f"one-word synthetic questions, or English phrasings with sentence answers (default: {QUESTIONS_HELP})",
     )
     _add_serve_parser(commands)
     return parser
@@ -412,9 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> None:
     if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(args.model, args.images, args.frames, args.seed, args.save_images)
+        run_demo(args)
     elif args.command == "convert":
         run_convert(args)
     elif args.command == "train":

@@ -1,6 +1,7 @@
-"""`casa-hf demo`: the CASA model shipped with the package answers questions about images it has never seen.
+"""`casa-hf demo`: a CASA model shipped with the package answers questions about images it has never seen.
 
-Everything runs offline: images are drawn in code, the model and processor load through the Auto classes.
+Everything runs offline: images are drawn in code, the model and processor load through the Auto classes. Here are
+the pieces both demos share and the one-word demo of the tiny model; CASA-SmolLM2's English one is `smollm2.demo`.
 """
 
 from __future__ import annotations
@@ -45,20 +46,22 @@ def answer_chats(model, processor, chats: list[list[dict]], max_new_tokens: int)
     return [answer.strip() for answer in answers]
 
 
-def run_demo(model_path: str | None, images: int, frames: int, seed: int | None, save_images: str | None) -> None:
-    """Draw `images` scenes (then a digit) and ask about them, then stream `frames` frames; `seed` None draws new
-    images from the clock (the seed is printed, so a run can be repeated)."""
-    from .training.synthetic_vqa import QUESTIONS, SYSTEM_TEXT
-
+def start_demo(model_path: str | None, seed: int | None):
+    """A demo's model and processor (`load_demo_model`) and the seed of its images: `seed`, or one from the clock,
+    printed so that a run can be repeated."""
     print(f"Loading {model_path or DEFAULT_MODEL} ...", flush=True)
     model, processor = load_demo_model(model_path)
     if seed is None:
         seed = int(time.time()) % 100_000
     print(f"Images drawn in code with seed {seed} (`--seed {seed}` draws the same ones again)", flush=True)
-    if model.config.text_config.vocab_size > 1000:  # a real LLM's tokenizer: ask in plain English
-        from .smollm2.demo import run_natural_demo
+    return model, processor, seed
 
-        return run_natural_demo(model, processor, images, frames, seed, save_images)
+
+def run_word_demo(model, processor, images: int, frames: int, seed: int, save_images: str | None) -> None:
+    """The synthetic questions, answered in one word (the tiny model's): draw `images` scenes (then a digit) and ask
+    about them, then stream `frames` frames."""
+    from .training.synthetic_vqa import QUESTIONS, SYSTEM_TEXT
+
     size = processor.image_size or 112
     rng = np.random.default_rng([seed, 424242])
     print(

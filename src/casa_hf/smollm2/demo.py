@@ -14,6 +14,9 @@ CHANGE_QUESTIONS = 3
 
 
 def run_natural_demo(model, processor, images: int, frames: int, seed: int, save_images: str | None) -> None:
+    """The English questions of CASA-SmolLM2's training (`natural_vqa`), answered in sentences: draw `images` scenes
+    (then a digit) and ask about them, ask what changed between two frames, a text-only follow-up, then stream
+    `frames` frames."""
     size = processor.image_size or 112
     rng = np.random.default_rng([seed, 424242])
     print(f"CASA-SmolLM2: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {size}px images\n")
