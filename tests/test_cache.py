@@ -8,9 +8,11 @@ import traceback
 import pytest
 import torch
 from tiny import IMAGE_TOKEN, random_images, random_text, tiny_config, tiny_model
+from transformers.cache_utils import Cache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from casa_hf import CasaCache, CasaStaticCache
+from casa_hf import CasaCache, CasaDynamicLayer, CasaStaticCache, CasaStaticLayer, CasaStaticWindow, CasaWindow
+from casa_hf.casa_cache import CasaDynamicSlidingWindowLayer, CasaStaticSlidingWindowLayer
 
 TOLERANCE = 1e-4
 
@@ -102,6 +104,103 @@ def test_cache_holds_text_and_one_image_per_sample():
         assert state.keys.shape[2] == latest_tokens + text_since
         assert cache.casa_state_lengths(layer_idx).tolist() == [latest_tokens + text_since]
         assert state.image_tokens.tolist() == [latest_tokens]
+
+
+def check_past_key_values_for_generate(cache, batch_size: int, cache_length: int, config) -> None:
+    """What Transformers' generation tests check of every decoder's cache (`_check_past_key_values_for_generate`):
+    one layer per decoder block, each holding its block's K/V as `[batch, kv_heads, cache_length, head_dim]`."""
+    text_config = config.get_text_config(decoder=True)
+    assert isinstance(cache, Cache)
+    assert len(cache) == len(cache.layers) == text_config.num_hidden_layers
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    expected = (batch_size, text_config.num_key_value_heads, cache_length, head_dim)
+    for layer in cache.layers:
+        assert layer.keys.shape == layer.values.shape == expected
+
+
+def check_caches_are_equal(cache1, cache2) -> None:
+    """Transformers' `_check_caches_are_equal` (block by block, the layers' K/V), and each block's CASA window."""
+    assert len(cache1) == len(cache2)
+    for layer1, layer2 in zip(cache1.layers, cache2.layers, strict=True):
+        torch.testing.assert_close(layer1.keys, layer2.keys, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(layer1.values, layer2.values, atol=TOLERANCE, rtol=0)
+        assert (layer1.window is None) == (layer2.window is None)
+        if layer1.window is not None:
+            for name in ("keys", "values", "valid", "image_tokens", "text_tokens"):
+                torch.testing.assert_close(
+                    getattr(layer1.window, name), getattr(layer2.window, name), atol=TOLERANCE, rtol=0
+                )
+
+
+GREEDY_DICT = dict(do_sample=False, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+def test_generate_returns_one_cache_layer_per_block(cache_implementation, num_beams):
+    """`generate(..., return_dict_in_generate=True)` gives a cache of one layer per decoder block (Transformers' own
+    check), the CASA window inside its block's layer: block 1's here, block 0 having no CASA sub-layer."""
+    model = tiny_model(attn="sdpa", casa_layers=[1])
+    input_ids, pixel_values, grid_thw = conversation(2)
+    inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw, num_beams=num_beams)
+    out = model.generate(**inputs, max_new_tokens=3, cache_implementation=cache_implementation, **GREEDY_DICT)
+    cache = out.past_key_values
+    static = cache_implementation == "static"
+    length = cache.max_cache_len if static else out.sequences.shape[1] - 1  # the last token is not fed back
+    check_past_key_values_for_generate(cache, num_beams, length, model.config)
+    assert [type(layer) for layer in cache.layers] == [CasaStaticLayer if static else CasaDynamicLayer] * 2
+    assert cache.layers[0].window is None
+    assert type(cache.get_casa_state(1)) is (CasaStaticWindow if static else CasaWindow)
+    assert cache.get_casa_state(1).image_tokens.tolist() == [int(grid_thw[-1].prod()) // 4] * num_beams
+
+
+def test_generated_cache_equals_the_cache_of_one_forward():
+    """Decode steps leave each block's layer (text K/V and window) as one forward over the same tokens does."""
+    model = tiny_model(attn="sdpa")
+    input_ids, pixel_values, grid_thw = conversation(2)
+    images = dict(pixel_values=pixel_values, image_grid_thw=grid_thw)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, **images, max_new_tokens=4, **GREEDY_DICT)
+        forward = model(input_ids=out.sequences[:, :-1], **images, cache=CasaCache(), use_cache=True).cache
+    check_caches_are_equal(out.past_key_values, forward)
+
+
+def test_batch_operations_move_each_blocks_text_and_window_together():
+    """Batch repeat, beam reorder, batch select (contrastive search, on the Hub) and reset go through each block's
+    layer to its window: after them, the conversation goes on as one forward computes it."""
+    model = tiny_model(attn="sdpa")
+    input_ids, pixel_values, grid_thw = conversation(2)
+    images = dict(pixel_values=pixel_values, image_grid_thw=grid_thw)
+    with torch.no_grad():
+        full = model(input_ids=input_ids, **images).logits
+        cache = model(input_ids=input_ids[:, :-1], **images, use_cache=True).cache
+        cache.batch_repeat_interleave(3)
+        assert all(layer.keys.shape[0] == layer.window.keys.shape[0] == 3 for layer in cache.layers)
+        cache.reorder_cache(torch.tensor([2, 0, 1]))
+        cache.batch_select_indices(torch.tensor([1]))
+        step = model(input_ids=input_ids[:, -1:], cache=cache, use_cache=True).logits
+        assert (step - full[:, -1:]).abs().max() <= TOLERANCE
+    cache.reset()
+    assert cache.get_seq_length() == 0 and not cache.has_windows()
+
+
+def test_layers_follow_the_blocks_attention_types():
+    """A backbone with sliding-window blocks gets Transformers' sliding layer classes, each with its window, whether
+    the cache is built from the config or takes its layout from the model on the first forward."""
+    text = tiny_config().text_config.to_dict()
+    text.pop("layer_types")
+    text.update(use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    model = tiny_model(attn="sdpa", text_config=text)
+    dynamic = [CasaDynamicLayer, CasaDynamicSlidingWindowLayer]
+    assert [type(layer) for layer in CasaCache(config=model.config).layers] == dynamic
+    static = CasaStaticCache(model.config, max_cache_len=16, max_image_tokens=4)
+    assert [type(layer) for layer in static.layers] == [CasaStaticLayer, CasaStaticSlidingWindowLayer]
+    assert all(isinstance(layer.window, CasaStaticWindow) for layer in static.layers)
+    for cache in (CasaCache(), CasaCache(config=model.config.text_config)):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([random_text(4)]), cache=cache, use_cache=True)
+        assert [type(layer) for layer in cache.layers] == dynamic
+        assert all(type(layer.window) is CasaWindow for layer in cache.layers)
 
 
 def test_decode_steps_write_the_window_in_place_and_stay_differentiable():

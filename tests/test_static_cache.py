@@ -7,7 +7,7 @@ from test_generation import left_pad, samples
 from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
 from transformers import CompileConfig
 
-from casa_hf import CasaCache, CasaStaticCache, CasaStaticLayer
+from casa_hf import CasaCache, CasaStaticCache, CasaStaticLayer, CasaStaticWindow
 
 TOLERANCE = 1e-5
 
@@ -29,7 +29,8 @@ def test_static_cache_generates_the_tokens_of_the_dynamic_cache(attn, num_beams)
     dynamic = model.generate(**options)
     static = model.generate(**options, cache_implementation="static")
     assert isinstance(static.cache, CasaStaticCache)
-    assert isinstance(static.cache.get_casa_state(0), CasaStaticLayer)
+    assert isinstance(static.cache.layers[0], CasaStaticLayer)
+    assert isinstance(static.cache.get_casa_state(0), CasaStaticWindow)
     assert static.sequences.tolist() == dynamic.sequences.tolist()
     assert (torch.stack(static.logits) - torch.stack(dynamic.logits)).abs().max() <= TOLERANCE
 

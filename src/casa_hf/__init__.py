@@ -14,7 +14,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
 )
 
-from .casa_cache import CasaCache, CasaDynamicLayer, CasaStaticCache, CasaStaticLayer
+from .casa_cache import CasaCache, CasaDynamicLayer, CasaStaticCache, CasaStaticLayer, CasaStaticWindow, CasaWindow
 from .configuration_casa import CasaConfig
 from .modeling_casa import CasaForConditionalGeneration, CasaModel, CasaPreTrainedModel, CasaTextModel
 from .processing_casa import CasaProcessor
@@ -52,5 +52,7 @@ __all__ = [
     "CasaProcessor",
     "CasaStaticCache",
     "CasaStaticLayer",
+    "CasaStaticWindow",
     "CasaTextModel",
+    "CasaWindow",
 ]

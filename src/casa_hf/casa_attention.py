@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import is_flash_attention_requested
 
 from .backbones import BACKBONES
-from .casa_cache import CasaDynamicLayer, StoredWindows, pad_slots
+from .casa_cache import CasaWindow, StoredWindows, pad_slots
 
 _FLEX_BLOCK_SIZE = 128  # torch's default BlockMask block size
 
@@ -264,7 +264,7 @@ class CasaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         casa_inputs: CasaInputs,
         self_attn: nn.Module,
-        cache_window: CasaDynamicLayer | None = None,
+        cache_window: CasaWindow | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """CASA attention of a chunk; with a `cache_window`, windows continue from it and it gets the new ones.
 
@@ -306,7 +306,7 @@ def casa_window_attention(
     image_keys: torch.Tensor | None,
     image_values: torch.Tensor | None,
     windows: CasaWindows | None,
-    cache_window: CasaDynamicLayer | None,
+    cache_window: CasaWindow | None,
     step_masks: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CASA attention of a chunk (`query`/`key`/`value` as `[B, heads, T, D]`, RoPE applied), output `[B, T, heads,
@@ -371,7 +371,7 @@ def _continue_cached_windows(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cache_window: CasaDynamicLayer,
+    cache_window: CasaWindow,
     step_masks: dict[str, Any] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The decode step: no image, no padding, every sample goes on in its cached window. Its queries attend to the
@@ -438,7 +438,7 @@ def _weights_on_images(
 
 
 def _store_last_windows(
-    cache_window: CasaDynamicLayer,
+    cache_window: CasaWindow,
     windows: CasaWindows,
     bank: _PrefixBank,
     key: torch.Tensor,

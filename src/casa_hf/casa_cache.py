@@ -1,4 +1,5 @@
-"""The text-only cache of CASA models: text K/V layers for self-attention, plus one window layer per CASA sub-layer."""
+"""The text-only cache of CASA models: one layer per decoder block, holding the block's self-attention text K/V and,
+in blocks with a CASA sub-layer, that sub-layer's window (the latest image and the text since it)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicCache, StaticCache
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticCache,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.utils import is_torchdynamo_compiling
 
@@ -47,22 +57,21 @@ class StoredWindows:
     text_start: int | torch.Tensor = 0  # a decode step's first slot (per sample in a static window)
 
 
-class CasaDynamicLayer(CacheLayerMixin):
+class CasaWindow:
     """The window one CASA sub-layer continues from: the latest image's K/V and the text K/V since that image.
 
     `keys` / `values` are `[batch, kv_heads, slots, head_dim]` (RoPE applied); `valid` (`[batch, slots]`) marks the
     slots in use, since the samples of a batch have windows of different lengths; `image_tokens` (`[batch]`) counts
     the image slots among them (0 before a sample's first image) and `text_tokens` (`[batch]`) the text tokens seen
     since that image, its placeholder included (whether or not the window attends to them: cross-attention does not).
-    Its size is bounded by one image plus the text since it, however long the conversation.
+    Its size is bounded by one image plus the text since it, however long the conversation. It lives in its block's
+    cache layer (`layer.window`), whose beam reorder, crop, batch repeat and select, and reset it follows.
     """
 
-    is_sliding = False
-    is_croppable = True
-    supports_early_init = False
-
-    def __init__(self, **kwargs):
-        super().__init__()
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.is_initialized = False
         self.valid: torch.Tensor | None = None
         self.image_tokens: torch.Tensor | None = None
         self.text_tokens: torch.Tensor | None = None
@@ -72,14 +81,13 @@ class CasaDynamicLayer(CacheLayerMixin):
         # every sample has had a real token: left padding, which comes before it, is over (see `padding_is_over`)
         self.all_started = False
         # keys, values and valid slots with free slots after them; `keys` etc. are their leading views while
-        # decode steps append in place (anything that replaces the windows, e.g. `update`, ends that)
+        # decode steps append in place (anything that replaces the windows, e.g. `_write`, ends that)
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
         self.is_initialized = True
 
-    def update(
+    def _write(
         self,
         key_states: torch.Tensor,
         value_states: torch.Tensor,
@@ -87,8 +95,8 @@ class CasaDynamicLayer(CacheLayerMixin):
         image_tokens: torch.Tensor,
         text_tokens: torch.Tensor,
         compact: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store each sample's new window (computed by the CASA attention from the previous one).
+    ) -> None:
+        """Keep each sample's window as given, and what decode steps know of it without reading it back.
 
         With `compact`, used slots move to the front and slots no sample uses are dropped, so memory tracks the
         longest window (unused slots come from images padded to a common width, or left padding).
@@ -103,7 +111,6 @@ class CasaDynamicLayer(CacheLayerMixin):
         self.all_valid, self.all_see_images = bool(valid.all()), bool((image_tokens > 0).all())
         self.image_width = int(image_tokens.max())
         self.all_started = bool((text_tokens > 0).all())
-        return self.keys, self.values
 
     def read(self) -> StoredWindows | None:
         """The stored windows a chunk continues; None before the first chunk."""
@@ -141,7 +148,7 @@ class CasaDynamicLayer(CacheLayerMixin):
         """
         text_tokens = new_text_tokens + self.text_tokens * continued if self.is_initialized else new_text_tokens
         leading_gap = valid.shape[1] > 0 and not bool(valid[:, 0].all())
-        self.update(key_states, value_states, valid, image_tokens, text_tokens, compact=images_padded or leading_gap)
+        self._write(key_states, value_states, valid, image_tokens, text_tokens, compact=images_padded or leading_gap)
 
     def append_text(self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool) -> StoredWindows:
         """Every sample's window goes on with the chunk's text (no image, no padding): the decode step. The text K/V
@@ -183,17 +190,7 @@ class CasaDynamicLayer(CacheLayerMixin):
             self._buffers is not None and self.keys._base is self._buffers[0] and self.valid._base is self._buffers[2]
         )
 
-    def get_seq_length(self) -> int:
-        """Slots of the stored windows (image tokens + text since the image, for the longest window)."""
-        return self.keys.shape[-2] if self.is_initialized else 0
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def window_lengths(self) -> torch.Tensor:
+    def lengths(self) -> torch.Tensor:
         """Used slots per sample (image tokens + text since that image)."""
         return self.valid.sum(1)
 
@@ -209,7 +206,8 @@ class CasaDynamicLayer(CacheLayerMixin):
         if self.is_initialized:
             self.keys = shift(self.keys, delta)
 
-    def _select(self, rows: torch.Tensor) -> None:
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the samples `rows` (in that order): beam reorder, batch repeat and select."""
         if self.is_initialized:
             self.keys = self.keys.index_select(0, rows.to(self.keys.device))
             self.values = self.values.index_select(0, rows.to(self.values.device))
@@ -217,15 +215,10 @@ class CasaDynamicLayer(CacheLayerMixin):
             self.image_tokens = self.image_tokens.index_select(0, rows.to(self.image_tokens.device))
             self.text_tokens = self.text_tokens.index_select(0, rows.to(self.text_tokens.device))
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
+    def repeat_interleave(self, repeats: int) -> None:
+        """Each sample `repeats` times in a row (generate() expanding a batch)."""
         if self.is_initialized:
-            self._select(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(torch.as_tensor(indices).reshape(-1))
+            self.select(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
 
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.image_tokens = self.text_tokens = self._buffers = None
@@ -256,12 +249,12 @@ class CasaDynamicLayer(CacheLayerMixin):
         valid = self.valid
         if bool((valid.sum(1) > self.image_tokens).any()):  # the windows hold their text (CASA, not cross-attention)
             valid = valid & (valid.flip(1).cumsum(1).flip(1) > remove)
-        self.update(self.keys, self.values, valid, self.image_tokens, self.text_tokens - remove)
+        self._write(self.keys, self.values, valid, self.image_tokens, self.text_tokens - remove)
 
 
-class CasaStaticLayer(CasaDynamicLayer):
-    """A `CasaDynamicLayer` preallocated for `torch.compile` and CUDA graphs, as Transformers' `StaticLayer` is for
-    text K/V: `keys` / `values` / `valid` hold `max_image_tokens + max_text_since_image` slots per sample and are
+class CasaStaticWindow(CasaWindow):
+    """A `CasaWindow` preallocated for `torch.compile` and CUDA graphs, as Transformers' `StaticLayer` is for text
+    K/V: `keys` / `values` / `valid` hold `max_image_tokens + max_text_since_image` slots per sample and are
     written in place at fixed addresses, each window front-aligned with `used` slots (`valid` = slot < `used`).
 
     A window that outgrows it (a larger image, or more text since the latest image) is refused with a `ValueError`
@@ -269,9 +262,7 @@ class CasaStaticLayer(CasaDynamicLayer):
     sizes `generate()` chose, which cannot be exceeded).
     """
 
-    is_compileable = True
-
-    def __init__(self, max_image_tokens: int, max_text_since_image: int, **kwargs):
+    def __init__(self, max_image_tokens: int, max_text_since_image: int):
         super().__init__()
         self.max_image_tokens, self.max_text_since_image = max_image_tokens, max_text_since_image
         self.max_slots = max_image_tokens + max_text_since_image
@@ -295,7 +286,7 @@ class CasaStaticLayer(CasaDynamicLayer):
     def _state(self) -> tuple[torch.Tensor, ...]:
         return self.keys, self.values, self.valid, self.used, self.image_tokens, self.text_tokens
 
-    def update(
+    def _write(
         self,
         key_states: torch.Tensor,
         value_states: torch.Tensor,
@@ -303,8 +294,8 @@ class CasaStaticLayer(CasaDynamicLayer):
         image_tokens: torch.Tensor,
         text_tokens: torch.Tensor,
         compact: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy each sample's new window, front-aligned, into the preallocated slots."""
+    ) -> None:
+        """Copy each sample's window, front-aligned, into the preallocated slots."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         key_states, value_states, valid = front_aligned(key_states, value_states, valid)
@@ -329,7 +320,6 @@ class CasaStaticLayer(CasaDynamicLayer):
         self.used.copy_(valid.sum(1))
         self.image_tokens.copy_(image_tokens)
         self.text_tokens.copy_(text_tokens)
-        return self.keys, self.values
 
     def append_text(self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool) -> StoredWindows:
         """The decode step, in place: each sample's text K/V go to its next free slots (`used` onwards)."""
@@ -356,7 +346,7 @@ class CasaStaticLayer(CasaDynamicLayer):
         if self.is_initialized:
             self.keys.copy_(shift(self.keys, delta))
 
-    def _select(self, rows: torch.Tensor) -> None:
+    def select(self, rows: torch.Tensor) -> None:
         """Beam search reorders samples in place; a static cache cannot change its batch size."""
         if not self.is_initialized:
             return
@@ -387,67 +377,165 @@ class CasaStaticLayer(CasaDynamicLayer):
         self.longest_window = int(self.used.max())
 
 
+class CasaLayerMixin:
+    """A decoder block's cache layer in a CASA model: Transformers' layer for the block's self-attention (its text
+    K/V, `keys` / `values`) and, in a block with a CASA sub-layer, that sub-layer's `window`. Beam reorder, crop,
+    batch repeat and select, and reset apply to both, so code that walks `cache.layers` block by block moves the
+    whole state of each block."""
+
+    window: CasaWindow | None
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.window = None
+
+    def reset(self) -> None:
+        super().reset()
+        if self.window is not None:
+            self.window.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.window is not None:
+            self.window.select(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.window is not None:
+            self.window.repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.window is not None:
+            self.window.select(torch.as_tensor(indices).reshape(-1))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.window is not None:
+            self.window.crop(tokens_to_remove)
+
+    def nbytes(self) -> int:
+        """Memory of the block's text K/V (as allocated: all of a static layer) and of its CASA window."""
+        text = sum(tensor.numel() * tensor.element_size() for tensor in (self.keys, self.values) if tensor is not None)
+        return text + (self.window.nbytes() if self.window is not None else 0)
+
+
+class CasaDynamicLayer(CasaLayerMixin, DynamicLayer):
+    """A `DynamicLayer` (the block's text K/V, growing with the conversation) with its block's CASA window."""
+
+    def evict_text(self, sink_tokens: int, excess: int, shift: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        """Drop the `excess` text tokens after the first `sink_tokens`: the later keys, and the window's, move back by
+        `excess` positions (`shift` rotates RoPE'd keys), so that positions stay contiguous."""
+        recent = slice(sink_tokens + excess, None)
+        self.keys = torch.cat([self.keys[..., :sink_tokens, :], shift(self.keys[..., recent, :], -excess)], dim=-2)
+        self.values = torch.cat([self.values[..., :sink_tokens, :], self.values[..., recent, :]], dim=-2)
+        if self.window is not None:
+            self.window.shift_positions(shift, -excess)
+
+
+class CasaDynamicSlidingWindowLayer(CasaLayerMixin, DynamicSlidingWindowLayer):
+    """A `DynamicSlidingWindowLayer` (a sliding self-attention block's text K/V) with its block's CASA window."""
+
+
+class CasaStaticLayer(CasaLayerMixin, StaticLayer):
+    """A `StaticLayer` (the block's text K/V, preallocated) with its block's CASA window, a `CasaStaticWindow`."""
+
+
+class CasaStaticSlidingWindowLayer(CasaLayerMixin, StaticSlidingWindowLayer):
+    """A `StaticSlidingWindowLayer` with its block's CASA window, a `CasaStaticWindow`."""
+
+
+# The layer class of a block, by its attention type (as Transformers' DYNAMIC / STATIC_LAYER_TYPE_MAPPING)
+DYNAMIC_LAYER_CLASSES = {
+    "full_attention": CasaDynamicLayer,
+    "sliding_attention": CasaDynamicSlidingWindowLayer,
+    "chunked_attention": CasaDynamicSlidingWindowLayer,
+}
+STATIC_LAYER_CLASSES = {
+    "full_attention": CasaStaticLayer,
+    "sliding_attention": CasaStaticSlidingWindowLayer,
+    "chunked_attention": CasaStaticSlidingWindowLayer,
+}
+
+
+def block_layers(config: PreTrainedConfig, classes: dict[str, type[CasaLayerMixin]], **kwargs) -> list[CasaLayerMixin]:
+    """One layer per decoder block of `config`, of the class `classes` gives its attention type (`kwargs` to each),
+    as Transformers' `DynamicCache` / `StaticCache` build theirs."""
+    layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return [classes[kind](**kwargs, **extra) for kind, extra in zip(layer_types, per_layer_kwargs, strict=True)]
+
+
 class CasaWindowCache:
-    """What `CasaCache` and `CasaStaticCache` add to Transformers' caches: one CASA window layer per CASA block,
-    after the blocks' self-attention layers (`layers[num_blocks + j]` for the j-th CASA block)."""
+    """What `CasaCache` and `CasaStaticCache` add to Transformers' caches: one layer per decoder block
+    (`layers[i]` for block i, as in any decoder's cache), whose `window` is the CASA window of a CASA block."""
 
-    casa_layer_positions: dict[int, int]  # CASA block index -> its layer in `self.layers`
+    layers: list[CasaLayerMixin]
 
-    def _new_casa_layer(self) -> CasaDynamicLayer:
+    def _block_layers(self, config: PreTrainedConfig) -> list[CasaLayerMixin]:
         raise NotImplementedError
 
-    def add_casa_layers(self, num_blocks: int, casa_blocks: list[int]) -> None:
-        """Append the CASA window layers after the blocks' self-attention layers (once)."""
-        if self.casa_layer_positions:
-            if sorted(self.casa_layer_positions) != list(casa_blocks):
+    def _new_window(self) -> CasaWindow:
+        raise NotImplementedError
+
+    def add_casa_windows(self, config: PreTrainedConfig, casa_blocks: list[int]) -> None:
+        """Give each CASA block's layer its window (once), after building the layers of a cache built without a
+        config; a cache that holds windows for other blocks is refused."""
+        if not self.layers:
+            self.layers = self._block_layers(config)
+        held = [block for block, layer in enumerate(self.layers) if layer.window is not None]
+        if held:
+            if held != list(casa_blocks):
                 raise ValueError(
-                    f"This {type(self).__name__} holds CASA layers for blocks {sorted(self.casa_layer_positions)}, "
-                    f"the model has them in blocks {list(casa_blocks)}"
+                    f"This {type(self).__name__} holds CASA windows for blocks {held}, the model has CASA layers in "
+                    f"blocks {list(casa_blocks)}"
                 )
             return
         for block in casa_blocks:
-            self.casa_layer_positions[block] = len(self.layers)
-            self.layers.append(self._new_casa_layer())
+            self.layers[block].window = self._new_window()
+
+    def _first_window(self) -> CasaWindow | None:
+        return next((layer.window for layer in self.layers if layer.window is not None), None)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Crop every layer or none: the CASA windows, which cannot lose an image, are checked first."""
         for layer in self.layers:
-            if isinstance(layer, CasaDynamicLayer):
-                layer.check_crop(tokens_to_remove)
+            if layer.window is not None:
+                layer.window.check_crop(tokens_to_remove)
         super().crop(tokens_to_remove)
 
     def has_windows(self) -> bool:
         """Whether a forward has gone through this cache (its CASA windows are stored): later chunks continue them."""
-        return bool(self.casa_layer_positions) and self.get_casa_state(min(self.casa_layer_positions)).is_initialized
+        window = self._first_window()
+        return window is not None and window.is_initialized
 
     def padding_is_over(self) -> bool:
         """Whether every sample has had a real token (counted on the host when windows were stored). Left padding
         comes before a sample's first real token: until then a one-token chunk may be padding (chunked prefill),
         afterwards it never is, and decode steps need not read their mask back."""
-        return self.has_windows() and self.get_casa_state(min(self.casa_layer_positions)).all_started
+        return self.has_windows() and self._first_window().all_started
 
     def check_batch_size(self, batch_size: int) -> None:
         """A cache continues the conversations it holds, one per sample: the batch must match them."""
         if self.has_windows():
-            held = self.get_casa_state(min(self.casa_layer_positions)).keys.shape[0]
+            held = self._first_window().keys.shape[0]
             if held != batch_size:
                 raise ValueError(
                     f"This {type(self).__name__} holds {held} conversation(s) but the input has a batch of "
                     f"{batch_size}: pass a new cache (or none) to start other conversations"
                 )
 
-    def get_casa_state(self, layer_idx: int) -> CasaDynamicLayer:
-        """The CASA window layer of block `layer_idx`."""
-        return self.layers[self.casa_layer_positions[layer_idx]]
+    def get_casa_state(self, layer_idx: int) -> CasaWindow:
+        """The CASA window of block `layer_idx`."""
+        return self.layers[layer_idx].window
 
     def casa_state_lengths(self, layer_idx: int) -> torch.Tensor:
-        """Used slots per sample of one CASA layer's window (image tokens + text since that image)."""
-        return self.get_casa_state(layer_idx).window_lengths()
+        """Used slots per sample of one CASA block's window (image tokens + text since that image)."""
+        return self.get_casa_state(layer_idx).lengths()
 
 
 class CasaStaticCache(CasaWindowCache, StaticCache):
-    """Transformers' `StaticCache` for the text K/V of the self-attention layers, followed by one `CasaStaticLayer`
-    per CASA block: what `generate(..., cache_implementation="static")` uses, and what compiled decode steps need.
+    """Transformers' `StaticCache` with a `CasaStaticWindow` in each CASA block's layer: what
+    `generate(..., cache_implementation="static")` uses, and what compiled decode steps need.
 
     `max_image_tokens` bounds the images a window holds (tokens after the merger), `max_text_since_image` the text
     since the latest image (default: `max_cache_len`, which no window can exceed).
@@ -459,51 +547,55 @@ class CasaStaticCache(CasaWindowCache, StaticCache):
         max_cache_len: int,
         max_image_tokens: int,
         max_text_since_image: int | None = None,
+        offloading: bool = False,
+        offload_only_non_sliding: bool = True,
         **kwargs,
     ):
-        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        self.max_cache_len = max_cache_len
         self.max_image_tokens = max_image_tokens
         self.max_text_since_image = max_text_since_image or max_cache_len
-        self.casa_layer_positions = {}
-        self.add_casa_layers(config.get_text_config(decoder=True).num_hidden_layers, config.casa_layer_indices)
+        # `StaticCache.__init__` would build Transformers' own layer classes
+        Cache.__init__(
+            self, self._block_layers(config), offloading=offloading, offload_only_non_sliding=offload_only_non_sliding
+        )
+        self.add_casa_windows(config, config.casa_layer_indices)
 
-    def _new_casa_layer(self) -> CasaStaticLayer:
-        return CasaStaticLayer(self.max_image_tokens, self.max_text_since_image)
+    def _block_layers(self, config: PreTrainedConfig) -> list[CasaLayerMixin]:
+        return block_layers(config, STATIC_LAYER_CLASSES, max_cache_len=self.max_cache_len)
+
+    def _new_window(self) -> CasaStaticWindow:
+        return CasaStaticWindow(self.max_image_tokens, self.max_text_since_image)
 
 
 class CasaCache(CasaWindowCache, DynamicCache):
-    """A `DynamicCache` whose self-attention layers hold text K/V only, followed by one `CasaDynamicLayer` per CASA
-    sub-layer (`layers[num_blocks + j]` for the j-th CASA block).
+    """A `DynamicCache` whose layers hold each block's text K/V only, with a `CasaWindow` in each CASA block's layer.
 
     It is what `generate()` and a passed-back `cache` carry between calls: the text keeps growing as in any LLM,
-    while each CASA layer's window stays bounded by one image plus the text since that image. Built without a
-    config, it takes its layout from the model on the first forward.
+    while each CASA window stays bounded by one image plus the text since that image. Built without a config (or
+    from a text config), it takes its layout from the model on the first forward.
     """
 
-    def __init__(self, config: PreTrainedConfig | None = None, **kwargs):
-        super().__init__(config=config, **kwargs)
-        self.casa_layer_positions = {}
+    def __init__(
+        self, config: PreTrainedConfig | None = None, offloading: bool = False, offload_only_non_sliding: bool = False
+    ):
+        # `DynamicCache.__init__` would build Transformers' own layer classes
+        layers = self._block_layers(config) if config is not None else []
+        Cache.__init__(self, layers, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
         if getattr(config, "casa_layer_indices", None) is not None:
-            self.add_casa_layers(config.get_text_config(decoder=True).num_hidden_layers, config.casa_layer_indices)
+            self.add_casa_windows(config, config.casa_layer_indices)
 
-    def _new_casa_layer(self) -> CasaDynamicLayer:
-        return CasaDynamicLayer()
+    def _block_layers(self, config: PreTrainedConfig) -> list[CasaLayerMixin]:
+        return block_layers(config, DYNAMIC_LAYER_CLASSES)
 
-    def add_casa_layers(self, num_blocks: int, casa_blocks: list[int]) -> None:
-        """As `CasaWindowCache.add_casa_layers`; a config-less cache first gets the plain `DynamicLayer`s its lazy
-        `update` would have created."""
-        if not self.casa_layer_positions and self.layer_class_to_replicate is not None:
-            while len(self.layers) < num_blocks:
-                self.layers.append(self.layer_class_to_replicate())
-            self.layer_class_to_replicate = None
-        super().add_casa_layers(num_blocks, casa_blocks)
+    def _new_window(self) -> CasaWindow:
+        return CasaWindow()
 
     def evict_text(
         self, sink_tokens: int, window_tokens: int, shift: Callable[[torch.Tensor, int], torch.Tensor]
     ) -> int:
-        """Keep the first `sink_tokens` and the last `window_tokens` text tokens of every SA layer; drop the middle.
+        """Keep the first `sink_tokens` and the last `window_tokens` text tokens of every block; drop the middle.
 
-        Kept window keys and every CASA window move back by the number of dropped tokens (`shift` rotates RoPE'd
+        Kept recent keys and every CASA window move back by the number of dropped tokens (`shift` rotates RoPE'd
         keys), so positions stay contiguous and the next token's position is the cache length again. Returns the
         number of dropped tokens.
         """
@@ -513,14 +605,20 @@ class CasaCache(CasaWindowCache, DynamicCache):
         if any(self.is_sliding):
             raise ValueError("A text budget cannot be applied to sliding-window cache layers")
         for layer in self.layers:
-            if isinstance(layer, CasaDynamicLayer):
-                layer.shift_positions(shift, -excess)
-                continue
-            keys, values = layer.keys, layer.values
-            recent = slice(sink_tokens + excess, None)
-            layer.keys = torch.cat([keys[..., :sink_tokens, :], shift(keys[..., recent, :], -excess)], dim=-2)
-            layer.values = torch.cat([values[..., :sink_tokens, :], values[..., recent, :]], dim=-2)
+            layer.evict_text(sink_tokens, excess, shift)
         return excess
 
 
-__all__ = ["CasaCache", "CasaDynamicLayer", "CasaStaticCache", "CasaStaticLayer", "CasaWindowCache", "StoredWindows"]
+__all__ = [
+    "CasaCache",
+    "CasaDynamicLayer",
+    "CasaDynamicSlidingWindowLayer",
+    "CasaLayerMixin",
+    "CasaStaticCache",
+    "CasaStaticLayer",
+    "CasaStaticSlidingWindowLayer",
+    "CasaStaticWindow",
+    "CasaWindow",
+    "CasaWindowCache",
+    "StoredWindows",
+]

@@ -261,7 +261,7 @@ class CasaTextModel(CasaPreTrainedModel):
                 "pass `casa_hf.CasaCache()`, `casa_hf.CasaStaticCache(...)` or no cache instead"
             )
         if cache is not None:
-            cache.add_casa_layers(len(self.layers), self.casa_layer_indices)
+            cache.add_casa_windows(self.config, self.casa_layer_indices)
             cache.check_batch_size(batch_size)
         continues = cache is not None and cache.has_windows()  # a Python bool, also for a static cache
         if position_ids is None:
@@ -618,8 +618,8 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        """`generate()` gets a `CasaCache` (text K/V for the SA layers plus each CASA layer's window state), or with
-        `cache_implementation="static"` a `CasaStaticCache`."""
+        """`generate()` gets a `CasaCache` (one layer per block: its text K/V and, in CASA blocks, the CASA window),
+        or with `cache_implementation="static"` a `CasaStaticCache`."""
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation not in (None, "dynamic", "static"):
                 raise ValueError(

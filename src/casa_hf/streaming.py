@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .casa_cache import CasaCache, CasaDynamicLayer
+from .casa_cache import CasaCache, CasaWindowCache
 from .processing_casa import load_image_input
 
 
@@ -47,17 +47,9 @@ class StreamStep:
     cache_bytes: int
 
 
-def cache_nbytes(cache) -> int:
-    """Bytes held by a cache: K/V of its attention layers plus, for a `CasaCache`, every CASA window layer."""
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, CasaDynamicLayer):
-            total += layer.nbytes()
-        elif layer.keys is not None and layer.keys.numel():
-            total += (
-                layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-            )
-    return total
+def cache_nbytes(cache: CasaWindowCache) -> int:
+    """Bytes held by a CASA cache: each block's text K/V and CASA window."""
+    return sum(layer.nbytes() for layer in cache.layers)
 
 
 class CasaStream:
