@@ -284,7 +284,7 @@ def test_image_centering_gives_casa_each_images_tokens_minus_their_mean(tmp_path
     pixel_values, grid = random_images([(4, 4), (2, 4)])
     with torch.no_grad():
         features = plain.model.get_image_features(pixel_values, grid).pooler_output
-        by_hand = BaseModelOutputWithPooling(pooler_output=tuple(f - f.mean(1, keepdim=True) for f in features))
+        by_hand = BaseModelOutputWithPooling(pooler_output=tuple(f - f.mean(0, keepdim=True) for f in features))
         expected = plain(input_ids=ids, mm_encoder_outputs={"image": by_hand}).logits
         uncentred = plain(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid).logits
         logits = centred(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid).logits

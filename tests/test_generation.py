@@ -52,6 +52,29 @@ def test_batched_left_padded_generation_equals_per_sample():
         assert batched[i, ids.shape[1] :].tolist() == single[0, len(row) :].tolist()
 
 
+def test_beams_of_a_batch_pair_each_sample_with_its_images():
+    """`get_image_features` gives one `[tokens, hidden]` tensor per image, as Qwen2.5-VL's does, and `generate()`
+    repeats each sample's images (one placeholder each) for its beams and returned sequences: the beams of a batch
+    with two, no and one image are each sample's own."""
+    model = tiny_model(attn="sdpa")
+    rows, images = samples()
+    ids, mask = left_pad(rows)
+    pixel_values = torch.cat([pv for pv, _ in images if pv is not None])
+    grid_thw = torch.cat([g for _, g in images if g is not None])
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values, grid_thw).pooler_output
+    hidden = model.config.text_config.hidden_size
+    assert [tuple(image.shape) for image in features] == [(int(g.prod()) // 4, hidden) for g in grid_thw]
+    options = dict(num_beams=2, num_return_sequences=2, min_new_tokens=5, max_new_tokens=5, do_sample=False)
+    batched = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid_thw, **options
+    )
+    for i, row in enumerate(rows):
+        pv, grid = images[i]
+        single = model.generate(input_ids=torch.tensor([row]), pixel_values=pv, image_grid_thw=grid, **options)
+        assert batched[2 * i : 2 * i + 2, ids.shape[1] :].tolist() == single[:, len(row) :].tolist()
+
+
 @pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
 def test_chunked_prefill_with_images_matches_one_prefill(cache_implementation):
     """`generate(prefill_chunk_size=k)` on a left-padded batch with images gives one prefill's tokens and logits: each

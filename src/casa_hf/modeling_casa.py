@@ -5,6 +5,7 @@ source checkpoints); only the CASA sub-layer and the wiring around it live here 
 """
 
 import copy
+from itertools import accumulate, pairwise
 from typing import Any
 
 import torch
@@ -367,8 +368,8 @@ class CasaModel(CasaPreTrainedModel):
         image_grid_thw: torch.LongTensor | None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
-        """Vision tower + merger. `pooler_output` holds one `[1, image_tokens, hidden]` tensor per image: an image
-        fills one placeholder position, so `generate()` pairs (and repeats, for beams) one entry per image token."""
+        """Vision tower + merger. `pooler_output` holds one `[image_tokens, hidden]` tensor per image, as Qwen2.5-VL's
+        does; an image fills one placeholder (`generate()` pairs them so: see `_expand_multimodal_outputs`)."""
         if not self._check_image_inputs(pixel_values, image_grid_thw):  # generate() encodes `pixel_values=None` too
             return BaseModelOutputWithPooling(pooler_output=())
         pixel_values = pixel_values.type(self.visual.dtype)
@@ -377,7 +378,7 @@ class CasaModel(CasaPreTrainedModel):
         images = torch.split(vision_outputs.pooler_output, sizes)
         if self.config.casa_image_centering:
             images = [image - image.mean(0, keepdim=True) for image in images]
-        vision_outputs.pooler_output = tuple(image[None] for image in images)
+        vision_outputs.pooler_output = tuple(images)
         return vision_outputs
 
     def _check_image_inputs(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> int:
@@ -457,8 +458,8 @@ class CasaModel(CasaPreTrainedModel):
             )
         image_features = image_sizes = None
         if num_images:
-            image_sizes = [image.shape[-2] for image in image_outputs.pooler_output]
-            image_features = torch.cat([image.reshape(-1, image.shape[-1]) for image in image_outputs.pooler_output])
+            image_sizes = [image.shape[0] for image in image_outputs.pooler_output]
+            image_features = torch.cat(image_outputs.pooler_output)
             image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         return self.language_model(
             inputs_embeds=inputs_embeds,
@@ -477,7 +478,7 @@ def _largest_image(config: CasaConfig, model_kwargs: dict) -> int:
     """Tokens of the largest image `generate()` was given (after the merger), 0 without images."""
     encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
     if encoded is not None:
-        return max((image.shape[1] for image in encoded.pooler_output), default=0)
+        return max((image.shape[0] for image in encoded.pooler_output), default=0)
     grid = model_kwargs.get("image_grid_thw")
     if grid is None or grid.numel() == 0:
         return 0
@@ -653,6 +654,29 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         if is_first_iteration and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
             model_inputs["attention_mask"] = attention_mask
         return model_inputs
+
+    def _expand_multimodal_outputs(
+        self,
+        input_ids: torch.LongTensor,
+        mm_encoder_output: dict[str, BaseModelOutputWithPooling],
+        expand_size: int = 1,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> dict[str, BaseModelOutputWithPooling]:
+        """Each sample's images, in order, repeated as a group for its beams or returned sequences. `GenerationMixin`
+        finds a sample's images by counting one placeholder per feature row, but a CASA image has one placeholder
+        for all its rows."""
+        images = mm_encoder_output.get("image")
+        if images is None or not images.pooler_output:
+            return mm_encoder_output
+        ids = input_ids if input_ids is not None and input_ids.numel() else None
+        per_sample = self.model.get_placeholder_mask(ids, inputs_embeds).sum(-1).tolist()
+        images.pooler_output = tuple(
+            image
+            for start, end in pairwise(accumulate(per_sample, initial=0))
+            for _ in range(expand_size)
+            for image in images.pooler_output[start:end]
+        )
+        return mm_encoder_output
 
     def _prefill(
         self,

@@ -87,7 +87,7 @@ def pretrain_vision_tower(
         images, labels = zip(*(labelled_image(rng, processor.image_size) for _ in range(batch_size)), strict=True)
         inputs = processor.image_processor(list(images), return_tensors="pt")
         features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
-        logits = probe(torch.cat(features))
+        logits = probe(torch.stack(features))
         loss = 0.0
         for name, scores in zip(ATTRIBUTES, logits, strict=True):
             targets = torch.tensor([label[name] for label in labels])
