@@ -146,7 +146,7 @@ def test_generate_returns_one_cache_layer_per_block(cache_implementation, num_be
     out = model.generate(**inputs, max_new_tokens=3, cache_implementation=cache_implementation, **GREEDY_DICT)
     cache = out.past_key_values
     static = cache_implementation == "static"
-    length = cache.max_cache_len if static else out.sequences.shape[1] - 1  # the last token is not fed back
+    length = cache.get_max_length() if static else out.sequences.shape[1] - 1  # the last token is not fed back
     check_past_key_values_for_generate(cache, num_beams, length, model.config)
     assert [type(layer) for layer in cache.layers] == [CasaStaticLayer if static else CasaDynamicLayer] * 2
     assert cache.layers[0].window is None

@@ -458,7 +458,9 @@ STATIC_LAYER_CLASSES = {
 }
 
 
-def block_layers(config: PreTrainedConfig, classes: dict[str, type[CasaLayerMixin]], **kwargs) -> list[CasaLayerMixin]:
+def _layers_by_type(
+    config: PreTrainedConfig, classes: dict[str, type[CasaLayerMixin]], **kwargs
+) -> list[CasaLayerMixin]:
     """One layer per decoder block of `config`, of the class `classes` gives its attention type (`kwargs` to each),
     as Transformers' `DynamicCache` / `StaticCache` build theirs."""
     layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
@@ -549,7 +551,6 @@ class CasaStaticCache(CasaWindowCache, StaticCache):
         max_text_since_image: int | None = None,
         offloading: bool = False,
         offload_only_non_sliding: bool = True,
-        **kwargs,
     ):
         self.max_cache_len = max_cache_len
         self.max_image_tokens = max_image_tokens
@@ -561,7 +562,7 @@ class CasaStaticCache(CasaWindowCache, StaticCache):
         self.add_casa_windows(config, config.casa_layer_indices)
 
     def _block_layers(self, config: PreTrainedConfig) -> list[CasaLayerMixin]:
-        return block_layers(config, STATIC_LAYER_CLASSES, max_cache_len=self.max_cache_len)
+        return _layers_by_type(config, STATIC_LAYER_CLASSES, max_cache_len=self.max_cache_len)
 
     def _new_window(self) -> CasaStaticWindow:
         return CasaStaticWindow(self.max_image_tokens, self.max_text_since_image)
@@ -585,7 +586,7 @@ class CasaCache(CasaWindowCache, DynamicCache):
             self.add_casa_windows(config, config.casa_layer_indices)
 
     def _block_layers(self, config: PreTrainedConfig) -> list[CasaLayerMixin]:
-        return block_layers(config, DYNAMIC_LAYER_CLASSES)
+        return _layers_by_type(config, DYNAMIC_LAYER_CLASSES)
 
     def _new_window(self) -> CasaWindow:
         return CasaWindow()
