@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 from transformers import DynamicCache, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
 from transformers.models.idefics3 import Idefics3ImageProcessorPil
 
-from casa_hf.smollm2.model import llm_weights_for_vocab
+from casa_hf.casa_init import llm_weights_for_vocab
 from casa_hf.streaming import CasaStream
 
 

@@ -9,6 +9,7 @@ output only when everything (weights, config, processor, model card, optional ve
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import re
 import string
@@ -23,14 +24,11 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
 from . import __version__
+from .casa_init import casa_starts, grow_rows
 from .checkpoint_io import CheckpointReader, ShardedWriter, parse_size, staged_output
 from .configuration_casa import SUPPORTED_TEXT_MODEL_TYPES, CasaConfig
 from .modeling_casa import CasaForConditionalGeneration
-from .processing_casa import DEFAULT_CHAT_TEMPLATE, CasaProcessor
-
-CASA_INIT_CHOICES = ("copy", "random")
-IMAGE_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
-CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+from .processing_casa import DEFAULT_CHAT_TEMPLATE, CasaProcessor, add_missing_tokens
 
 # On-disk names of the sources -> names in a CASA checkpoint. Both the legacy layout of Hub checkpoints
 # (`model.layers`, `visual`) and the Transformers 5 in-memory layout (`model.language_model`, `model.visual`) are read.
@@ -137,27 +135,16 @@ class _Plan:
 
 
 def _casa_init_plan(plan: _Plan, config: CasaConfig, expected: dict, casa_init: str, seed: int) -> None:
-    """CASA sub-layer tensors: norms copied from the block's input norm, q/k/v copied from its SA (or random),
-    output projection zero, so the converted model starts as the source on text."""
-    if casa_init not in CASA_INIT_CHOICES:
-        raise ValueError(f"casa_init={casa_init!r} must be one of {CASA_INIT_CHOICES}")
+    """CASA sub-layer tensors as `casa_starts` says (random ones drawn from a generator seeded with `seed`), so the
+    converted model starts as the source on text."""
     generator = torch.Generator().manual_seed(seed)
     std = config.text_config.initializer_range
-    for target in expected:
-        match = re.match(r"^(model\.language_model\.layers\.\d+)\.(casa_\w+)\.(.+)$", target)
-        if not match:
-            continue
-        block, part, rest = match.groups()
-        if part in ("casa_input_layernorm", "casa_image_layernorm"):
-            plan.derived[target] = ("copy", f"{block}.input_layernorm.{rest}")
-        elif rest.startswith("o_proj."):
+    for target, start in casa_starts(expected, casa_init).items():
+        if start.how == "copy":
+            plan.derived[target] = ("copy", start.source)
+        elif start.how == "zeros":
             plan.made[target] = torch.zeros
-            plan.recipes[target] = "zeros (CASA output starts silent)"
-        elif casa_init == "copy":
-            plan.derived[target] = ("copy", f"{block}.self_attn.{rest}")
-        elif rest.endswith("bias"):
-            plan.made[target] = torch.zeros
-            plan.recipes[target] = "zeros"
+            plan.recipes[target] = f"zeros ({start.why})" if start.why else "zeros"
         else:
             plan.made[target] = _normal(generator, std)
             plan.recipes[target] = f"normal(0, {std})"
@@ -376,9 +363,7 @@ def convert_llm_to_casa(
         raise ValueError(f"{vision} is a {vision_config.model_type!r} checkpoint, not 'qwen2_5_vl'")
 
     tokenizer = AutoTokenizer.from_pretrained(llm)
-    missing_tokens = [t for t in IMAGE_TOKENS + CHAT_TOKENS if t not in tokenizer.get_vocab()]
-    if missing_tokens:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing_tokens})
+    missing_tokens = add_missing_tokens(tokenizer)
     old_vocab = llm_config.vocab_size
     new_vocab = max(old_vocab, len(tokenizer))
     text_config = {**llm_config.to_dict(), "vocab_size": new_vocab}
@@ -398,7 +383,7 @@ def convert_llm_to_casa(
     recorded = options.recorded(config, vision_source=str(vision), added_tokens=missing_tokens)
     report = ConversionReport(str(llm), str(output), recorded)
     expected = _expected_shapes(config)
-    resize = _grow_rows(new_vocab) if new_vocab > old_vocab else None
+    resize = functools.partial(grow_rows, rows=new_vocab) if new_vocab > old_vocab else None
     with (
         CheckpointReader(llm) as llm_reader,
         CheckpointReader(vision) as vision_reader,
@@ -447,16 +432,6 @@ def convert_llm_to_casa(
             report.verification = verify_against_llm(llm, staging, old_vocab, exact=not options.shared)
             _write_report_files(staging, report, config.text_config.model_type)
     return report
-
-
-def _grow_rows(rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Embedding / LM-head rows for added tokens: the mean of the existing rows (a neutral start)."""
-
-    def grow(tensor: torch.Tensor) -> torch.Tensor:
-        extra = tensor.float().mean(0, keepdim=True).to(tensor.dtype).expand(rows - tensor.shape[0], -1)
-        return torch.cat([tensor, extra])
-
-    return grow
 
 
 def _generation_config(source: Path, config: CasaConfig) -> GenerationConfig:

@@ -36,6 +36,19 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Each image's markup and the default chat template's turn markers: single tokens of a CASA model's tokenizer.
+IMAGE_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def add_missing_tokens(tokenizer) -> list[str]:
+    """Add to a text LLM's `tokenizer`, as special tokens, those of `IMAGE_TOKENS` and `CHAT_TOKENS` it lacks, in
+    that order (their ids follow its vocabulary; their embedding rows start at the mean row, `casa_init.grow_rows`).
+    Returns the added tokens."""
+    missing = [token for token in IMAGE_TOKENS + CHAT_TOKENS if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    return missing
 
 
 class CasaProcessorKwargs(ProcessingKwargs, total=False):

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
+from ..casa_init import init_casa, llm_weights_for_vocab
 from ..configuration_casa import CasaConfig
-from ..convert import IMAGE_TOKENS
 from ..modeling_casa import CasaForConditionalGeneration
-from ..processing_casa import DEFAULT_CHAT_TEMPLATE, CasaProcessor
+from ..processing_casa import DEFAULT_CHAT_TEMPLATE, IMAGE_TOKENS, CasaProcessor, add_missing_tokens
 from .gguf_llm import load_gguf_llm, smollm2_gguf
 
 # SmolLM2's own default system prompt, which its chat template adds to chats without one. CASA-SmolLM2's template
@@ -72,9 +71,7 @@ def build_processor(tokenizer, image_size: int) -> CasaProcessor:
     """SmolLM2's tokenizer (+ the image tokens) and fixed square frames of `image_size` pixels."""
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
-    missing = [token for token in IMAGE_TOKENS if token not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    add_missing_tokens(tokenizer)  # the image tokens: SmolLM2 has the chat tokens
     area = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(min_pixels=area, max_pixels=area)
     return CasaProcessor(image_processor, tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, image_size=image_size)
@@ -106,34 +103,10 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
     if unexpected or any(".casa_" not in name for name in missing):
         raise RuntimeError(f"SmolLM2 weights do not fit: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    init_casa(model, copy_qkv=recipe.casa_init == "copy")
+    init_casa(model, recipe.casa_init)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), processor
-
-
-def llm_weights_for_vocab(llm, vocab_size: int) -> dict[str, torch.Tensor]:
-    """The state dict of `llm`'s base model with its embedding grown to `vocab_size` rows, the added tokens' rows
-    starting at the mean row (a VLM's image tokens appended to the LLM's tokenizer)."""
-    weights = llm.model.state_dict()
-    embed = weights["embed_tokens.weight"]
-    extra = embed.mean(0, keepdim=True).expand(vocab_size - embed.shape[0], -1)
-    weights["embed_tokens.weight"] = torch.cat([embed, extra])
-    return weights
-
-
-@torch.no_grad()
-def init_casa(model: CasaForConditionalGeneration, copy_qkv: bool) -> None:
-    """CASA norms copied from each block's SA norm, q/k/v copied from its SA (or left at their random init), output
-    projection zero: the model starts as its LLM."""
-    for layer in model.model.language_model.layers:
-        if not layer.has_casa:
-            continue
-        for name in ("q_proj", "k_proj", "v_proj") if copy_qkv else ():
-            getattr(layer.casa_attn, name).load_state_dict(getattr(layer.self_attn, name).state_dict())
-        nn.init.zeros_(layer.casa_attn.o_proj.weight)
-        layer.casa_input_layernorm.load_state_dict(layer.input_layernorm.state_dict())
-        layer.casa_image_layernorm.load_state_dict(layer.input_layernorm.state_dict())
 
 
 def is_added(name: str) -> bool:
