@@ -253,35 +253,39 @@ def test_train_command_rejects_bad_options(tmp_path, capsys, options, message):
 
 
 @pytest.mark.parametrize(
-    "holding,options,error,message",
+    "holding,options,message",
     [
-        ("config.json", [], FileExistsError, "already holds a trained model or checkpoints; pass --resume"),
-        ("checkpoint-5", [], FileExistsError, "to continue from its last checkpoint-N, or --overwrite"),
-        (None, ["--resume"], FileNotFoundError, "holds no checkpoint-N folder to resume from"),
-        (None, ["--fsdp", "--save-steps", "5"], ValueError, "save_steps and resume are not available with fsdp"),
-        (None, ["--kind", "insertion", "--recipe", "casa_only"], ValueError, "leaves nothing to train"),
-        (None, ["--trainable-vision-blocks", "4", "--recipe", "qwen"], ValueError, "must be within \\[0, 3\\]"),
+        ("config.json", [], "already holds a trained model or checkpoints; pass --resume"),
+        ("checkpoint-5", [], "to continue from its last checkpoint-N, or --overwrite"),
+        (None, ["--resume"], "holds no checkpoint-N folder to resume from"),
+        (None, ["--fsdp", "--save-steps", "5"], "save_steps and resume are not available with fsdp"),
+        (None, ["--kind", "insertion", "--recipe", "casa_only"], "leaves nothing to train"),
+        (None, ["--trainable-vision-blocks", "4", "--recipe", "qwen"], "must be within [0, 3]"),
     ],
 )
-def test_train_command_refuses_runs_that_would_go_wrong(tmp_path, holding, options, error, message):
+def test_train_command_refuses_runs_that_would_go_wrong(tmp_path, capsys, holding, options, message):
     """Before any training step: an output dir holding a run is neither overwritten nor resumed silently, and a
-    run that would train nothing (insertion models have no CASA sub-layers) says so."""
+    run that would train nothing (insertion models have no CASA sub-layers) says so, in one line (status 2)."""
     from casa_hf.cli import main
 
     if holding == "config.json":
         (tmp_path / holding).write_text("{}")
     elif holding:
         (tmp_path / holding).mkdir()
-    with pytest.raises(error, match=message):
+    with pytest.raises(SystemExit) as stop:
         main(["train", "--output-dir", str(tmp_path), "--image-size", "56", *options])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("casa-hf train: error: ") and message in err, err
+    assert err.count("\n") == 1 and not any(path.name.startswith("checkpoint-1") for path in tmp_path.iterdir())
 
 
-def test_global_batch_must_split_evenly_over_the_processes(tmp_path, monkeypatch):
+def test_global_batch_must_split_evenly_over_the_processes(tmp_path, monkeypatch, capsys):
     from casa_hf.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ValueError, match="batch_size=32 must be divisible by the 3 processes"):
+    with pytest.raises(SystemExit) as stop:
         main(["train", "--output-dir", str(tmp_path)])
+    assert stop.value.code == 2 and "batch_size=32 must be divisible by the 3 processes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe", ["qwen", "full", "casa_only"])

@@ -8,12 +8,8 @@ import argparse
 from pathlib import Path
 
 from .builtin_models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODEL, check_model, questions_for
+from .errors import OptionsError
 from .kyutai_release import UnsupportedCheckpointError
-
-
-class OptionsError(ValueError):
-    """Options that are each valid but do not go together."""
-
 
 # What a user gets wrong (a missing or existing path, a package not installed, a checkpoint casa_hf cannot load):
 # one line and status 2, as argparse answers a bad option. Anything else is a bug and keeps its traceback.
@@ -147,10 +143,7 @@ def run_train(args: argparse.Namespace) -> None:
         resume=args.resume,
         overwrite=args.overwrite,
     )
-    try:
-        config = TrainConfig(args.output_dir, **{name: value for name, value in options.items() if value is not None})
-    except ValueError as error:  # TrainConfig only checks its options here: nothing has run yet
-        raise OptionsError(str(error)) from error
+    config = TrainConfig(args.output_dir, **{name: value for name, value in options.items() if value is not None})
     model, processor, trainer = train(config)
     # every process of a launch leaves its process group here: a gloo group still alive at interpreter exit can
     # abort the process (SIGABRT) as its worker threads are torn down (FSDP's rank 0 scores the saved checkpoint)

@@ -6,6 +6,8 @@ import re
 
 from torch import nn
 
+from ..errors import OptionsError
+
 RECIPES = ("qwen", "full", "casa_only")
 
 
@@ -25,12 +27,12 @@ def apply_freezing_recipe(model: nn.Module, recipe: str, trainable_vision_blocks
     `trainable_vision_blocks=None` takes `default_trainable_vision_blocks` of the model's vision depth.
     """
     if recipe not in RECIPES:
-        raise ValueError(f"Unknown freezing recipe {recipe!r}; choose one of {RECIPES}")
+        raise OptionsError(f"Unknown freezing recipe {recipe!r}; choose one of {RECIPES}")
     depth = len(model.get_submodule("model.visual.blocks"))
     if trainable_vision_blocks is None:
         trainable_vision_blocks = default_trainable_vision_blocks(depth)
     if not 0 <= trainable_vision_blocks <= depth:
-        raise ValueError(f"trainable_vision_blocks={trainable_vision_blocks} must be within [0, {depth}]")
+        raise OptionsError(f"trainable_vision_blocks={trainable_vision_blocks} must be within [0, {depth}]")
     last_blocks = {str(i) for i in range(depth - trainable_vision_blocks, depth)}
 
     def trainable(name: str) -> bool:
@@ -48,7 +50,7 @@ def apply_freezing_recipe(model: nn.Module, recipe: str, trainable_vision_blocks
         parameter.requires_grad_(trainable(name))
         counts["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
     if counts["trainable"] == 0:
-        raise ValueError(
+        raise OptionsError(
             f"Freezing recipe {recipe!r} leaves nothing to train in {type(model).__name__}: it trains only CASA "
             "sub-layers (`.casa_*` parameters) and this model has none; use the `qwen` or `full` recipe"
         )

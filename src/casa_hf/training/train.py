@@ -18,6 +18,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.distributed import DistributedConfig
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..errors import OptionsError
 from ..processing_casa import CasaProcessor
 from ..random_models import ModelSize, random_casa, random_qwen2_5_vl, word_tokenizer
 from .collator import CasaDataCollator
@@ -84,13 +85,15 @@ class TrainConfig:
         self.size = self.size or ModelSize()
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise OptionsError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.save_steps < 0:
-            raise ValueError(f"save_steps must be >= 0 (0: no intermediate checkpoints), got {self.save_steps}")
+            raise OptionsError(f"save_steps must be >= 0 (0: no intermediate checkpoints), got {self.save_steps}")
         if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other: continue the run in output_dir, or replace it")
+            raise OptionsError(
+                "resume and overwrite exclude each other: continue the run in output_dir, or replace it"
+            )
         if self.fsdp and (self.save_steps or self.resume):
-            raise ValueError(
+            raise OptionsError(
                 "save_steps and resume are not available with fsdp: Transformers does not checkpoint the optimizer "
                 "state of a model it shards; train without them (the final model is saved in full)"
             )
@@ -130,11 +133,11 @@ def train(config: TrainConfig, model=None, processor: CasaProcessor | None = Non
     resume_from = _resume_checkpoint(config)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
     if config.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise ValueError(
+        raise OptionsError(
             "fsdp shards the model itself: launch it with torchrun, or drop it under an accelerate FSDP config"
         )
     if config.batch_size % world_size:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world_size} processes")
+        raise OptionsError(f"batch_size={config.batch_size} must be divisible by the {world_size} processes")
     processor = processor or build_processor(config.image_size)
     model = model or build_model(config.kind, processor, config.size, config.seed, config.image_positions)
     if config.recipe:
