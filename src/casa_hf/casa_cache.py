@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import (
     Cache,
+    CacheLayerMixin,
     DynamicCache,
     DynamicLayer,
     DynamicSlidingWindowLayer,
@@ -40,6 +41,11 @@ def front_aligned(
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, : int(valid.sum(1).max())]
     gather = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
     return keys.gather(2, gather), values.gather(2, gather), valid.gather(1, order)
+
+
+def kv_nbytes(layer: CacheLayerMixin) -> int:
+    """Memory of a cache layer's K/V, as allocated (all of a static layer)."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in (layer.keys, layer.values) if tensor is not None)
 
 
 @dataclass
@@ -415,9 +421,8 @@ class CasaLayerMixin:
             self.window.crop(tokens_to_remove)
 
     def nbytes(self) -> int:
-        """Memory of the block's text K/V (as allocated: all of a static layer) and of its CASA window."""
-        text = sum(tensor.numel() * tensor.element_size() for tensor in (self.keys, self.values) if tensor is not None)
-        return text + (self.window.nbytes() if self.window is not None else 0)
+        """Memory of the block's text K/V and of its CASA window."""
+        return kv_nbytes(self) + (self.window.nbytes() if self.window is not None else 0)
 
 
 class CasaDynamicLayer(CasaLayerMixin, DynamicLayer):

@@ -11,8 +11,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import Cache
 
-from .casa_cache import CasaCache, CasaWindowCache
+from .casa_cache import CasaCache, CasaLayerMixin, kv_nbytes
 from .processing_casa import load_image_input
 
 
@@ -47,9 +48,10 @@ class StreamStep:
     cache_bytes: int
 
 
-def cache_nbytes(cache: CasaWindowCache) -> int:
-    """Bytes held by a CASA cache: each block's text K/V and CASA window."""
-    return sum(layer.nbytes() for layer in cache.layers)
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes held by a cache: each layer's K/V and, in a CASA cache, each CASA block's window (the layers measure
+    themselves; a Transformers cache, such as the benchmarks' token-insertion baseline's, is measured by its K/V)."""
+    return sum(layer.nbytes() if isinstance(layer, CasaLayerMixin) else kv_nbytes(layer) for layer in cache.layers)
 
 
 class CasaStream:
