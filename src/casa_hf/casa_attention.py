@@ -192,7 +192,14 @@ def _to_windows(states: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor
     return flat[query_index].transpose(1, 2)
 
 
-def casa_window_mask_function(key_valid: torch.Tensor, prefix_width: int | torch.Tensor, with_text: bool) -> Callable:
+def attention_implementation(module: nn.Module) -> str:
+    """The attention backend a CASA layer runs on: its config's, or SDPA (Transformers' default) when none is set."""
+    return module.config._attn_implementation or "sdpa"
+
+
+def casa_window_mask_function(
+    key_valid: torch.Tensor, prefix_width: int | torch.Tensor, attends_text: bool
+) -> Callable:
     """The CASA window pattern over the window layout, as a Transformers mask function.
 
     `batch_idx` is a window, keys are `[prefix (image or cached window) | the window's text]` and `key_valid`
@@ -204,7 +211,7 @@ def casa_window_mask_function(key_valid: torch.Tensor, prefix_width: int | torch
     # flex_attention evaluates whole blocks of keys, past the last one: pad the table with unusable keys
     padding = -key_valid.shape[1] % _FLEX_BLOCK_SIZE
     padded = torch.nn.functional.pad(key_valid, (0, padding), value=False)
-    if with_text:
+    if attends_text:
         per_window = isinstance(prefix_width, torch.Tensor)
 
         def window_mask(batch_idx, head_idx, q_idx, kv_idx):
@@ -240,14 +247,15 @@ class CasaAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.mode = mode
+        # CASA's text part: a window's queries attend, causally, to the window's text as well as to its image
+        self.attends_text = mode == "casa"
         self.shared = shared
         # Plain cross-attention has no keys in a window without an image: no update there either
-        self.updates_image_windows_only = skip_text_only_windows or mode != "casa"
+        self.updates_image_windows_only = skip_text_only_windows or not self.attends_text
         self.head_dim = self_attn.head_dim
         self.num_key_value_groups = self_attn.num_key_value_groups
         self.scaling = self_attn.scaling
         self.attention_dropout = getattr(self_attn, "attention_dropout", 0.0)
-        self.is_causal = mode == "casa"
         self.backbone = BACKBONES[config.model_type]
         if not shared:
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -315,8 +323,7 @@ def casa_window_attention(
     `step_masks` for the next CASA layers."""
     if windows is None:
         return _continue_cached_windows(module, query, key, value, cache_window, step_masks)
-    with_text = module.mode == "casa"
-    implementation = module.config._attn_implementation or "sdpa"
+    implementation = attention_implementation(module)
     varlen = is_flash_attention_requested(requested_attention_implementation=implementation)
     dropout = module.attention_dropout if module.training else 0.0
     past = cache_window.read() if cache_window is not None else None
@@ -333,7 +340,7 @@ def casa_window_attention(
         source = windows.prefix_source[rows]
         keys, values = bank.keys[source, :, :width], bank.values[source, :, :width]
         key_valid = bank.valid[source, :width]
-        if with_text:
+        if module.attends_text:
             keys = torch.cat([keys, _to_windows(key, query_index)], dim=2)
             values = torch.cat([values, _to_windows(value, query_index)], dim=2)
             key_valid = torch.cat([key_valid, token_valid], dim=1)
@@ -360,7 +367,7 @@ def casa_window_attention(
     if output is None:  # no window is updated: text before any image (cross-attention, or skipped)
         output = query.new_zeros(batch * seq_len, heads, head_dim)
     if cache_window is not None:
-        _store_last_windows(cache_window, windows, bank, key, value, with_text)
+        _store_last_windows(cache_window, windows, bank, key, value, module.attends_text)
     if image_weights is not None:
         image_weights = image_weights.view(batch, seq_len, heads, -1).transpose(1, 2)
     return output.view(batch, seq_len, heads, head_dim), image_weights
@@ -376,10 +383,10 @@ def _continue_cached_windows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The decode step: no image, no padding, every sample goes on in its cached window. Its queries attend to the
     stored window plus the new text directly, one row per sample, with no window bookkeeping."""
-    stored = cache_window.append_text(key, value, module.mode == "casa")
+    stored = cache_window.append_text(key, value, module.attends_text)
     if stored.keys.shape[2] == 0:  # cross-attention before any image: no key to attend to, no update (flex fails)
         output = query.new_zeros(query.transpose(1, 2).shape)
-        eager = (module.config._attn_implementation or "sdpa") == "eager"  # the backend that returns weights
+        eager = attention_implementation(module) == "eager"  # the backend that returns weights
         return output, query.new_zeros(*query.shape[:3], 0) if eager else None
     # one query per sample over windows without unused slots sees every key: no mask to build
     key_valid = None if stored.all_valid and query.shape[2] == 1 else stored.valid
@@ -407,14 +414,14 @@ def _masked_attention(
     """Rows of `[prefix | text]` keys through the model's attention backend, the CASA window pattern as its mask
     (none when `key_valid` is None: every query sees every key). A mask found in `masks` under the backend's name is
     used as it is; one built here is put there."""
-    implementation = module.config._attn_implementation or "sdpa"
+    implementation = attention_implementation(module)
     attention_mask = None if masks is None else masks.get(implementation)
     if key_valid is not None and attention_mask is None:
         attention_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
             batch_size=queries.shape[0],
             q_length=queries.shape[2],
             kv_length=keys.shape[2],
-            mask_function=casa_window_mask_function(key_valid, prefix_width, module.mode == "casa"),
+            mask_function=casa_window_mask_function(key_valid, prefix_width, module.attends_text),
             allow_is_causal_skip=False,
             dtype=queries.dtype,
             device=queries.device,
@@ -443,13 +450,13 @@ def _store_last_windows(
     bank: _PrefixBank,
     key: torch.Tensor,
     value: torch.Tensor,
-    with_text: bool,
+    attends_text: bool,
 ) -> None:
     """Each sample's last window (its image, or the continued cached window, plus its text) goes to the cache."""
     last = windows.last_window
     source = windows.prefix_source[last]
     keys, values, valid = bank.keys[source], bank.values[source], bank.valid[source]
-    if with_text:
+    if attends_text:
         query_index = windows.query_index[last]
         keys = torch.cat([keys, _to_windows(key, query_index)], dim=2)
         values = torch.cat([values, _to_windows(value, query_index)], dim=2)
@@ -491,7 +498,7 @@ def _varlen_window_attention(
         None,
         dropout=dropout,
         scaling=module.scaling,
-        is_causal=module.mode == "casa",
+        is_causal=module.attends_text,
         cu_seq_lens_q=cu_q,
         cu_seq_lens_k=cu_k,
         max_length_q=int(query_counts.max()),

@@ -156,12 +156,12 @@ class CasaWindow:
         leading_gap = valid.shape[1] > 0 and not bool(valid[:, 0].all())
         self._write(key_states, value_states, valid, image_tokens, text_tokens, compact=images_padded or leading_gap)
 
-    def append_text(self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool) -> StoredWindows:
+    def append_text(self, key_states: torch.Tensor, value_states: torch.Tensor, attends_text: bool) -> StoredWindows:
         """Every sample's window goes on with the chunk's text (no image, no padding): the decode step. The text K/V
         are added after the stored slots when the window attends to its text (CASA; cross-attention only counts it).
         Returns the windows, the chunk's first slot being the same for every sample here."""
         new, first_new_slot = key_states.shape[-2], self.keys.shape[-2]
-        if with_text:
+        if attends_text:
             self._append_text_slots(key_states, value_states)
         self.text_tokens = self.text_tokens + new
         return self._stored(first_new_slot)
@@ -327,11 +327,11 @@ class CasaStaticWindow(CasaWindow):
         self.image_tokens.copy_(image_tokens)
         self.text_tokens.copy_(text_tokens)
 
-    def append_text(self, key_states: torch.Tensor, value_states: torch.Tensor, with_text: bool) -> StoredWindows:
+    def append_text(self, key_states: torch.Tensor, value_states: torch.Tensor, attends_text: bool) -> StoredWindows:
         """The decode step, in place: each sample's text K/V go to its next free slots (`used` onwards)."""
         new = key_states.shape[-2]
         first_new_slot = self.used.clone()
-        if with_text:
+        if attends_text:
             if not is_torchdynamo_compiling():  # compiled steps trust the sizes generate() chose
                 if self.longest_window + new > self.max_slots:
                     raise ValueError(

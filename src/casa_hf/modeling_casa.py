@@ -137,7 +137,7 @@ class CasaPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": CasaDecoderLayer,
-        # the backbone's self-attention modules (of whichever class) and the CASA sub-layers, their weights second
+        # each block's self-attention module (found by its name, whatever the backbone's class), its weights second
         "attentions": OutputRecorder(target_class=None, index=1, class_name="self_attn"),
         # CASA's weights on image tokens (its cross-attention part), with `output_attentions` as for built-in models
         "cross_attentions": OutputRecorder(target_class=CasaAttention, index=1),
