@@ -22,18 +22,20 @@ class InsertionStream(CasaStream):
         # like CASA (whose generation config suppresses it), the baseline never generates its image token
         model.generation_config.suppress_tokens = [model.config.image_token_id]
 
-    def _new_cache(self) -> DynamicCache:
+    def new_cache(self) -> DynamicCache:
         return DynamicCache()
 
-    def _encode_turn(self, frame, text):
-        input_ids, pixel_values, grid = super()._encode_turn(frame, text)
+    def encode_frame(self, image, turn):
+        encoded = self.processor(images=[image], text=turn, add_special_tokens=False, return_tensors="pt")
+        input_ids, pixel_values = encoded["input_ids"], encoded["pixel_values"]
+        grid = encoded.get("image_grid_thw")  # Idefics3's processor gives none: it expands its image tokens itself
         if grid is not None:
             tokens_per_image = int(grid.prod()) // 4
-            image = self.processor.image_token_id
+            image_token = self.processor.image_token_id
             expanded = [
                 t
                 for token in input_ids[0].tolist()
-                for t in ([token] * tokens_per_image if token == image else [token])
+                for t in ([token] * tokens_per_image if token == image_token else [token])
             ]
             input_ids = torch.tensor([expanded])
         return input_ids, pixel_values, grid
@@ -65,13 +67,13 @@ def median(values) -> float:
 class TextOnlyStream(CasaStream):
     """The bare text LLM through the same loop: frames are skipped, only their text is fed (the floor)."""
 
-    def _new_cache(self) -> DynamicCache:
+    def new_cache(self) -> DynamicCache:
         return DynamicCache()
 
-    def _encode_turn(self, frame, text):
+    def encode_turn(self, frame, text):
         if frame is not None:  # the frame's turn without its image
             text = self.frame_prefix + (text or self.prompt or "") + self.frame_text
-        return super()._encode_turn(None, text)
+        return super().encode_turn(None, text)
 
 
 def idefics3_on(

@@ -17,14 +17,14 @@ CHILD = """
 import sys, json
 from pathlib import Path
 import casa_hf
-from casa_hf.convert import convert_qwen2_5_vl_to_casa, _expected_shapes
+from casa_hf.convert import convert_qwen2_5_vl_to_casa, expected_shapes
 from transformers import AutoConfig
 source, output, mode, shard = sys.argv[1:5]
 if mode == "baseline":
     config = AutoConfig.from_pretrained(source)  # imports + config + meta model, no tensors
-    from casa_hf.convert import _text_config_from_qwen2_5_vl
+    from casa_hf.convert import text_config_from_qwen2_5_vl
     from casa_hf import CasaConfig
-    _expected_shapes(CasaConfig(text_config=_text_config_from_qwen2_5_vl(config),
+    expected_shapes(CasaConfig(text_config=text_config_from_qwen2_5_vl(config),
                                 vision_config=config.vision_config.to_dict(), image_token_id=config.image_token_id,
                                 vision_start_token_id=config.vision_start_token_id,
                                 vision_end_token_id=config.vision_end_token_id))

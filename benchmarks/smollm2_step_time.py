@@ -21,7 +21,7 @@ import torch
 
 from casa_hf.smollm2.model import CasaSmolLM2Recipe, build_casa_smollm2, freeze_smollm2
 from casa_hf.smollm2.natural_vqa import NaturalVQA
-from casa_hf.smollm2.train import _AnswerOnlyLossTrainer, frozen_prefix
+from casa_hf.smollm2.train import AnswerOnlyLossTrainer, frozen_prefix
 from casa_hf.training.collator import CasaDataCollator
 
 LAYOUTS = {
@@ -42,7 +42,7 @@ def step_seconds(casa_layers: tuple[int, ...], batch: dict, steps: int) -> tuple
     with frozen_prefix(model) as trainer.prefix:
         for _ in range(steps + 1):  # the first step warms up (and fills the frozen prefix's store)
             start = time.perf_counter()
-            loss = _AnswerOnlyLossTrainer.compute_loss(trainer, model, dict(batch))
+            loss = AnswerOnlyLossTrainer.compute_loss(trainer, model, dict(batch))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()

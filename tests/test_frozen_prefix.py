@@ -7,7 +7,7 @@ from tiny import IMAGE_TOKEN, random_images, random_text, tiny_config
 
 from casa_hf import CasaForConditionalGeneration
 from casa_hf.smollm2.model import freeze_smollm2
-from casa_hf.smollm2.train import _AnswerOnlyLossTrainer, frozen_prefix
+from casa_hf.smollm2.train import AnswerOnlyLossTrainer, frozen_prefix
 from casa_hf.training.collator import IGNORE_INDEX
 
 
@@ -33,11 +33,11 @@ class NoPrefix:
     """Stands in for the trainer: what `compute_loss` reads of it."""
 
     prefix = None
-    _distillation = _AnswerOnlyLossTrainer._distillation
+    distillation_loss = AnswerOnlyLossTrainer.distillation_loss
 
 
 def loss_and_grads(model, inputs, trainer=None) -> tuple[torch.Tensor, dict]:
-    loss = _AnswerOnlyLossTrainer.compute_loss(trainer or NoPrefix(), model, dict(inputs))
+    loss = AnswerOnlyLossTrainer.compute_loss(trainer or NoPrefix(), model, dict(inputs))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()

@@ -73,7 +73,7 @@ def _rename(name: str, tables) -> str | None:
     return None
 
 
-def _expected_shapes(config: CasaConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: CasaConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the target model's tensors, from a weightless (meta) instance."""
     with torch.device("meta"):
         model = CasaForConditionalGeneration(config)
@@ -198,7 +198,7 @@ def _write(
     report.dropped.update(plan.dropped)
 
 
-def _text_config_from_qwen2_5_vl(source: PreTrainedConfig) -> dict:
+def text_config_from_qwen2_5_vl(source: PreTrainedConfig) -> dict:
     """The Qwen2 text config equivalent to Qwen2.5-VL's language model on text-only input.
 
     M-RoPE with identical position rows (what text-only tokens get) is plain 1-D RoPE with the same base.
@@ -301,7 +301,7 @@ def convert_qwen2_5_vl_to_casa(
     if source_config.model_type != "qwen2_5_vl":
         raise ValueError(f"{source} is a {source_config.model_type!r} checkpoint, not 'qwen2_5_vl'")
     config = CasaConfig(
-        text_config=_text_config_from_qwen2_5_vl(source_config),
+        text_config=text_config_from_qwen2_5_vl(source_config),
         vision_config=source_config.vision_config.to_dict(),
         casa_layers=options.casa_layers,
         casa_shared=options.shared,
@@ -312,7 +312,7 @@ def convert_qwen2_5_vl_to_casa(
     )
     config.dtype = _parse_dtype(options.dtype) or source_config.dtype  # what `from_pretrained` loads by default
     report = ConversionReport(str(source), str(output), options.recorded(config))
-    expected = _expected_shapes(config)
+    expected = expected_shapes(config)
     with CheckpointReader(source) as reader, staged_output(output, options.overwrite) as staging:
         plan = _Plan()
         unknown = plan.carry(reader, TEXT_RENAMES + VISION_RENAMES, tied=config.tie_word_embeddings)
@@ -382,7 +382,7 @@ def convert_llm_to_casa(
     config.dtype = _parse_dtype(options.dtype) or llm_config.dtype
     recorded = options.recorded(config, vision_source=str(vision), added_tokens=missing_tokens)
     report = ConversionReport(str(llm), str(output), recorded)
-    expected = _expected_shapes(config)
+    expected = expected_shapes(config)
     resize = functools.partial(grow_rows, rows=new_vocab) if new_vocab > old_vocab else None
     with (
         CheckpointReader(llm) as llm_reader,

@@ -122,7 +122,7 @@ class CasaStream:
 
     def reset(self) -> None:
         """Forget everything: a fresh cache, no pending token, frame counter at zero."""
-        self.cache = self._new_cache()
+        self.cache = self.new_cache()
         self._pending: list[int] = []
         self._steps = 0
         self.evicted_tokens = 0
@@ -130,7 +130,7 @@ class CasaStream:
         self._exchange: list[dict] = []
         self._fed_text = ""
 
-    def _new_cache(self) -> CasaCache:
+    def new_cache(self) -> CasaCache:
         return CasaCache()
 
     def feed(
@@ -144,7 +144,7 @@ class CasaStream:
         """
         if frame is None and not text:
             raise ValueError("feed() needs a frame or some text")
-        input_ids, pixel_values, grid = self._encode_turn(frame, text)
+        input_ids, pixel_values, grid = self.encode_turn(frame, text)
         input_ids = torch.cat([torch.tensor([self._pending], dtype=torch.long), input_ids], dim=1)
         step = self._generate(input_ids, pixel_values, grid, max_new_tokens or self.max_new_tokens, streamer)
         if self.chat_template:
@@ -159,19 +159,23 @@ class CasaStream:
         turn = self._turn_text(image, text)
         return self._pending + self.processor.tokenizer(turn, add_special_tokens=False)["input_ids"]
 
-    def _encode_turn(self, frame, text: str | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Token ids (one image token per frame) and pixels of one turn."""
-        images = None if frame is None else [load_image_input(frame)]
-        turn = self._turn_text(images is not None, text)
-        if images is None:
+    def encode_turn(self, frame, text: str | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Token ids (one image token per frame), pixels and image grid of one turn, as `feed` runs it."""
+        image = None if frame is None else load_image_input(frame)  # a bad frame fails before any state changes
+        turn = self._turn_text(image is not None, text)
+        if image is None:
             return (
                 self.processor.tokenizer(turn, add_special_tokens=False, return_tensors="pt")["input_ids"],
                 None,
                 None,
             )
-        encoded = self.processor(images=images, text=turn, add_special_tokens=False, return_tensors="pt")
-        # processors of fixed-size images (Idefics3's) give no grid: the model infers it from the pixels
-        return encoded["input_ids"], encoded["pixel_values"], encoded.get("image_grid_thw")
+        return self.encode_frame(image, turn)
+
+    def encode_frame(self, image, turn: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A frame's turn through the processor. Streams of other models (the token-insertion baselines of
+        `benchmarks/`) override it with their processor's way."""
+        encoded = self.processor(images=[image], text=turn, add_special_tokens=False, return_tensors="pt")
+        return encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"]
 
     def _turn_text(self, image: bool, text: str | None) -> str:
         return (self._chat_turn if self.chat_template else self._raw_turn)(image, text)

@@ -166,7 +166,11 @@ class DistillingCollator(CasaDataCollator):
         return batch
 
 
-class _AnswerOnlyLossTrainer(Trainer):
+class AnswerOnlyLossTrainer(Trainer):
+    """The Trainer with CASA-SmolLM2's loss: cross-entropy on answer tokens only through the LM head (49k rows) of
+    those rows alone, distillation from the LLM itself on prose rows (`distillation_loss`); `prefix` is the frozen
+    blocks' cache (`FrozenPrefix`), told each batch's ids."""
+
     prefix: FrozenPrefix | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -185,11 +189,11 @@ class _AnswerOnlyLossTrainer(Trainer):
         if distill is None:
             loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
         else:  # the Trainer's token count is the labels'; here prose tokens count too
-            divergence, distilled = self._distillation(wrapped, inputs, hidden, distill)
+            divergence, distilled = self.distillation_loss(wrapped, inputs, hidden, distill)
             loss = (loss + divergence) / (keep.sum() + distilled)
         return (loss, logits) if return_outputs else loss
 
-    def _distillation(self, wrapped, inputs: dict, hidden: torch.Tensor, distill: torch.Tensor):
+    def distillation_loss(self, wrapped, inputs: dict, hidden: torch.Tensor, distill: torch.Tensor):
         """KL divergence, summed over the distilled rows' positions from their image on (all positions of a row
         without one), from the LLM's own next-token distribution on the same tokens (the model without CASA or SA
         LoRA) to the model's; and the number of positions."""
@@ -228,7 +232,7 @@ def train_answers(model, processor, dataset, arguments: TrainingArguments, callb
     """Train `model`'s trainable parameters (or a PEFT model's adapters) on `dataset` with the loss on answer tokens
     only (prose examples: on their text after the image, distilled from the LLM alone), the frozen blocks below the
     lowest CASA layer computed once per distinct sequence (`FrozenPrefix`)."""
-    trainer = _AnswerOnlyLossTrainer(
+    trainer = AnswerOnlyLossTrainer(
         model=model,
         args=arguments,
         train_dataset=dataset,
