@@ -124,7 +124,7 @@ class Engine:
         """Run `fn(*args, streamer=...)` on the inference thread; its text, then None or the exception, on a queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        streamer = TokenStreamer(self.tokenizer._tokenizer, loop, queue)
+        streamer = TokenStreamer(self.tokenizer.backend_tokenizer, loop, queue)
 
         def run() -> None:
             try:
