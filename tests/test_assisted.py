@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from test_cache import TOLERANCE, conversation, incremental_logits
-from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
+from tiny import IMAGE_TOKEN, conversation, incremental_logits, random_images, random_text, tiny_model
 
 from casa_hf import CasaDynamicLayer
+
+TOLERANCE = 1e-4
 
 
 @pytest.mark.parametrize("mode", ["casa", "cross_attention"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import varlen  # noqa: F401  (registers the flash_varlen_reference stand-in)
 from reference import reference_casa_window_attention
-from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
+from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model, two_left_padded_samples
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import casa_hf.casa_attention as casa_attention
@@ -12,25 +12,13 @@ import casa_hf.casa_attention as casa_attention
 TOLERANCE = 1e-4
 
 
-def batch_inputs():
-    """Two left-padded samples: one with two images of different sizes, one with text, then one image."""
-    first = random_text(3, 1) + [IMAGE_TOKEN] + random_text(4, 2) + [IMAGE_TOKEN] + random_text(3, 3)
-    second = random_text(6, 4) + [IMAGE_TOKEN] + random_text(2, 5)
-    width = max(len(first), len(second))
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for row, tokens in enumerate((first, second)):
-        ids[row, width - len(tokens) :] = torch.tensor(tokens)
-        mask[row, width - len(tokens) :] = 1
-    pixel_values, grid = random_images([(4, 4), (4, 6), (2, 4)])
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid)
-
-
 @pytest.mark.parametrize("mode", ["casa", "cross_attention", "casa_skipping_text_only_windows"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention", "flash_varlen_reference"])
+@pytest.mark.parametrize(
+    "attn", ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow), "flash_varlen_reference"]
+)
 def test_backend_matches_reference(monkeypatch, mode, attn):
     """Fast path on `attn` against eager text attention + the loop reference for CASA, on the same weights."""
-    inputs = batch_inputs()
+    inputs = two_left_padded_samples()
     options = dict(casa_attention="casa", casa_text_only_windows="skip") if mode.endswith("windows") else {}
     options = options or dict(casa_attention=mode)
     model = tiny_model(attn=attn, **options)
@@ -99,7 +87,7 @@ def test_prefill_cost_follows_window_sizes(monkeypatch):
 def test_attention_weights_against_the_reference(monkeypatch, mode):
     """`output_attentions=True` (eager): the backbone's self-attention weights per block, and CASA's weights on the
     image each token sees (`cross_attentions`), against the loop reference; cached decoding reports the same."""
-    inputs = batch_inputs()
+    inputs = two_left_padded_samples()
     model = tiny_model(attn="eager", casa_attention=mode)
     with torch.no_grad():
         fast = model(**inputs, output_attentions=True)

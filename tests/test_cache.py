@@ -7,7 +7,15 @@ import traceback
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, random_images, random_text, tiny_config, tiny_model
+from tiny import (
+    IMAGE_TOKEN,
+    conversation,
+    incremental_logits,
+    random_images,
+    random_text,
+    tiny_config,
+    tiny_model,
+)
 from transformers.cache_utils import Cache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -15,42 +23,6 @@ from casa_hf import CasaCache, CasaDynamicLayer, CasaStaticCache, CasaStaticLaye
 from casa_hf.casa_cache import CasaDynamicSlidingWindowLayer, CasaStaticSlidingWindowLayer
 
 TOLERANCE = 1e-4
-
-
-def conversation(num_images: int, seed: int = 0):
-    """Text with `num_images` images mid-conversation (some windows long, one image right after another)."""
-    tokens, grids = random_text(9, seed), []
-    for i in range(num_images):
-        tokens += [IMAGE_TOKEN] + random_text(1 + (3 * i + seed) % 5, seed + i + 1)
-        grids.append([(4, 4), (2, 4), (4, 6)][i % 3])
-    pixel_values, grid_thw = random_images(grids, seed)
-    return torch.tensor([tokens]), pixel_values, grid_thw
-
-
-def image_slices(input_ids, pixel_values, grid_thw, start, end):
-    """Pixels and grids of the images whose placeholder falls in `input_ids[:, start:end]`."""
-    before = int((input_ids[0, :start] == IMAGE_TOKEN).sum())
-    inside = int((input_ids[0, start:end] == IMAGE_TOKEN).sum())
-    if inside == 0:
-        return None, None
-    patches = grid_thw.prod(-1)
-    first = int(patches[:before].sum())
-    last = first + int(patches[before : before + inside].sum())
-    return pixel_values[first:last], grid_thw[before : before + inside]
-
-
-def incremental_logits(model, input_ids, pixel_values, grid_thw, chunks):
-    """Feed the conversation in chunks of the given sizes through one persistent cache."""
-    cache, logits, start = CasaCache(), [], 0
-    for size in chunks:
-        end = start + size
-        pv, grid = image_slices(input_ids, pixel_values, grid_thw, start, end)
-        out = model(
-            input_ids=input_ids[:, start:end], pixel_values=pv, image_grid_thw=grid, cache=cache, use_cache=True
-        )
-        logits.append(out.logits)
-        cache, start = out.cache, end
-    return torch.cat(logits, dim=1), cache
 
 
 @pytest.mark.parametrize(
@@ -423,7 +395,7 @@ def test_key_shift_refuses_scaled_rope(rope_type):
         language_model.shift_key_positions(torch.randn(1, 2, 6, 16), -3)
 
 
-@pytest.mark.parametrize("attn", ["eager", "flex_attention"])
+@pytest.mark.parametrize("attn", ["eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
 def test_cross_attention_decodes_before_the_first_image(attn):
     """A cross-attention window before any image holds no key: decode steps there give no update, on every backend
     (flex_attention cannot run over zero keys)."""

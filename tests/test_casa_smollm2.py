@@ -14,12 +14,13 @@ from casa_hf import CasaForConditionalGeneration
 from casa_hf.cli import main
 from casa_hf.smollm2.assembly import SHIPPED_WEIGHTS, assembled_folder
 from casa_hf.smollm2.demo import CHANGE_QUESTIONS, run_natural_demo
-from casa_hf.smollm2.gguf_llm import load_gguf_llm, smollm2_gguf
 from casa_hf.smollm2.model import load_added_weights, recipe_from_file
 from casa_hf.smollm2.natural_vqa import answer_word, grade
 from casa_hf.smollm2.train import FIXED_TEST_SET, evaluate_natural, held_out_natural
 from casa_hf.streaming import CasaStream, TextBudget
 from casa_hf.training.synthetic_vqa import random_scene, render
+
+pytestmark = pytest.mark.slow  # the real SmolLM2, CASA-SmolLM2 assembled
 
 # KL(SmolLM2 || model) of the next token at any position of a text-only chat, in nats (measured 0.046 at most)
 LORA_TEXT_KL = 0.1
@@ -111,7 +112,7 @@ def test_readme_stream_answers_each_frame_and_a_text_turn(loaded):
     assert "Paris" in answer, answer
 
 
-def test_text_only_chats_are_smollm2s(loaded):
+def test_text_only_chats_are_smollm2s(loaded, smollm2):
     """No image, no CASA update (`casa_text_only_windows="skip"`): the model's text LLM exactly, and that is SmolLM2
     (the installed GGUF's, loaded on its own): the same logits over its vocabulary, or, where the recipe merges a LoRA
     into SmolLM2's self-attention (distilled from SmolLM2 on text), the same answer and next-token distributions
@@ -121,7 +122,7 @@ def test_text_only_chats_are_smollm2s(loaded):
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
-    smollm2, _ = load_gguf_llm(smollm2_gguf())
+    smollm2, _ = smollm2
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
         logits = model(**inputs).logits

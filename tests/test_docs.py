@@ -65,7 +65,13 @@ def test_the_readme_test_command_sets_up_what_the_tests_need():
     assert script.strip().splitlines()[-1] == "python -m pytest tests"
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if page_steps(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
+def _page_param(page: Path):
+    """A page that loads the real SmolLM2 (`casa-smollm2`) is slow."""
+    slow = "casa-smollm2" in "".join(code for _, code in page_steps(page))
+    return pytest.param(page, marks=pytest.mark.slow if slow else (), id=page.relative_to(ROOT).as_posix())
+
+
+@pytest.mark.parametrize("page", [_page_param(p) for p in PAGES if page_steps(p)])
 def test_page_runs_as_written(page, tmp_path):
     steps = tmp_path / "steps.json"
     steps.write_text(json.dumps(page_steps(page)))

@@ -15,6 +15,8 @@ from casa_hf.builtin_models import resolve_model
 from casa_hf.smollm2.natural_vqa import NaturalVQA
 from casa_hf.training.collator import CasaDataCollator
 
+pytestmark = pytest.mark.slow  # the real SmolLM2, LoRA training
+
 
 def load_example():
     path = Path(__file__).resolve().parents[1] / "examples" / "finetune_lora.py"

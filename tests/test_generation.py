@@ -2,32 +2,10 @@
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
+from tiny import IMAGE_TOKEN, left_pad, random_images, random_text, samples, tiny_model
 from transformers import TextStreamer
 
 from casa_hf import CasaCache
-
-
-def left_pad(rows):
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
-def samples():
-    """Three prompts with different images per sample: two images, none, one."""
-    rows = [
-        random_text(3, 1) + [IMAGE_TOKEN] + random_text(4, 2) + [IMAGE_TOKEN] + random_text(2, 3),
-        random_text(5, 4),
-        random_text(2, 5) + [IMAGE_TOKEN] + random_text(6, 6),
-    ]
-    grids = [[(4, 4), (2, 4)], [], [(4, 6)]]
-    images = [random_images(g, seed=i) if g else (None, None) for i, g in enumerate(grids)]
-    return rows, images
 
 
 def test_batched_left_padded_generation_equals_per_sample():

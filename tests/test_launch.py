@@ -14,6 +14,8 @@ from transformers import AutoModelForImageTextToText
 
 from casa_hf.training.train import RUN_SUMMARY, ModelSize, build_model, build_processor
 
+pytestmark = pytest.mark.slow  # torchrun
+
 # global batch 4, 56-px images, 3 steps at a constant learning rate: checkpoints after step 2
 TRAIN = [
     "train",
@@ -73,6 +75,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(one_proce
 LEAVES_ITS_PROCESS_GROUP = """
 import sys, torch.distributed as dist
 from casa_hf.cli import main
+
 destroy, destroyed = dist.destroy_process_group, []
 dist.destroy_process_group = lambda *a, **k: destroyed.append(dist.get_world_size()) or destroy(*a, **k)
 main(sys.argv[1:])

@@ -3,8 +3,7 @@ generation agree with float32 on the same weights, within bfloat16's precision (
 
 import pytest
 import torch
-from test_attention import batch_inputs  # also registers the `flash_varlen_reference` flash-attention stand-in
-from tiny import tiny_model
+from tiny import tiny_model, two_left_padded_samples  # tiny also registers the flash_varlen_reference stand-in
 
 LOSS_TOLERANCE = 1e-3  # relative
 GRADIENT_TOLERANCE = 0.05  # relative, per parameter tensor
@@ -25,7 +24,7 @@ def loss_and_gradients(model, inputs: dict, autocast: bool) -> tuple[torch.Tenso
 )
 def test_bf16_autocast_training_step_matches_fp32(mode, attn):
     model = tiny_model(attn=attn, casa_attention=mode).train()
-    inputs = batch_inputs()
+    inputs = two_left_padded_samples()
     reference_loss, reference = loss_and_gradients(model, inputs, autocast=False)
     loss, gradients = loss_and_gradients(model, inputs, autocast=True)
     assert abs(loss - reference_loss) <= LOSS_TOLERANCE * reference_loss
@@ -41,7 +40,7 @@ def test_bf16_autocast_generation_matches_fp32_forward():
     """Cached greedy decoding under autocast (prefill with images, then one token at a time): the logits of every
     step equal, within bfloat16 precision, those of one float32 forward over the whole generated sequence."""
     model = tiny_model(attn="sdpa")
-    inputs = batch_inputs()
+    inputs = two_left_padded_samples()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.generate(
             **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True

@@ -4,7 +4,7 @@ LLM without it."""
 
 import torch
 from safetensors.torch import save_file
-from test_frozen_prefix import NoPrefix, loss_and_grads, model_with_casa_on_top
+from smollm2_training import NoPrefix, loss_and_grads, model_with_casa_on_top
 from tiny import IMAGE_TOKEN, random_images, random_text
 
 from casa_hf import CasaForConditionalGeneration

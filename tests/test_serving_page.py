@@ -25,6 +25,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from casa_hf.training.synthetic_vqa import Scene, render
 
+pytestmark = pytest.mark.slow  # headless Chromium
+
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ("red", "green", "blue", "yellow")
 

@@ -8,10 +8,7 @@ from transformers import AutoModel, AutoTokenizer
 from casa_hf.cli import main
 from casa_hf.smollm2.gguf_llm import SMOLLM2_INSTALL, load_gguf_llm, smollm2_gguf
 
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_gguf_llm(smollm2_gguf())
+pytestmark = pytest.mark.slow  # the real SmolLM2
 
 
 def chat_ids(tokenizer, question: str) -> torch.Tensor:

@@ -3,8 +3,7 @@ that `torch.compile(fullgraph=True)` compiles once (no recompiles across steps o
 
 import pytest
 import torch
-from test_generation import left_pad, samples
-from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model
+from tiny import IMAGE_TOKEN, left_pad, random_images, random_text, samples, tiny_model
 from transformers import CompileConfig
 
 from casa_hf import CasaCache, CasaStaticCache, CasaStaticLayer, CasaStaticWindow

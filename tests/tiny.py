@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from varlen import STAND_INS
 
-from casa_hf import CasaConfig, CasaForConditionalGeneration
+from casa_hf import CasaCache, CasaConfig, CasaForConditionalGeneration
 
 IMAGE_TOKEN = 150
 VOCAB = 200
@@ -199,3 +199,78 @@ def save_tiny_llm(folder, backbone="llama", seed=0, tie=False, vocab_size=120):
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     ).save_pretrained(folder)
     return model
+
+
+# Inputs several test modules share
+
+
+def left_pad(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def samples():
+    """Three prompts with different images per sample: two images, none, one."""
+    rows = [
+        random_text(3, 1) + [IMAGE_TOKEN] + random_text(4, 2) + [IMAGE_TOKEN] + random_text(2, 3),
+        random_text(5, 4),
+        random_text(2, 5) + [IMAGE_TOKEN] + random_text(6, 6),
+    ]
+    grids = [[(4, 4), (2, 4)], [], [(4, 6)]]
+    images = [random_images(g, seed=i) if g else (None, None) for i, g in enumerate(grids)]
+    return rows, images
+
+
+def two_left_padded_samples():
+    """Two left-padded samples: one with two images of different sizes, one with text, then one image."""
+    first = random_text(3, 1) + [IMAGE_TOKEN] + random_text(4, 2) + [IMAGE_TOKEN] + random_text(3, 3)
+    second = random_text(6, 4) + [IMAGE_TOKEN] + random_text(2, 5)
+    width = max(len(first), len(second))
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, tokens in enumerate((first, second)):
+        ids[row, width - len(tokens) :] = torch.tensor(tokens)
+        mask[row, width - len(tokens) :] = 1
+    pixel_values, grid = random_images([(4, 4), (4, 6), (2, 4)])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid)
+
+
+def conversation(num_images: int, seed: int = 0):
+    """Text with `num_images` images mid-conversation (some windows long, one image right after another)."""
+    tokens, grids = random_text(9, seed), []
+    for i in range(num_images):
+        tokens += [IMAGE_TOKEN] + random_text(1 + (3 * i + seed) % 5, seed + i + 1)
+        grids.append([(4, 4), (2, 4), (4, 6)][i % 3])
+    pixel_values, grid_thw = random_images(grids, seed)
+    return torch.tensor([tokens]), pixel_values, grid_thw
+
+
+def image_slices(input_ids, pixel_values, grid_thw, start, end):
+    """Pixels and grids of the images whose placeholder falls in `input_ids[:, start:end]`."""
+    before = int((input_ids[0, :start] == IMAGE_TOKEN).sum())
+    inside = int((input_ids[0, start:end] == IMAGE_TOKEN).sum())
+    if inside == 0:
+        return None, None
+    patches = grid_thw.prod(-1)
+    first = int(patches[:before].sum())
+    last = first + int(patches[before : before + inside].sum())
+    return pixel_values[first:last], grid_thw[before : before + inside]
+
+
+def incremental_logits(model, input_ids, pixel_values, grid_thw, chunks):
+    """Feed the conversation in chunks of the given sizes through one persistent cache."""
+    cache, logits, start = CasaCache(), [], 0
+    for size in chunks:
+        end = start + size
+        pv, grid = image_slices(input_ids, pixel_values, grid_thw, start, end)
+        out = model(
+            input_ids=input_ids[:, start:end], pixel_values=pv, image_grid_thw=grid, cache=cache, use_cache=True
+        )
+        logits.append(out.logits)
+        cache, start = out.cache, end
+    return torch.cat(logits, dim=1), cache
