@@ -7,6 +7,8 @@ import sys
 from itertools import pairwise
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +33,7 @@ def test_decode_benchmark_runs_casa_insertion_and_text_llm_side_by_side(tmp_path
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+@pytest.mark.slow  # the real SmolLM2
 def test_streaming_benchmark_smollm2_caches_image_tokens_only_for_idefics3(tmp_path, monkeypatch):
     """CASA-SmolLM2, Idefics3 and bare SmolLM2 on the same SmolLM2 weights, turn after turn: per turn, CASA's cache
     grows by SmolLM2's text plus the frame's 3 placeholder tokens, Idefics3's by the frame's image tokens more."""
