@@ -1,7 +1,8 @@
-"""A slow, obviously-correct CASA attention: explicit loops over samples, tokens and heads.
+"""A slow, obviously-correct CASA attention: explicit loops over samples, tokens and heads; and the decoder block
+written term by term for each `casa_placement`.
 
-It reads only the raw chunk (placeholder positions, padding) and the per-image keys, never the window layout of
-the fast path, and it handles cache-free forwards only.
+The attention reads only the raw chunk (placeholder positions, padding) and the per-image keys, never the window
+layout of the fast path, and it handles cache-free forwards only.
 """
 
 from __future__ import annotations
@@ -45,3 +46,28 @@ def reference_casa_window_attention(
                 if current is not None:
                     image_weights[b, h, t, :n] = weights[:n]
     return output, image_weights
+
+
+def reference_decoder_block(layer, hidden_states, image_features=None, casa_inputs=None, **attention_kwargs):
+    """`CasaDecoderLayer.forward` as the formulas write it: parallel (the paper's block) adds SA and CASA of the same
+    block input h, each through its own norm; sequential feeds CASA the SA-updated stream."""
+
+    def sa(h):
+        return layer.self_attn(hidden_states=layer.input_layernorm(h), **attention_kwargs)[0]
+
+    def casa(h):
+        image = None if image_features is None else layer.casa_image_layernorm(image_features)
+        cache = attention_kwargs.get("cache")
+        state = cache.get_casa_state(layer.layer_idx) if cache is not None else None
+        rope = attention_kwargs["position_embeddings"]
+        return layer.casa_attn(layer.casa_input_layernorm(h), image, rope, casa_inputs, layer.self_attn, state)[0]
+
+    h = hidden_states
+    if not layer.has_casa:
+        h = h + sa(h)
+    elif layer.casa_placement == "parallel":
+        h = h + sa(h) + casa(h)
+    else:
+        h = h + sa(h)
+        h = h + casa(h)
+    return h + layer.mlp(layer.post_attention_layernorm(h))

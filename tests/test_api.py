@@ -183,6 +183,7 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
     "overrides,field",
     [
         (dict(casa_attention="gated"), "casa_attention"),
+        (dict(casa_placement="replace"), "casa_placement"),
         (dict(casa_layers=[0, 5]), "casa_layers"),
         (dict(casa_layers=[1, 1]), "casa_layers"),
         (dict(casa_layers=[]), r"casa_layers=\[\] gives a model on which images have no effect"),
@@ -226,6 +227,36 @@ def test_saved_configs_with_keys_casa_does_not_list_reload(tmp_path):
     inputs = image_inputs()
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+
+
+def test_new_configs_are_parallel_and_reload_as_saved(tmp_path):
+    """New configs take the paper's parallel block; whichever placement is saved (the key is always written, even at
+    its default) reloads, while a saved config without the key predates it and loads sequential."""
+    assert CasaConfig().casa_placement == tiny_config().casa_placement == "parallel"
+    for placement in ("parallel", "sequential"):
+        tiny_model(attn="sdpa", casa_placement=placement).save_pretrained(tmp_path / placement)
+        assert json.loads((tmp_path / placement / "config.json").read_text())["casa_placement"] == placement
+        assert AutoConfig.from_pretrained(tmp_path / placement).casa_placement == placement
+        loaded = AutoModel.from_pretrained(tmp_path / placement)
+        assert {layer.casa_placement for layer in loaded.model.language_model.layers} == {placement}
+    saved = tiny_config().to_dict()
+    del saved["casa_placement"]
+    assert CasaConfig.from_dict(saved).casa_placement == "sequential"
+    assert CasaConfig.from_dict(saved, casa_placement="parallel").casa_placement == "parallel"
+
+
+def test_placement_changes_the_block_only_where_casa_updates():
+    """Parallel and sequential blocks differ once CASA updates the stream, and not on text before the first image
+    when text-only windows are skipped (CASA adds nothing there in either block)."""
+    inputs = image_inputs()
+    first_image = int((inputs["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
+    logits = {}
+    for placement in ("parallel", "sequential"):
+        model = tiny_model(casa_placement=placement, casa_text_only_windows="skip")
+        with torch.no_grad():
+            logits[placement] = model(**inputs).logits[0]
+    torch.testing.assert_close(logits["parallel"][:first_image], logits["sequential"][:first_image])
+    assert (logits["parallel"][first_image:] - logits["sequential"][first_image:]).abs().max() > 1e-3
 
 
 def test_a_small_vocabulary_needs_only_the_image_token():

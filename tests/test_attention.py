@@ -3,11 +3,12 @@
 import pytest
 import torch
 import varlen  # noqa: F401  (registers the flash_varlen_reference stand-in)
-from reference import reference_casa_window_attention
+from reference import reference_casa_window_attention, reference_decoder_block
 from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model, two_left_padded_samples
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import casa_hf.casa_attention as casa_attention
+from casa_hf.modeling_casa import CasaDecoderLayer
 
 TOLERANCE = 1e-4
 
@@ -16,19 +17,23 @@ TOLERANCE = 1e-4
 @pytest.mark.parametrize(
     "attn", ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow), "flash_varlen_reference"]
 )
-def test_backend_matches_reference(monkeypatch, mode, attn):
-    """Fast path on `attn` against eager text attention + the loop reference for CASA, on the same weights."""
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("backbone", ["qwen2", "llama"])
+def test_backend_matches_reference(monkeypatch, mode, attn, placement, backbone):
+    """Fast path on `attn` against eager text attention + the loop reference for CASA inside the block written term
+    by term for its placement, on the same weights."""
     inputs = two_left_padded_samples()
     options = dict(casa_attention="casa", casa_text_only_windows="skip") if mode.endswith("windows") else {}
-    options = options or dict(casa_attention=mode)
-    model = tiny_model(attn=attn, **options)
-    reference = tiny_model(attn="eager", **options)
+    options = dict(options or dict(casa_attention=mode), casa_placement=placement)
+    model = tiny_model(backbone, attn=attn, **options)
+    reference = tiny_model(backbone, attn="eager", **options)
     reference.load_state_dict(model.state_dict())
     # torch 2.13's CPU flex template miscompiles once dynamo turns dynamic (C++ "cur_kvSplitSize5" error), which
     # happens as soon as the SA and CASA shapes differ; static recompiles avoid that torch bug.
     with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=attn != "flex_attention"):
         fast = model(**inputs).logits
     monkeypatch.setattr(casa_attention, "casa_window_attention", reference_casa_window_attention)
+    monkeypatch.setattr(CasaDecoderLayer, "forward", reference_decoder_block)
     with torch.no_grad():
         slow = reference(**inputs).logits
     valid = inputs["attention_mask"].bool()

@@ -36,10 +36,10 @@ TOLERANCE = 1e-4
     ],
 )
 @pytest.mark.parametrize("num_images", [0, 1, 4])
-def test_incremental_decoding_matches_full_forward(backbone, mode, shared, num_images):
-    assert_decoding_matches_full_forward(
-        tiny_model(backbone, attn="sdpa", casa_attention=mode, casa_shared=shared), num_images
-    )
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+def test_incremental_decoding_matches_full_forward(backbone, mode, shared, num_images, placement):
+    options = dict(casa_attention=mode, casa_shared=shared, casa_placement=placement)
+    assert_decoding_matches_full_forward(tiny_model(backbone, attn="sdpa", **options), num_images)
 
 
 def assert_decoding_matches_full_forward(model, num_images):
@@ -260,11 +260,12 @@ def chunked_prefill_logits(model, input_ids, mask, images, chunks, cache):
 
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_chunked_prefill_of_left_padded_batches_matches_full_forward(static, with_image):
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+def test_chunked_prefill_of_left_padded_batches_matches_full_forward(static, with_image, placement):
     """Random left-padded layouts (a row of one token among them) prefilled in every split into chunks give one full
     forward's logits at the rows' real tokens, within 1e-5 in float32: one-token chunks that are padding for a row
     that has had no real token yet must not enter its CASA window."""
-    model, width = tiny_model(attn="sdpa"), 6
+    model, width = tiny_model(attn="sdpa", casa_placement=placement), 6
     worst = 0.0
     with torch.no_grad():
         for seed in range(3):

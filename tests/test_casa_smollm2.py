@@ -49,6 +49,8 @@ def test_export_is_a_standard_checkpoint(exported, loaded):
     assert "held-out phrasings" in card and accuracy["command"] in card and "pipeline(" in card
     model, _ = loaded
     assert isinstance(model, CasaForConditionalGeneration) and model.config.text_config.model_type == "llama"
+    # trained in the sequential block, built so explicitly (the saved key; folders assembled before it lack it)
+    assert json.loads((exported / "config.json").read_text())["casa_placement"] == "sequential"
 
 
 def test_pipeline_answers_in_a_sentence(exported):

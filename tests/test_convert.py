@@ -32,6 +32,7 @@ def test_qwen2_5_vl_converts_to_an_equivalent_casa_model(qwen_source, tmp_path):
 
     model = AutoModel.from_pretrained(tmp_path / "casa").eval()
     assert isinstance(model, CasaForConditionalGeneration)
+    assert model.config.casa_placement == "parallel"  # the paper's block
     with torch.no_grad():
         expected = source_model(input_ids=text_ids()).logits
         actual = model(input_ids=text_ids()).logits
@@ -87,6 +88,7 @@ def test_llm_plus_vision_tower_converts(qwen_source, tmp_path, backbone, vocab_s
     llm_model = save_tiny_llm(llm, backbone, vocab_size=vocab_size, tie=tie)
     report = convert_llm_to_casa(llm, vision, tmp_path / "casa", verify=True)
     model = AutoModel.from_pretrained(tmp_path / "casa").eval()
+    assert model.config.casa_placement == "parallel"
     ids = torch.randint(4, 40, (2, 10))  # words of the LLM tokenizer, never the added image token
     with torch.no_grad():
         expected = llm_model(input_ids=ids).logits

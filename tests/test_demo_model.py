@@ -31,6 +31,29 @@ def test_shipped_model_answers_above_the_stated_accuracy():
     assert all(accuracy[kind] >= PER_KIND_BAR for kind in SINGLE_KINDS), accuracy
 
 
+def test_shipped_model_predates_placement_and_loads_sequential():
+    """The shipped config has no `casa_placement` (saved before it existed): it loads as the sequential block it was
+    trained in, computing what a model built explicitly sequential from the same weights computes."""
+    saved = json.loads((TINY_MODEL / "config.json").read_text())
+    assert "casa_placement" not in saved
+    model, processor = load_demo_model("tiny")
+    assert model.config.casa_placement == "sequential"
+    example = SyntheticVQA(1, seed=20_002, image_size=processor.image_size)[0]
+    inputs = processor.apply_chat_template(
+        example["messages"][:-1], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    logits = {}
+    for placement in ("sequential", "parallel"):
+        rebuilt = AutoModel.from_config(casa_hf.CasaConfig(**{**saved, "casa_placement": placement})).eval()
+        rebuilt.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            logits[placement] = rebuilt(**inputs).logits
+    with torch.no_grad():
+        loaded = model(**inputs).logits
+    assert torch.equal(loaded, logits["sequential"])
+    assert (loaded - logits["parallel"]).abs().max() > 1e-3
+
+
 def test_shipped_model_through_the_pipeline():
     pipe = pipeline("image-text-to-text", model=str(TINY_MODEL))
     example = SyntheticVQA(7, seed=20_001, image_size=pipe.processor.image_size)[0]  # a colour question

@@ -8,8 +8,10 @@ from transformers import TextStreamer
 from casa_hf import CasaCache
 
 
-def test_batched_left_padded_generation_equals_per_sample():
-    model = tiny_model(attn="sdpa")
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("backbone", ["qwen2", "llama"])
+def test_batched_left_padded_generation_equals_per_sample(backbone, placement):
+    model = tiny_model(backbone, attn="sdpa", casa_placement=placement)
     rows, images = samples()
     ids, mask = left_pad(rows)
     pixel_values = torch.cat([pv for pv, _ in images if pv is not None])
@@ -93,8 +95,12 @@ def greedy_without_cache(model, input_ids, pixel_values, grid_thw, steps):
     return ids
 
 
-def test_greedy_generate_equals_uncached_loop():
-    model = tiny_model(attn="eager")
+@pytest.mark.parametrize("mode", ["casa", "cross_attention"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("backbone", ["qwen2", "llama"])
+def test_greedy_generate_equals_uncached_loop(backbone, placement, attn, mode):
+    model = tiny_model(backbone, attn=attn, casa_placement=placement, casa_attention=mode)
     rows, images = samples()
     ids = torch.tensor([rows[0]])
     pv, grid = images[0]

@@ -17,6 +17,7 @@ logger = logging.get_logger(__name__)
 
 # The values a CASA field takes, named once: the annotations below use them and `_check_consistency` reads them.
 CasaAttentionKind = Literal["casa", "cross_attention"]
+CasaPlacement = Literal["parallel", "sequential"]
 ImagePositions = Literal["insertion", "raster"]
 TextOnlyWindows = Literal["attend", "skip"]
 
@@ -50,6 +51,11 @@ class CasaConfig(PreTrainedConfig):
         casa_attention (`str`, *optional*, defaults to `"casa"`):
             `"casa"`: text queries attend to the latest image and to the text since it. `"cross_attention"`: the
             plain cross-attention baseline, queries attend to the latest image only.
+        casa_placement (`str`, *optional*, defaults to `"parallel"`):
+            Where a block's CASA sub-layer reads its input. `"parallel"` (the paper's block): CASA and self-attention
+            both read the block input, each through its own norm, and both outputs are added to the residual.
+            `"sequential"`: CASA reads the stream that self-attention has updated. Saved configs without this key
+            predate it and were all sequential, so `from_dict` (hence `from_pretrained`) loads them as such.
         casa_shared (`bool`, *optional*, defaults to `False`):
             The "-Shared" variant: CASA sub-layers reuse the q/k/v/o projections of their block's self-attention.
         casa_image_positions (`str`, *optional*, defaults to `"insertion"`):
@@ -103,6 +109,7 @@ class CasaConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     casa_layers: list[int] | None = None
     casa_attention: CasaAttentionKind = "casa"
+    casa_placement: CasaPlacement = "parallel"
     casa_shared: bool = False
     casa_image_positions: ImagePositions = "insertion"
     casa_image_centering: bool = False
@@ -121,6 +128,12 @@ class CasaConfig(PreTrainedConfig):
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         self._check_consistency()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> CasaConfig:
+        """As `PreTrainedConfig.from_dict`, but a dict without `casa_placement` (every checkpoint saved before the
+        field existed) loads as `"sequential"`, the only block there was, so it computes what it was trained to."""
+        return super().from_dict({"casa_placement": "sequential", **config_dict}, **kwargs)
+
     def _check_consistency(self) -> None:
         """Refuse combinations that would build a model silently different from the one asked for."""
         text, vision = self.text_config, self.vision_config
@@ -135,6 +148,7 @@ class CasaConfig(PreTrainedConfig):
             )
         choices = {
             "casa_attention": CasaAttentionKind,
+            "casa_placement": CasaPlacement,
             "casa_image_positions": ImagePositions,
             "casa_text_only_windows": TextOnlyWindows,
         }

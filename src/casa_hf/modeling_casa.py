@@ -42,10 +42,13 @@ BACKBONE_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernor
 
 
 class CasaDecoderLayer(GradientCheckpointingLayer):
-    """A backbone decoder block with a CASA sub-layer between self-attention and the MLP.
+    """A backbone decoder block with a CASA sub-layer beside (`casa_placement="parallel"`, the paper's block) or after
+    (`"sequential"`) its self-attention, then the MLP.
 
-    `h = h + SA(norm(h)); h = h + CASA(casa_norm(h), casa_image_norm(image)); h = h + MLP(norm(h))`. The block's
-    own modules are adopted under their original names, so `layers.N.self_attn.q_proj` stays where checkpoints put it.
+    Parallel: `h = h + SA(norm(h)) + CASA(casa_norm(h), casa_image_norm(image)); h = h + MLP(post_norm(h))`.
+    Sequential: `h = h + SA(norm(h)); h = h + CASA(casa_norm(h), casa_image_norm(image)); h = h + MLP(post_norm(h))`.
+    The block's own modules are adopted under their original names, so `layers.N.self_attn.q_proj` stays where
+    checkpoints put it.
     """
 
     def __init__(self, config: CasaConfig, decoder_layer: nn.Module, layer_idx: int):
@@ -63,6 +66,7 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
         self.attention_type = layer_types[layer_idx] if layer_types else "full_attention"
         self.layer_idx = layer_idx
         self.has_casa = layer_idx in config.casa_layer_indices
+        self.casa_placement = config.casa_placement
         if self.has_casa:
             self.casa_input_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
             self.casa_image_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
@@ -106,11 +110,13 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
 
         if self.has_casa:
+            # parallel: CASA reads the block input, as SA did; sequential: the stream SA has just updated
+            casa_input = residual if self.casa_placement == "parallel" else hidden_states
             image_states = None
             if image_features is not None:
                 image_states = self.casa_image_layernorm(image_features)
             casa_output, _ = self.casa_attn(
-                self.casa_input_layernorm(hidden_states),
+                self.casa_input_layernorm(casa_input),
                 image_states,
                 position_embeddings,
                 casa_inputs,

@@ -86,6 +86,7 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
         text_config=text,
         vision_config=recipe.vision_config(llm.config.hidden_size),
         casa_layers=list(recipe.casa_layers),
+        casa_placement="sequential",  # the block the shipped weights were trained in
         casa_image_positions="raster",
         casa_attention=recipe.casa_attention,
         casa_image_centering=recipe.image_centering,
