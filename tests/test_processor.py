@@ -11,7 +11,7 @@ from tiny import IMAGE_TOKEN, tiny_model, tiny_processor, tiny_tokenizer
 from transformers import AutoProcessor, pipeline
 
 import casa_hf  # noqa: F401  (registers the Auto classes)
-from casa_hf.processing_casa import load_image_input
+from casa_hf.image_inputs import load_image_input
 
 PROMPT_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 

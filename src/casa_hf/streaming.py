@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .casa_cache import CasaCache, CasaLayerMixin, kv_nbytes
-from .processing_casa import load_image_input
+from .image_inputs import load_image_input
 
 
 @dataclass

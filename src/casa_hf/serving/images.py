@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlparse
 
 import PIL.Image
 
-from ..processing_casa import describe_undecodable_image
+from ..image_inputs import describe_undecodable_image
 from .errors import ApiError
 
 
