@@ -242,3 +242,15 @@ def test_command_line_and_script(qwen_source, tmp_path):
         text=True,
     )
     assert result.returncode != 0 and "already exists" in result.stderr
+
+
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+def test_placement_option_writes_the_block_asked_for_exact_on_text(qwen_source, tmp_path, placement):
+    """`--placement` chooses the block; either starts as its source on text (`--verify` fails beyond 1e-4)."""
+    from casa_hf.cli import main
+
+    source, _ = qwen_source
+    main(["convert", "qwen2_5_vl", str(source), str(tmp_path / "out"), "--placement", placement, "--verify"])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    assert config["casa_placement"] == placement and report["options"]["placement"] == placement

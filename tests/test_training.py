@@ -310,3 +310,22 @@ def test_fsdp_units_are_each_kinds_decoder_layers_and_vision_blocks(processor, k
     units = [module for name, module in model.named_modules() if re.sub(r"\.\d+$", ".*", name) in FSDP_PLAN]
     assert {type(module).__name__ for module in units} == {layer, "Qwen2_5_VLVisionBlock"}
     assert len(units) == TINY.layers + TINY.vision_depth
+
+
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+def test_train_command_builds_the_block_asked_for(tmp_path, monkeypatch, placement):
+    import casa_hf.training.train as training
+    from casa_hf.cli import main
+
+    asked = []
+
+    def record(config):
+        asked.append(config)
+        raise KeyboardInterrupt  # stop before training: the config is what this test checks
+
+    monkeypatch.setattr(training, "train", record)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--output-dir", str(tmp_path), "--placement", placement])
+    [config] = asked
+    model = training.build_model(config.kind, build_processor(56), TINY, placement=config.placement)
+    assert config.placement == placement and model.config.casa_placement == placement

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import get_args
 
 from .builtin_models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODEL, check_model, questions_for
+from .configuration_casa import CasaPlacement
 from .errors import OptionsError
 from .kyutai_release import UnsupportedCheckpointError
 
@@ -52,6 +54,12 @@ def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
         help="CASA q/k/v: copied from the block's self-attention, or random (output proj. is zero)",
     )
     parser.add_argument("--shared", action="store_true", help="the -Shared variant: CASA reuses SA projections")
+    parser.add_argument(
+        "--placement",
+        choices=get_args(CasaPlacement),
+        default="parallel",
+        help="CASA beside self-attention on the block input (the paper's block), or after it",
+    )
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: keep the source dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard written")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -135,6 +143,7 @@ def run_train(args: argparse.Namespace) -> None:
         trainable_vision_blocks=args.trainable_vision_blocks,
         workers=args.workers,
         image_positions=args.image_positions,
+        placement=args.placement,
         kinds=tuple(args.kinds.split(",")) if args.kinds else None,
         gradient_checkpointing=args.gradient_checkpointing,
         bf16=args.bf16,
@@ -290,6 +299,12 @@ def _add_train_parser(commands) -> None:
         choices=("insertion", "raster"),
         default=defaults.image_positions,
         help="RoPE positions of CASA image keys (raster: token j at placeholder + j)",
+    )
+    trainer.add_argument(
+        "--placement",
+        choices=get_args(CasaPlacement),
+        default=defaults.placement,
+        help="CASA beside self-attention on the block input (the paper's block), or after it",
     )
     trainer.add_argument(
         "--kinds", default=None, help="comma-separated question kinds drawn in turn (default: TrainConfig's mix)"

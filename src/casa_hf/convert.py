@@ -268,6 +268,7 @@ class ConversionOptions:
     casa_layers: list[int] | None = None  # blocks that get a CASA sub-layer (None: every block)
     casa_init: str = "copy"  # CASA q/k/v copied from the block's self-attention, or "random"
     shared: bool = False  # the -Shared variant
+    placement: str = "parallel"  # `CasaConfig.casa_placement`: the paper's block, or CASA after self-attention
     dtype: str | torch.dtype | None = None  # of the written weights (None: the source's)
     max_shard_size: str | int = "5GB"
     overwrite: bool = False
@@ -276,7 +277,7 @@ class ConversionOptions:
 
     def recorded(self, config: CasaConfig, **extra) -> dict:
         """The options as the report and model card record them (with the CASA layers the config resolved)."""
-        kept = {name: getattr(self, name) for name in ("casa_init", "shared", "max_shard_size", "seed")}
+        kept = {name: getattr(self, name) for name in ("casa_init", "shared", "placement", "max_shard_size", "seed")}
         return dict(casa_layers=config.casa_layers, dtype=str(self.dtype), **kept, **extra)
 
 
@@ -305,6 +306,7 @@ def convert_qwen2_5_vl_to_casa(
         vision_config=source_config.vision_config.to_dict(),
         casa_layers=options.casa_layers,
         casa_shared=options.shared,
+        casa_placement=options.placement,
         image_token_id=source_config.image_token_id,
         vision_start_token_id=source_config.vision_start_token_id,
         vision_end_token_id=source_config.vision_end_token_id,
@@ -374,6 +376,7 @@ def convert_llm_to_casa(
         vision_config=vision_dict,
         casa_layers=options.casa_layers,
         casa_shared=options.shared,
+        casa_placement=options.placement,
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),

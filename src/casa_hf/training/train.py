@@ -44,15 +44,27 @@ def build_processor(image_size: int = 112) -> CasaProcessor:
 
 
 def build_model(
-    kind: str, processor: CasaProcessor, size: ModelSize, seed: int = 0, image_positions: str = "insertion"
+    kind: str,
+    processor: CasaProcessor,
+    size: ModelSize,
+    seed: int = 0,
+    image_positions: str = "insertion",
+    placement: str = "parallel",
 ):
-    """A randomly initialised CASA model (`casa` or `cross_attention`) or Qwen2.5-VL (`insertion`) of `size`."""
+    """A randomly initialised CASA model (`casa` or `cross_attention`, its block `placement`) or Qwen2.5-VL
+    (`insertion`) of `size`."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"Unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
     torch.manual_seed(seed)
     if kind == "insertion":
         return random_qwen2_5_vl(size, processor.tokenizer)
-    return random_casa(size, processor.tokenizer, casa_attention=kind, casa_image_positions=image_positions)
+    return random_casa(
+        size,
+        processor.tokenizer,
+        casa_attention=kind,
+        casa_image_positions=image_positions,
+        casa_placement=placement,
+    )
 
 
 @dataclass
@@ -78,6 +90,7 @@ class TrainConfig:
     overwrite: bool = False  # train from scratch into an output_dir that already holds a run
     workers: int = 0  # dataloader processes drawing and preprocessing examples
     image_positions: str = "raster"  # CASA image-key positions: "raster" (needed to learn layout) or "insertion"
+    placement: str = "parallel"  # CASA beside self-attention (the paper's block) or after it ("sequential")
     kinds: tuple[str, ...] = TRAINING_MIX  # question kinds drawn in turn (repeat a kind to draw it more often)
     size: ModelSize = None
 
@@ -139,7 +152,9 @@ def train(config: TrainConfig, model=None, processor: CasaProcessor | None = Non
     if config.batch_size % world_size:
         raise OptionsError(f"batch_size={config.batch_size} must be divisible by the {world_size} processes")
     processor = processor or build_processor(config.image_size)
-    model = model or build_model(config.kind, processor, config.size, config.seed, config.image_positions)
+    model = model or build_model(
+        config.kind, processor, config.size, config.seed, config.image_positions, config.placement
+    )
     if config.recipe:
         apply_freezing_recipe(model, config.recipe, config.trainable_vision_blocks)
     dataset = SyntheticVQA(config.train_examples, seed=config.seed, image_size=config.image_size, kinds=config.kinds)
