@@ -1,5 +1,6 @@
-"""A slow, obviously-correct CASA attention: explicit loops over samples, tokens and heads; and the decoder block
-written term by term for each `casa_placement`.
+"""A slow, obviously-correct CASA attention: explicit loops over samples, tokens and heads; the CASA sub-layer's
+projections and positions as the paper writes them; and the decoder block written term by term for each
+`casa_placement`.
 
 The attention reads only the raw chunk (placeholder positions, padding) and the per-image keys, never the window
 layout of the fast path, and it handles cache-free forwards only.
@@ -8,6 +9,7 @@ layout of the fast path, and it handles cache-free forwards only.
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 
 def reference_casa_window_attention(
@@ -48,6 +50,37 @@ def reference_casa_window_attention(
     return output, image_weights
 
 
+def reference_casa_attention(module, self_attn, hidden_states, image_states, position_embeddings, casa_inputs, cache):
+    """The CASA sub-layer: q/k/v projections of the text and of each image, the backbone's RoPE on queries, text keys
+    and image keys only where the sub-layer has positions (CASA; plain cross-attention has none, but for checkpoints
+    that rotated, `module.rotary`), then the loop attention."""
+    proj = module.projections(self_attn)
+    batch, seq_len = hidden_states.shape[:2]
+
+    def heads(states, projection):
+        return projection(states).view(*states.shape[:-1], -1, module.head_dim).transpose(-3, -2)
+
+    query, key, value = (heads(hidden_states, p) for p in (proj.q_proj, proj.k_proj, proj.v_proj))
+    image_keys = image_values = None
+    if image_states is not None:
+        image_keys, image_values = heads(image_states[None], proj.k_proj), heads(image_states[None], proj.v_proj)
+    if module.mode == "casa" or module.rotary:
+        query, key = module.backbone.apply_rotary_pos_emb(query, key, *position_embeddings)
+        if image_keys is not None:
+            _, image_keys = module.backbone.apply_rotary_pos_emb(
+                image_keys, image_keys, *casa_inputs.image_position_embeddings
+            )
+    if image_keys is not None:  # one row per image, `[num_images, kv_heads, its tokens (padded), head_dim]`
+        per_image = [
+            states[0].transpose(0, 1).split(casa_inputs.windows.image_sizes) for states in (image_keys, image_values)
+        ]
+        image_keys, image_values = (pad_sequence(list(rows), batch_first=True).transpose(1, 2) for rows in per_image)
+    output, weights = reference_casa_window_attention(
+        module, query, key, value, image_keys, image_values, casa_inputs.windows, cache
+    )
+    return proj.o_proj(output.reshape(batch, seq_len, -1)), weights
+
+
 def reference_decoder_block(layer, hidden_states, image_features=None, casa_inputs=None, **attention_kwargs):
     """`CasaDecoderLayer.forward` as the formulas write it: parallel (the paper's block) adds SA and CASA of the same
     block input h, each through its own norm; sequential feeds CASA the SA-updated stream."""
@@ -60,7 +93,8 @@ def reference_decoder_block(layer, hidden_states, image_features=None, casa_inpu
         cache = attention_kwargs.get("cache")
         state = cache.get_casa_state(layer.layer_idx) if cache is not None else None
         rope = attention_kwargs["position_embeddings"]
-        return layer.casa_attn(layer.casa_input_layernorm(h), image, rope, casa_inputs, layer.self_attn, state)[0]
+        x = layer.casa_input_layernorm(h)
+        return reference_casa_attention(layer.casa_attn, layer.self_attn, x, image, rope, casa_inputs, state)[0]
 
     h = hidden_states
     if not layer.has_casa:

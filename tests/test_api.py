@@ -184,6 +184,7 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
     [
         (dict(casa_attention="gated"), "casa_attention"),
         (dict(casa_placement="replace"), "casa_placement"),
+        (dict(casa_cross_attention_rope="yes"), "casa_cross_attention_rope"),
         (dict(casa_layers=[0, 5]), "casa_layers"),
         (dict(casa_layers=[1, 1]), "casa_layers"),
         (dict(casa_layers=[]), r"casa_layers=\[\] gives a model on which images have no effect"),
@@ -243,6 +244,33 @@ def test_new_configs_are_parallel_and_reload_as_saved(tmp_path):
     del saved["casa_placement"]
     assert CasaConfig.from_dict(saved).casa_placement == "sequential"
     assert CasaConfig.from_dict(saved, casa_placement="parallel").casa_placement == "parallel"
+
+
+def test_new_cross_attention_has_no_rope_and_saved_configs_without_the_key_keep_it(tmp_path):
+    """New cross-attention configs use no positional embeddings and round-trip so; a saved config without
+    `casa_cross_attention_rope` predates it and loads with RoPE, computing the outputs it computed before."""
+    assert CasaConfig().casa_cross_attention_rope is False and CasaConfig().casa_uses_rope  # CASA always rotates
+    inputs = image_inputs()
+    new = tiny_model(attn="sdpa", casa_attention="cross_attention")
+    assert not new.config.casa_uses_rope
+    new.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["casa_cross_attention_rope"] is False
+    reloaded = AutoModel.from_pretrained(tmp_path / "new").eval()
+    assert not reloaded.config.casa_cross_attention_rope
+    assert {layer.casa_attn.rotary for layer in reloaded.model.language_model.layers} == {False}
+
+    old = tiny_model(attn="sdpa", casa_attention="cross_attention", casa_cross_attention_rope=True)
+    old.save_pretrained(tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["casa_cross_attention_rope"]
+    config_file.write_text(json.dumps(saved))
+    loaded = AutoModel.from_pretrained(tmp_path / "old").eval()
+    assert loaded.config.casa_cross_attention_rope is True
+    with torch.no_grad():
+        old_logits, loaded_logits, new_logits = (m(**inputs).logits for m in (old, loaded, reloaded))
+    assert torch.equal(old_logits, loaded_logits)
+    assert (new_logits - old_logits).abs().max() > 1e-4  # same weights (seed 0): only RoPE differs
 
 
 def test_placement_changes_the_block_only_where_casa_updates():

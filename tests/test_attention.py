@@ -13,19 +13,30 @@ from casa_hf.modeling_casa import CasaDecoderLayer
 TOLERANCE = 1e-4
 
 
-@pytest.mark.parametrize("mode", ["casa", "cross_attention", "casa_skipping_text_only_windows"])
+# The CASA options of each mode the reference checks: plain cross-attention without positions (the paper's, new
+# configs) and with RoPE (checkpoints saved before `casa_cross_attention_rope`)
+MODES = {
+    "casa": dict(casa_attention="casa"),
+    "cross_attention": dict(casa_attention="cross_attention"),
+    "cross_attention_with_rope": dict(casa_attention="cross_attention", casa_cross_attention_rope=True),
+    "casa_skipping_text_only_windows": dict(casa_attention="casa", casa_text_only_windows="skip"),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize(
     "attn", ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow), "flash_varlen_reference"]
 )
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])
 @pytest.mark.parametrize("backbone", ["qwen2", "llama"])
 def test_backend_matches_reference(monkeypatch, mode, attn, placement, backbone):
-    """Fast path on `attn` against eager text attention + the loop reference for CASA inside the block written term
-    by term for its placement, on the same weights."""
+    """Fast path on `attn` against eager text attention + the loop reference for the CASA sub-layer (projections,
+    RoPE only where it has positions, loop attention) inside the block written term by term for its placement, on
+    the same weights."""
     inputs = two_left_padded_samples()
-    options = dict(casa_attention="casa", casa_text_only_windows="skip") if mode.endswith("windows") else {}
-    options = dict(options or dict(casa_attention=mode), casa_placement=placement)
+    options = dict(MODES[mode], casa_placement=placement)
     model = tiny_model(backbone, attn=attn, **options)
+    assert {layer.casa_attn.rotary for layer in model.model.language_model.layers} == {mode != "cross_attention"}
     reference = tiny_model(backbone, attn="eager", **options)
     reference.load_state_dict(model.state_dict())
     # torch 2.13's CPU flex template miscompiles once dynamo turns dynamic (C++ "cur_kvSplitSize5" error), which

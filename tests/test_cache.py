@@ -32,13 +32,18 @@ TOLERANCE = 1e-4
         ("llama", "casa", False),
         ("helium", "casa", False),
         ("qwen2", "cross_attention", False),
+        ("llama", "cross_attention", False),
+        ("qwen2", "cross_attention_with_rope", False),
         ("llama", "casa", True),
     ],
 )
 @pytest.mark.parametrize("num_images", [0, 1, 4])
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])
 def test_incremental_decoding_matches_full_forward(backbone, mode, shared, num_images, placement):
-    options = dict(casa_attention=mode, casa_shared=shared, casa_placement=placement)
+    """`cross_attention_with_rope`: the RoPE'd cross-attention of checkpoints saved before the config key existed."""
+    attention, rope = mode.removesuffix("_with_rope"), mode.endswith("_with_rope")
+    options = dict(casa_attention=attention, casa_cross_attention_rope=rope, casa_shared=shared)
+    options["casa_placement"] = placement
     assert_decoding_matches_full_forward(tiny_model(backbone, attn="sdpa", **options), num_images)
 
 
@@ -260,12 +265,14 @@ def chunked_prefill_logits(model, input_ids, mask, images, chunks, cache):
 
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-@pytest.mark.parametrize("placement", ["parallel", "sequential"])
-def test_chunked_prefill_of_left_padded_batches_matches_full_forward(static, with_image, placement):
+@pytest.mark.parametrize(
+    "placement,mode", [("parallel", "casa"), ("sequential", "casa"), ("parallel", "cross_attention")]
+)
+def test_chunked_prefill_of_left_padded_batches_matches_full_forward(static, with_image, placement, mode):
     """Random left-padded layouts (a row of one token among them) prefilled in every split into chunks give one full
     forward's logits at the rows' real tokens, within 1e-5 in float32: one-token chunks that are padding for a row
     that has had no real token yet must not enter its CASA window."""
-    model, width = tiny_model(attn="sdpa", casa_placement=placement), 6
+    model, width = tiny_model(attn="sdpa", casa_placement=placement, casa_attention=mode), 6
     worst = 0.0
     with torch.no_grad():
         for seed in range(3):
@@ -296,12 +303,13 @@ def test_generate_prefilling_a_left_padded_batch_in_chunks_matches_one_prefill(c
 @pytest.mark.parametrize("prefill", [[(0, 6)], [(0, 1), (1, 2), (2, 6)]], ids=["one_forward", "chunks"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_decode_steps_read_nothing_back_from_the_device(attn, static, prefill, monkeypatch):
+@pytest.mark.parametrize("mode", ["casa", "cross_attention"])
+def test_decode_steps_read_nothing_back_from_the_device(mode, attn, static, prefill, monkeypatch):
     """A one-token step never reads a tensor back in casa_hf's code (on a GPU each read-back synchronises, at every
     generated token), with the dynamic or the static cache: a left-padded batch, one sample with an image and one
     before any image (no CASA update), its 2D mask given; the steps' logits equal one full forward's. Also after a
     chunked prefill whose one-token chunks are padding for the second sample (those chunks check their mask)."""
-    model = tiny_model(attn=attn, casa_text_only_windows="skip")
+    model = tiny_model(attn=attn, casa_attention=mode, casa_text_only_windows="skip")
     rows = (random_text(2, seed=5) + [IMAGE_TOKEN] + random_text(3, seed=6), random_text(4, seed=4))
     width, steps = max(map(len, rows)), 3
     prompt = torch.tensor([[0] * (width - len(row)) + row for row in rows])

@@ -55,13 +55,14 @@ def test_beams_of_a_batch_pair_each_sample_with_its_images():
         assert batched[2 * i : 2 * i + 2, ids.shape[1] :].tolist() == single[:, len(row) :].tolist()
 
 
+@pytest.mark.parametrize("mode", ["casa", "cross_attention"])
 @pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
-def test_chunked_prefill_with_images_matches_one_prefill(cache_implementation):
+def test_chunked_prefill_with_images_matches_one_prefill(cache_implementation, mode):
     """`generate(prefill_chunk_size=k)` on a left-padded batch with images gives one prefill's tokens and logits: each
     chunk gets the whole images whose placeholders it holds (one placeholder per image, whatever its token count),
     in order, also when a chunk takes the images of two samples that another image comes between in the batch's
     order (chunks of 5: the first of sample 0 and the one of sample 2)."""
-    model = tiny_model(attn="sdpa")
+    model = tiny_model(attn="sdpa", casa_attention=mode)
     rows, images = samples()
     ids, mask = left_pad(rows)
     columns = (ids == IMAGE_TOKEN).nonzero()[:, 1].tolist()
@@ -95,12 +96,14 @@ def greedy_without_cache(model, input_ids, pixel_values, grid_thw, steps):
     return ids
 
 
-@pytest.mark.parametrize("mode", ["casa", "cross_attention"])
+@pytest.mark.parametrize("mode", ["casa", "cross_attention", "cross_attention_with_rope"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])
 @pytest.mark.parametrize("backbone", ["qwen2", "llama"])
 def test_greedy_generate_equals_uncached_loop(backbone, placement, attn, mode):
-    model = tiny_model(backbone, attn=attn, casa_placement=placement, casa_attention=mode)
+    attention, rope = mode.removesuffix("_with_rope"), mode.endswith("_with_rope")
+    options = dict(casa_placement=placement, casa_attention=attention, casa_cross_attention_rope=rope)
+    model = tiny_model(backbone, attn=attn, **options)
     rows, images = samples()
     ids = torch.tensor([rows[0]])
     pv, grid = images[0]

@@ -101,10 +101,11 @@ def test_static_cache_refuses_what_it_was_not_sized_for():
             model(input_ids=torch.ones(2, 3, dtype=torch.long), pixel_values=None, cache=cache, use_cache=True)
 
 
-def test_compiled_decode_steps_equal_eager_without_recompiles():
+@pytest.mark.parametrize("mode", ["casa", "cross_attention"])
+def test_compiled_decode_steps_equal_eager_without_recompiles(mode):
     """fullgraph: a graph break is an error; error_on_recompile: after the first compiled step, neither the next
     steps nor a new image (eager prefill into the same cache) may recompile."""
-    model = tiny_model(attn="sdpa")
+    model = tiny_model(attn="sdpa", casa_attention=mode)
     compiled_forward = torch.compile(model.forward, fullgraph=True)
     results = []
     for forward in (model.forward, compiled_forward):

@@ -293,3 +293,17 @@ def test_eviction_keeps_casa_attention_unchanged(model_and_processor, monkeypatc
     with torch.no_grad():
         expected, _ = casa(hidden, images, original, moved_inputs, self_attn, saved["state"])
     assert (output - expected).abs().max() < 1e-5
+
+
+def test_eviction_leaves_the_image_keys_of_cross_attention_without_rope():
+    """Plain cross-attention without RoPE stores its image keys unrotated: a text budget moves the text keys back
+    and leaves every CASA window as it was."""
+    model = tiny_model(attn="sdpa", casa_attention="cross_attention")
+    stream = CasaStream(model, tiny_processor(), frame_text="what ?", max_new_tokens=2, text_budget=TextBudget(2, 12))
+    list(stream.run(frames(4)))
+    evicted = stream.evicted_tokens
+    before = [layer.window.keys.clone() for layer in stream.cache.layers]
+    stream.feed(None, "what ?", max_new_tokens=1)
+    assert stream.evicted_tokens > evicted
+    for layer, keys in zip(stream.cache.layers, before, strict=True):
+        assert torch.equal(layer.window.keys, keys)

@@ -121,7 +121,8 @@ class CasaInputs:
     """What every CASA layer of one forward needs besides the text hidden states and the image features."""
 
     windows: CasaWindows | None  # None for a decode step: every sample goes on in its cached window
-    image_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # RoPE at each image's insertion point
+    # RoPE at each image's insertion point; None without images or when CASA carries no RoPE
+    image_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     # a decode step's attention mask per backend, built by the first CASA layer: all layers' windows share one layout
     step_masks: dict[str, Any] = field(default_factory=dict)
 
@@ -232,6 +233,8 @@ class CasaAttention(nn.Module):
 
     With `shared=True` it owns no projections and reuses those of `self_attn` (the "-Shared" variant).
     `skip_text_only_windows`: windows without an image give no update (`CasaConfig.casa_text_only_windows`).
+    `rotary`: queries and image keys carry the backbone's RoPE (`CasaConfig.casa_uses_rope`); the paper's plain
+    cross-attention has no positional embeddings.
     """
 
     def __init__(
@@ -242,6 +245,7 @@ class CasaAttention(nn.Module):
         mode: str,
         shared: bool,
         skip_text_only_windows: bool = False,
+        rotary: bool = True,
     ):
         super().__init__()
         self.config = config
@@ -250,6 +254,7 @@ class CasaAttention(nn.Module):
         # CASA's text part: a window's queries attend, causally, to the window's text as well as to its image
         self.attends_text = mode == "casa"
         self.shared = shared
+        self.rotary = rotary
         # Plain cross-attention has no keys in a window without an image: no update there either
         self.updates_image_windows_only = skip_text_only_windows or not self.attends_text
         self.head_dim = self_attn.head_dim
@@ -285,16 +290,18 @@ class CasaAttention(nn.Module):
         query = proj.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = proj.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = proj.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = self.backbone.apply_rotary_pos_emb(query, key, cos, sin)
+        if self.rotary:
+            cos, sin = position_embeddings
+            query, key = self.backbone.apply_rotary_pos_emb(query, key, cos, sin)
 
         image_keys = image_values = None
         if image_states is not None:
             image_shape = (1, image_states.shape[0], -1, self.head_dim)
             image_keys = proj.k_proj(image_states).view(image_shape).transpose(1, 2)
             image_values = proj.v_proj(image_states).view(image_shape).transpose(1, 2)
-            image_cos, image_sin = casa_inputs.image_position_embeddings
-            _, image_keys = self.backbone.apply_rotary_pos_emb(image_keys, image_keys, image_cos, image_sin)
+            if self.rotary:
+                image_cos, image_sin = casa_inputs.image_position_embeddings
+                _, image_keys = self.backbone.apply_rotary_pos_emb(image_keys, image_keys, image_cos, image_sin)
             index = casa_inputs.windows.image_token_index
             image_keys = image_keys[0][:, index].transpose(0, 1)  # [num_images, kv_heads, max_tokens, head_dim]
             image_values = image_values[0][:, index].transpose(0, 1)
@@ -317,10 +324,10 @@ def casa_window_attention(
     cache_window: CasaWindow | None,
     step_masks: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CASA attention of a chunk (`query`/`key`/`value` as `[B, heads, T, D]`, RoPE applied), output `[B, T, heads,
-    D]`, and the image weights when the backend returns weights. Windows that continue the cached ones read
-    `cache_window`, which then stores each sample's last window; a decode step (no `windows`) keeps its mask in
-    `step_masks` for the next CASA layers."""
+    """CASA attention of a chunk (`query`/`key`/`value` as `[B, heads, T, D]`, RoPE applied where the sub-layer has
+    it), output `[B, T, heads, D]`, and the image weights when the backend returns weights. Windows that continue the
+    cached ones read `cache_window`, which then stores each sample's last window; a decode step (no `windows`) keeps
+    its mask in `step_masks` for the next CASA layers."""
     if windows is None:
         return _continue_cached_windows(module, query, key, value, cache_window, step_masks)
     implementation = attention_implementation(module)

@@ -428,13 +428,16 @@ class CasaLayerMixin:
 class CasaDynamicLayer(CasaLayerMixin, DynamicLayer):
     """A `DynamicLayer` (the block's text K/V, growing with the conversation) with its block's CASA window."""
 
-    def evict_text(self, sink_tokens: int, excess: int, shift: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
-        """Drop the `excess` text tokens after the first `sink_tokens`: the later keys, and the window's, move back by
-        `excess` positions (`shift` rotates RoPE'd keys), so that positions stay contiguous."""
+    def evict_text(
+        self, sink_tokens: int, excess: int, shift: Callable[[torch.Tensor, int], torch.Tensor], shift_window: bool
+    ) -> None:
+        """Drop the `excess` text tokens after the first `sink_tokens`: the later keys, and the window's when they
+        carry RoPE (`shift_window`), move back by `excess` positions (`shift` rotates RoPE'd keys), so that positions
+        stay contiguous."""
         recent = slice(sink_tokens + excess, None)
         self.keys = torch.cat([self.keys[..., :sink_tokens, :], shift(self.keys[..., recent, :], -excess)], dim=-2)
         self.values = torch.cat([self.values[..., :sink_tokens, :], self.values[..., recent, :]], dim=-2)
-        if self.window is not None:
+        if self.window is not None and shift_window:
             self.window.shift_positions(shift, -excess)
 
 
@@ -597,13 +600,18 @@ class CasaCache(CasaWindowCache, DynamicCache):
         return CasaWindow()
 
     def evict_text(
-        self, sink_tokens: int, window_tokens: int, shift: Callable[[torch.Tensor, int], torch.Tensor]
+        self,
+        sink_tokens: int,
+        window_tokens: int,
+        shift: Callable[[torch.Tensor, int], torch.Tensor],
+        shift_windows: bool = True,
     ) -> int:
         """Keep the first `sink_tokens` and the last `window_tokens` text tokens of every block; drop the middle.
 
         Kept recent keys and every CASA window move back by the number of dropped tokens (`shift` rotates RoPE'd
-        keys), so positions stay contiguous and the next token's position is the cache length again. Returns the
-        number of dropped tokens.
+        keys), so positions stay contiguous and the next token's position is the cache length again. Windows of
+        CASA layers without RoPE (`shift_windows=False`: plain cross-attention's image keys) have no position to
+        move. Returns the number of dropped tokens.
         """
         excess = self.get_seq_length() - sink_tokens - window_tokens
         if excess <= 0:
@@ -611,7 +619,7 @@ class CasaCache(CasaWindowCache, DynamicCache):
         if any(self.is_sliding):
             raise ValueError("A text budget cannot be applied to sliding-window cache layers")
         for layer in self.layers:
-            layer.evict_text(sink_tokens, excess, shift)
+            layer.evict_text(sink_tokens, excess, shift, shift_windows)
         return excess
 
 

@@ -51,6 +51,10 @@ class CasaConfig(PreTrainedConfig):
         casa_attention (`str`, *optional*, defaults to `"casa"`):
             `"casa"`: text queries attend to the latest image and to the text since it. `"cross_attention"`: the
             plain cross-attention baseline, queries attend to the latest image only.
+        casa_cross_attention_rope (`bool`, *optional*, defaults to `False`):
+            Whether plain cross-attention rotates its queries and image keys with the backbone's RoPE. The paper's
+            cross-attention uses no positional embeddings (`False`); saved configs without this key predate it and
+            all rotated, so `from_dict` loads them with `True`. CASA always rotates: its text keys need positions.
         casa_placement (`str`, *optional*, defaults to `"parallel"`):
             Where a block's CASA sub-layer reads its input. `"parallel"` (the paper's block): CASA and self-attention
             both read the block input, each through its own norm, and both outputs are added to the residual.
@@ -109,6 +113,7 @@ class CasaConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     casa_layers: list[int] | None = None
     casa_attention: CasaAttentionKind = "casa"
+    casa_cross_attention_rope: bool = False
     casa_placement: CasaPlacement = "parallel"
     casa_shared: bool = False
     casa_image_positions: ImagePositions = "insertion"
@@ -130,9 +135,11 @@ class CasaConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> CasaConfig:
-        """As `PreTrainedConfig.from_dict`, but a dict without `casa_placement` (every checkpoint saved before the
-        field existed) loads as `"sequential"`, the only block there was, so it computes what it was trained to."""
-        return super().from_dict({"casa_placement": "sequential", **config_dict}, **kwargs)
+        """As `PreTrainedConfig.from_dict`, but keys every checkpoint saved before they existed lacks load as what
+        those checkpoints computed: `casa_placement` as `"sequential"` (the only block there was) and
+        `casa_cross_attention_rope` as `True` (cross-attention always rotated), so each computes what it learnt."""
+        legacy = {"casa_placement": "sequential", "casa_cross_attention_rope": True}
+        return super().from_dict({**legacy, **config_dict}, **kwargs)
 
     def _check_consistency(self) -> None:
         """Refuse combinations that would build a model silently different from the one asked for."""
@@ -155,8 +162,9 @@ class CasaConfig(PreTrainedConfig):
         for name, kind in choices.items():
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {get_args(kind)}")
-        if not isinstance(self.casa_image_centering, bool):
-            raise ValueError(f"casa_image_centering={self.casa_image_centering!r} must be True or False")
+        for name in ("casa_image_centering", "casa_cross_attention_rope"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         num_layers = text.num_hidden_layers
         if self.casa_layers is not None:
             if not self.casa_layers:
@@ -186,6 +194,12 @@ class CasaConfig(PreTrainedConfig):
         if self.casa_layers is None:
             return list(range(self.text_config.num_hidden_layers))
         return list(self.casa_layers)
+
+    @property
+    def casa_uses_rope(self) -> bool:
+        """Whether CASA queries and image keys carry RoPE: always in CASA, whose text keys need positions; in plain
+        cross-attention only where `casa_cross_attention_rope` keeps an older checkpoint's behaviour."""
+        return self.casa_attention == "casa" or self.casa_cross_attention_rope
 
 
 __all__ = ["CasaConfig"]

@@ -77,6 +77,7 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
                 config.casa_attention,
                 config.casa_shared,
                 skip_text_only_windows=config.casa_text_only_windows == "skip",
+                rotary=config.casa_uses_rope,
             )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -184,6 +185,7 @@ class CasaTextModel(CasaPreTrainedModel):
         self.norm = backbone.norm
         self.rotary_emb = backbone.rotary_emb
         self.casa_image_positions = config.casa_image_positions
+        self.casa_uses_rope = config.casa_uses_rope
         self.casa_layer_indices = config.casa_layer_indices
         self.gradient_checkpointing = False
         self.post_init()
@@ -297,7 +299,7 @@ class CasaTextModel(CasaPreTrainedModel):
         ):
             windows = build_casa_windows(image_mask, token_valid, [], None)
         image_positions = None
-        if image_features is not None:
+        if image_features is not None and self.casa_uses_rope:
             insertion_points = position_ids.expand(batch_size, -1)[image_mask]
             sizes = torch.tensor(image_sizes, device=insertion_points.device)
             image_positions = insertion_points.repeat_interleave(sizes)

@@ -230,9 +230,10 @@ class CasaStream:
     def _generate(self, input_ids, pixel_values, grid, max_new_tokens: int, streamer=None) -> StreamStep:
         device = self.model.device
         if self.text_budget is not None:
-            shift = self.model.model.language_model.shift_key_positions
-            budget = self.text_budget
-            self.evicted_tokens += self.cache.evict_text(budget.sink_tokens, budget.window_tokens, shift)
+            text_model, budget = self.model.model.language_model, self.text_budget
+            self.evicted_tokens += self.cache.evict_text(
+                budget.sink_tokens, budget.window_tokens, text_model.shift_key_positions, text_model.casa_uses_rope
+            )
         if streamer is not None:
             streamer.put(input_ids)
         start = time.perf_counter()
