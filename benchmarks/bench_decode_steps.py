@@ -1,5 +1,5 @@
-"""Decode steps taken in turn: CASA, Qwen2.5-VL token insertion, the text LLM, and the text LLM with a bare CASA
-sub-layer (eager PyTorch's floor for CASA).
+"""Decode steps taken in turn: CASA (each block layout of `--variants`), Qwen2.5-VL token insertion, the text LLM,
+and the text LLM with a bare CASA sub-layer (eager PyTorch's floor for CASA).
 
 The machines we measure on are shared, and two `generate()` calls timed a minute apart differ by several percent:
 more than what separates CASA from its floor. Here the models each decode one token in turn, hundreds of times, so
@@ -11,6 +11,7 @@ place, hooked in before each block's MLP (no RoPE, no window bookkeeping, no att
 what casa_hf's decode path costs beyond the FLOPs and the fewest ops.
 
     python benchmarks/bench_decode_steps.py --size smollm2 --out results/decode_steps_smollm2
+    python benchmarks/bench_decode_steps.py --size smollm2 --cases 1x256 --variants all --out results/decode_variants
     python benchmarks/bench_decode_steps.py --size base --cases 1x256,8x256,32x256 --out results/decode_steps_base
 """
 
@@ -26,12 +27,38 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from casa_hf import every_nth_block
 from casa_hf.random_models import SIZES, random_casa, random_qwen2_5_vl, random_text_llm, word_tokenizer
 
 # the real models' vocabularies: the LM head is part of every decode step
 VOCABS = {"smollm2": 49152, "base": 151936}
 WARMUP_STEPS = 10  # left out of the medians: first buffer allocations, caches warming
 PATCH_FEATURES = 1176  # 3 channels x 2 frames x 14 x 14 pixels per patch, what the vision tower takes
+
+
+# The CASA block layouts, by name: the config options of each (the `n` of `replace_every_n` is filled in) and whether
+# its parallel projections are fused (`fuse_attention_projections`)
+VARIANTS = {
+    "sequential": (dict(casa_placement="sequential"), False),
+    "parallel": (dict(casa_placement="parallel"), False),
+    "parallel_fused": (dict(casa_placement="parallel"), True),
+    "parallel_shared": (dict(casa_placement="parallel", casa_shared=True), False),
+    "replace_every_2": (dict(casa_placement="replace", casa_shared=True), False),
+}
+DEFAULT_VARIANTS = "parallel_fused"
+
+
+def casa_variant(name: str, size: str, tokenizer, weights: dict) -> nn.Module:
+    """A random CASA model of layout `name` holding `weights` where its parameters have the same names (the LLM's,
+    and CASA's own in the layouts that have them)."""
+    options, fuse = VARIANTS[name]
+    if options["casa_placement"] == "replace":
+        options = dict(options, casa_layers=every_nth_block(SIZES[size].layers, int(name.rsplit("_", 1)[1])))
+    model = random_casa(size, tokenizer, **options)
+    model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()}, strict=False)
+    if fuse:
+        model.fuse_attention_projections()
+    return model
 
 
 class BareCasaSubLayer(nn.Module):
@@ -124,6 +151,11 @@ def main() -> None:
     parser.add_argument("--size", default="smollm2", choices=tuple(SIZES))
     parser.add_argument("--vocab", type=int, help="vocabulary size (default: the real model's for smollm2 and base)")
     parser.add_argument("--cases", default="1x256,32x64", help="images x tokens per image, comma separated")
+    parser.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"CASA block layouts, comma separated, or all: {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--steps", type=int, default=200, help="decode steps per model and case")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/decode_steps", help="prefix of the .json and .png outputs")
@@ -140,16 +172,21 @@ def main() -> None:
         if int((4 * int(tokens)) ** 0.5) ** 2 != 4 * int(tokens):
             raise ValueError(f"--cases: {tokens} tokens per image is not a square grid after the 2 x 2 merger")
         cases.append((int(count), int(tokens)))
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; choose among {list(VARIANTS)} or all")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = word_tokenizer(args.vocab or VOCABS.get(args.size, 1024))
-    casa = random_casa(args.size, tokenizer)
+    casa = random_casa(args.size, tokenizer, casa_placement="parallel")  # holds every variant's weights
     insertion = random_qwen2_5_vl(args.size, tokenizer)
     llm = random_text_llm(args.size, tokenizer)
     llm.load_state_dict(
         {k.replace("model.language_model.", "model."): v for k, v in casa.state_dict().items() if "casa" not in k},
         strict=False,
     )
+    models = {name: casa_variant(name, args.size, tokenizer, casa.state_dict()) for name in variants}
     started = time.time()
     rows = []
     for count, tokens in tqdm(cases, desc="cases"):
@@ -158,7 +195,7 @@ def main() -> None:
         decoders = {
             "text_llm": Decoder(llm, prompts["text_llm"]),
             "floor": Decoder(floor, prompts["text_llm"]),
-            "casa": Decoder(casa, prompts["casa"]),
+            **{name: Decoder(model, prompts["casa"]) for name, model in models.items()},
             "insertion": Decoder(insertion, prompts["insertion"]),
         }
         times = {name: [] for name in decoders}
@@ -167,26 +204,33 @@ def main() -> None:
                 times[name].append(decoder.step())
         timed = {name: series[WARMUP_STEPS:] for name, series in times.items()}
         medians = {name: statistics.median(series) for name, series in timed.items()}
-        rows.append(
-            dict(
-                images=count,
-                tokens_per_image=tokens,
-                **{f"{name}_ms": value for name, value in medians.items()},
-                floor_over_llm=medians["floor"] / medians["text_llm"],
-                casa_over_llm=medians["casa"] / medians["text_llm"],
-                casa_over_floor=medians["casa"] / medians["floor"],
-                casa_speed_over_insertion=medians["insertion"] / medians["casa"],
-                step_ms=timed,
+        for name in variants:
+            rows.append(
+                dict(
+                    images=count,
+                    tokens_per_image=tokens,
+                    variant=name,
+                    text_llm_ms=medians["text_llm"],
+                    floor_ms=medians["floor"],
+                    casa_ms=medians[name],
+                    insertion_ms=medians["insertion"],
+                    floor_over_llm=medians["floor"] / medians["text_llm"],
+                    casa_over_llm=medians[name] / medians["text_llm"],
+                    casa_over_floor=medians[name] / medians["floor"],
+                    casa_speed_over_insertion=medians["insertion"] / medians[name],
+                    step_ms={key: timed[key] for key in ("text_llm", "floor", name, "insertion")},
+                )
             )
-        )
 
-    header = f"{'images':>10} {'LLM ms':>8} {'floor ms':>9} {'CASA ms':>8} {'floor/LLM':>10} {'CASA/LLM':>9}"
+    header = f"{'images':>10} {'variant':>16} {'LLM ms':>8} {'floor ms':>9} {'CASA ms':>8} {'floor/LLM':>10}"
+    header += f" {'CASA/LLM':>9}"
     header += f" {'CASA/floor':>11} {'ins. ms':>8} {'CASA speed/ins.':>16}"
     print(f"\nDecode step medians, {args.size} shape, {args.steps} steps each, in turn\n{header}")
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['images']:>4} x {r['tokens_per_image']:<3} {r['text_llm_ms']:>8.2f} {r['floor_ms']:>9.2f} "
+            f"{r['images']:>4} x {r['tokens_per_image']:<3} {r['variant']:>16} {r['text_llm_ms']:>8.2f} "
+            f"{r['floor_ms']:>9.2f} "
             f"{r['casa_ms']:>8.2f} {r['floor_over_llm']:>10.3f} {r['casa_over_llm']:>9.3f} "
             f"{r['casa_over_floor']:>11.3f} {r['insertion_ms']:>8.2f} {r['casa_speed_over_insertion']:>16.3f}"
         )
@@ -202,9 +246,10 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 4), squeeze=False, sharey=True)
     for ax, r in zip(axes[0], rows, strict=True):
-        ax.boxplot([r["step_ms"][name] for name in ("text_llm", "floor", "casa", "insertion")], showfliers=False)
-        ax.set_xticks([1, 2, 3, 4], ["text LLM", "LLM + bare\nCASA", "CASA", "insertion"])
-        ax.set_title(f"{r['images']} x {r['tokens_per_image']} image tokens: CASA/LLM {r['casa_over_llm']:.2f}")
+        ax.boxplot([r["step_ms"][name] for name in ("text_llm", "floor", r["variant"], "insertion")], showfliers=False)
+        ax.set_xticks([1, 2, 3, 4], ["text LLM", "LLM + bare\nCASA", f"CASA\n{r['variant']}", "insertion"])
+        title = f"{r['images']} x {r['tokens_per_image']}, {r['variant']}: CASA/LLM {r['casa_over_llm']:.2f}"
+        ax.set_title(title, fontsize=9)
     axes[0][0].set_ylabel("ms per decode step")
     fig.suptitle(f"Decode steps taken in turn ({args.size} shape, CPU {args.threads} threads)")
     fig.tight_layout()

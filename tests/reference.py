@@ -83,25 +83,28 @@ def reference_casa_attention(module, self_attn, hidden_states, image_states, pos
 
 def reference_decoder_block(layer, hidden_states, image_features=None, casa_inputs=None, **attention_kwargs):
     """`CasaDecoderLayer.forward` as the formulas write it: parallel (the paper's block) adds SA and CASA of the same
-    block input h, each through its own norm; sequential feeds CASA the SA-updated stream."""
+    block input h, each through its own norm (the shared variant: both through the block's norm, with the same
+    projections); sequential feeds CASA the SA-updated stream; replace has CASA, on SA's projections and norm,
+    instead of SA."""
 
     def sa(h):
         return layer.self_attn(hidden_states=layer.input_layernorm(h), **attention_kwargs)[0]
 
-    def casa(h):
+    def casa(h, norm):
         image = None if image_features is None else layer.casa_image_layernorm(image_features)
         cache = attention_kwargs.get("cache")
         state = cache.get_casa_state(layer.layer_idx) if cache is not None else None
         rope = attention_kwargs["position_embeddings"]
-        x = layer.casa_input_layernorm(h)
-        return reference_casa_attention(layer.casa_attn, layer.self_attn, x, image, rope, casa_inputs, state)[0]
+        return reference_casa_attention(layer.casa_attn, layer.self_attn, norm(h), image, rope, casa_inputs, state)[0]
 
     h = hidden_states
     if not layer.has_casa:
         h = h + sa(h)
+    elif layer.casa_placement == "replace":
+        h = h + casa(h, layer.input_layernorm)
     elif layer.casa_placement == "parallel":
-        h = h + sa(h) + casa(h)
+        h = h + sa(h) + casa(h, layer.input_layernorm if layer.casa_attn.shared else layer.casa_input_layernorm)
     else:
         h = h + sa(h)
-        h = h + casa(h)
+        h = h + casa(h, layer.casa_input_layernorm)
     return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -183,7 +183,10 @@ def test_image_grids_and_patch_widths_the_vision_tower_cannot_take_are_named():
     "overrides,field",
     [
         (dict(casa_attention="gated"), "casa_attention"),
-        (dict(casa_placement="replace"), "casa_placement"),
+        (dict(casa_placement="stacked"), "casa_placement"),
+        (dict(casa_placement="replace"), "casa_placement='replace'.*set casa_shared=True"),
+        (dict(casa_placement="replace", casa_shared=True), r"in every block \(casa_layers=None\)"),
+        (dict(casa_shared="yes"), "casa_shared"),
         (dict(casa_cross_attention_rope="yes"), "casa_cross_attention_rope"),
         (dict(casa_layers=[0, 5]), "casa_layers"),
         (dict(casa_layers=[1, 1]), "casa_layers"),
@@ -317,7 +320,8 @@ def test_image_key_positions(mode):
     pixel_values, grid = random_images([(4, 4), (2, 4)])
     seen = []
     hook = model.model.language_model.layers[0].casa_attn.register_forward_hook(
-        lambda module, args, output: seen.append(args[3].image_position_embeddings)
+        lambda module, args, kwargs, output: seen.append(kwargs["casa_inputs"].image_position_embeddings),
+        with_kwargs=True,
     )
     with torch.no_grad():
         model(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid)

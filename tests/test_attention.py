@@ -4,7 +4,7 @@ import pytest
 import torch
 import varlen  # noqa: F401  (registers the flash_varlen_reference stand-in)
 from reference import reference_casa_window_attention, reference_decoder_block
-from tiny import IMAGE_TOKEN, random_images, random_text, tiny_model, two_left_padded_samples
+from tiny import IMAGE_TOKEN, PLACEMENTS, random_images, random_text, tiny_model, two_left_padded_samples
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import casa_hf.casa_attention as casa_attention
@@ -27,16 +27,24 @@ MODES = {
 @pytest.mark.parametrize(
     "attn", ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow), "flash_varlen_reference"]
 )
-@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
 @pytest.mark.parametrize("backbone", ["qwen2", "llama"])
 def test_backend_matches_reference(monkeypatch, mode, attn, placement, backbone):
     """Fast path on `attn` against eager text attention + the loop reference for the CASA sub-layer (projections,
     RoPE only where it has positions, loop attention) inside the block written term by term for its placement, on
-    the same weights."""
+    the same weights. The llama backbone has attention biases, o_proj's included: a shared parallel block, which maps
+    both attentions through one `o_proj`, must add its bias twice as the two projections do."""
     inputs = two_left_padded_samples()
-    options = dict(MODES[mode], casa_placement=placement)
+    options = dict(MODES[mode], **PLACEMENTS[placement])
+    if backbone == "llama":
+        options["text_overrides"] = dict(attention_bias=True)
     model = tiny_model(backbone, attn=attn, **options)
-    assert {layer.casa_attn.rotary for layer in model.model.language_model.layers} == {mode != "cross_attention"}
+    with torch.no_grad():  # biases start at zero: give them values that count
+        for name, parameter in model.model.language_model.named_parameters():
+            if name.endswith("proj.bias"):
+                parameter.normal_(std=0.5)
+    casa_layers = [layer for layer in model.model.language_model.layers if layer.has_casa]
+    assert {layer.casa_attn.rotary for layer in casa_layers} == {mode != "cross_attention"}
     reference = tiny_model(backbone, attn="eager", **options)
     reference.load_state_dict(model.state_dict())
     # torch 2.13's CPU flex template miscompiles once dynamo turns dynamic (C++ "cur_kvSplitSize5" error), which

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny import (
     IMAGE_TOKEN,
+    PLACEMENTS,
     conversation,
     incremental_logits,
     random_images,
@@ -38,12 +39,13 @@ TOLERANCE = 1e-4
     ],
 )
 @pytest.mark.parametrize("num_images", [0, 1, 4])
-@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("placement", ["parallel", "sequential", "replace"])
 def test_incremental_decoding_matches_full_forward(backbone, mode, shared, num_images, placement):
-    """`cross_attention_with_rope`: the RoPE'd cross-attention of checkpoints saved before the config key existed."""
+    """`cross_attention_with_rope`: the RoPE'd cross-attention of checkpoints saved before the config key existed.
+    CASA replacing self-attention is always shared (its case with `shared=False` runs it too)."""
     attention, rope = mode.removesuffix("_with_rope"), mode.endswith("_with_rope")
     options = dict(casa_attention=attention, casa_cross_attention_rope=rope, casa_shared=shared)
-    options["casa_placement"] = placement
+    options.update(PLACEMENTS[placement])
     assert_decoding_matches_full_forward(tiny_model(backbone, attn="sdpa", **options), num_images)
 
 
@@ -266,13 +268,21 @@ def chunked_prefill_logits(model, input_ids, mask, images, chunks, cache):
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize(
-    "placement,mode", [("parallel", "casa"), ("sequential", "casa"), ("parallel", "cross_attention")]
+    "placement,mode",
+    [
+        ("parallel", "casa"),
+        ("sequential", "casa"),
+        ("parallel", "cross_attention"),
+        ("parallel_shared", "casa"),
+        ("replace", "casa"),
+        ("replace", "cross_attention"),
+    ],
 )
 def test_chunked_prefill_of_left_padded_batches_matches_full_forward(static, with_image, placement, mode):
     """Random left-padded layouts (a row of one token among them) prefilled in every split into chunks give one full
     forward's logits at the rows' real tokens, within 1e-5 in float32: one-token chunks that are padding for a row
     that has had no real token yet must not enter its CASA window."""
-    model, width = tiny_model(attn="sdpa", casa_placement=placement, casa_attention=mode), 6
+    model, width = tiny_model(attn="sdpa", casa_attention=mode, **PLACEMENTS[placement]), 6
     worst = 0.0
     with torch.no_grad():
         for seed in range(3):

@@ -3,10 +3,11 @@ that `torch.compile(fullgraph=True)` compiles once (no recompiles across steps o
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, left_pad, random_images, random_text, samples, tiny_model
+from tiny import IMAGE_TOKEN, PLACEMENTS, left_pad, random_images, random_text, samples, tiny_model
 from transformers import CompileConfig
 
 from casa_hf import CasaCache, CasaStaticCache, CasaStaticLayer, CasaStaticWindow
+from casa_hf.casa_cache import CasaWindowLayer
 
 TOLERANCE = 1e-5
 
@@ -19,16 +20,19 @@ def batch_inputs():
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid_thw)
 
 
+@pytest.mark.parametrize("placement", ["parallel", "parallel_shared", "replace"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_static_cache_generates_the_tokens_of_the_dynamic_cache(attn, num_beams):
-    model = tiny_model(attn=attn)
+def test_static_cache_generates_the_tokens_of_the_dynamic_cache(attn, num_beams, placement):
+    """Also where CASA replaces block 0's self-attention: that block's layer holds only its window."""
+    model = tiny_model(attn=attn, **PLACEMENTS[placement])
     options = dict(batch_inputs(), max_new_tokens=12, do_sample=False, num_beams=num_beams)
     options.update(return_dict_in_generate=True, output_logits=True)
     dynamic = model.generate(**options)
     static = model.generate(**options, cache_implementation="static")
     assert isinstance(static.cache, CasaStaticCache)
-    assert isinstance(static.cache.layers[0], CasaStaticLayer)
+    layer_class = CasaWindowLayer if placement == "replace" else CasaStaticLayer
+    assert isinstance(static.cache.layers[0], layer_class) and isinstance(static.cache.layers[1], CasaStaticLayer)
     assert isinstance(static.cache.get_casa_state(0), CasaStaticWindow)
     assert static.sequences.tolist() == dynamic.sequences.tolist()
     assert (torch.stack(static.logits) - torch.stack(dynamic.logits)).abs().max() <= TOLERANCE
@@ -101,11 +105,14 @@ def test_static_cache_refuses_what_it_was_not_sized_for():
             model(input_ids=torch.ones(2, 3, dtype=torch.long), pixel_values=None, cache=cache, use_cache=True)
 
 
-@pytest.mark.parametrize("mode", ["casa", "cross_attention"])
-def test_compiled_decode_steps_equal_eager_without_recompiles(mode):
+@pytest.mark.parametrize(
+    "mode,placement",
+    [("casa", "parallel"), ("cross_attention", "parallel"), ("casa", "parallel_shared"), ("casa", "replace")],
+)
+def test_compiled_decode_steps_equal_eager_without_recompiles(mode, placement):
     """fullgraph: a graph break is an error; error_on_recompile: after the first compiled step, neither the next
     steps nor a new image (eager prefill into the same cache) may recompile."""
-    model = tiny_model(attn="sdpa", casa_attention=mode)
+    model = tiny_model(attn="sdpa", casa_attention=mode, **PLACEMENTS[placement])
     compiled_forward = torch.compile(model.forward, fullgraph=True)
     results = []
     for forward in (model.forward, compiled_forward):

@@ -276,22 +276,28 @@ def test_eviction_keeps_casa_attention_unchanged(model_and_processor, monkeypatc
 
     monkeypatch.setattr(CasaCache, "evict_text", remember)
     casa = model.model.language_model.layers[1].casa_attn
-    handle = casa.register_forward_hook(lambda module, args, output: calls.append((args, output)), with_kwargs=False)
+    handle = casa.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((args, kwargs, output)), with_kwargs=True
+    )
     try:
         stream.feed(frames(1)[0], max_new_tokens=1)
     finally:
         handle.remove()
     assert saved["excess"] > 0
-    (hidden, images, _, casa_inputs, self_attn, _), (output, _) = calls[0]
+    (query, key, value), kwargs, (output, _) = calls[0]
+    images, casa_inputs = kwargs["image_states"], kwargs["casa_inputs"]
 
     delta = saved["excess"]
-    rotary = model.model.language_model.rotary_emb
-    positions = stream.cache.get_seq_length() - hidden.shape[1] + torch.arange(hidden.shape[1])[None]
-    original = rotary(hidden, position_ids=positions + delta)
+    text_model = model.model.language_model
+    positions = stream.cache.get_seq_length() - query.shape[2] + torch.arange(query.shape[2])[None]
     image_positions = positions[0][casa_inputs.windows.image_mask[0]].repeat_interleave(4)[None] + delta
-    moved_inputs = dataclasses.replace(casa_inputs, image_position_embeddings=rotary(images[None], image_positions))
+    moved_inputs = dataclasses.replace(
+        casa_inputs, image_position_embeddings=text_model.rotary_emb(images[None], image_positions)
+    )
+    original = {**kwargs, "casa_inputs": moved_inputs, "cache_window": saved["state"]}
+    shift = text_model.shift_key_positions  # RoPE composes: the text's q/k at their positions before eviction
     with torch.no_grad():
-        expected, _ = casa(hidden, images, original, moved_inputs, self_attn, saved["state"])
+        expected, _ = casa(shift(query, delta), shift(key, delta), value, **original)
     assert (output - expected).abs().max() < 1e-5
 
 

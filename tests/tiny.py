@@ -25,7 +25,18 @@ TINY_VISION = dict(
 )
 
 
-def tiny_config(backbone: str = "qwen2", **overrides) -> CasaConfig:
+# The CASA block layouts tests run every path through: the paper's parallel block, the sequential block of older
+# checkpoints, the shared parallel block (q/k/v computed once for both attentions) and CASA replacing the
+# self-attention of block 0 (the harder of the two blocks to replace: the cache's text length lives in block 1)
+PLACEMENTS = {
+    "parallel": dict(casa_placement="parallel"),
+    "sequential": dict(casa_placement="sequential"),
+    "parallel_shared": dict(casa_placement="parallel", casa_shared=True),
+    "replace": dict(casa_placement="replace", casa_shared=True, casa_layers=[0]),
+}
+
+
+def tiny_config(backbone: str = "qwen2", text_overrides: dict | None = None, **overrides) -> CasaConfig:
     text = dict(
         model_type=backbone,
         vocab_size=VOCAB,
@@ -40,6 +51,7 @@ def tiny_config(backbone: str = "qwen2", **overrides) -> CasaConfig:
         pad_token_id=0,
         tie_word_embeddings=False,
     )
+    text.update(text_overrides or {})
     if backbone == "helium":
         text["head_dim"] = 16  # Helium defaults to 128, and its o_proj assumes heads * head_dim == hidden_size
     kwargs = dict(

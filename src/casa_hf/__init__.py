@@ -15,7 +15,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .casa_cache import CasaCache, CasaDynamicLayer, CasaStaticCache, CasaStaticLayer, CasaStaticWindow, CasaWindow
-from .configuration_casa import CasaConfig
+from .configuration_casa import CasaConfig, every_nth_block
 from .modeling_casa import CasaForConditionalGeneration, CasaModel, CasaPreTrainedModel, CasaTextModel
 from .processing_casa import CasaProcessor
 
@@ -55,4 +55,5 @@ __all__ = [
     "CasaStaticWindow",
     "CasaTextModel",
     "CasaWindow",
+    "every_nth_block",
 ]

@@ -268,34 +268,44 @@ class CasaAttention(nn.Module):
                 setattr(self, name, nn.Linear(source.in_features, source.out_features, bias=source.bias is not None))
 
     def projections(self, self_attn: nn.Module) -> nn.Module:
+        """The module holding the q/k/v/o projections: the block's self-attention in the "-Shared" variant."""
         return self_attn if self.shared else self
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        image_states: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        casa_inputs: CasaInputs,
-        self_attn: nn.Module,
-        cache_window: CasaWindow | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """CASA attention of a chunk; with a `cache_window`, windows continue from it and it gets the new ones.
-
-        Returns the sub-layer's output and, when the backend gives attention weights (eager), each token's weights on
-        the tokens of the image its window sees, `[batch, heads, seq_len, image_tokens]` (zeros without an image).
-        """
+    def text_states(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], self_attn: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of the chunk's text, `[B, heads, T, head_dim]`, rotated where the sub-layer has
+        positions. A parallel block that computes them with its self-attention's passes them to `forward` instead."""
         proj = self.projections(self_attn)
-        batch, seq_len = hidden_states.shape[:2]
-        hidden_shape = (batch, seq_len, -1, self.head_dim)
+        hidden_shape = (*hidden_states.shape[:2], -1, self.head_dim)
         query = proj.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = proj.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = proj.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if self.rotary:
-            cos, sin = position_embeddings
-            query, key = self.backbone.apply_rotary_pos_emb(query, key, cos, sin)
+            query, key = self.backbone.apply_rotary_pos_emb(query, key, *position_embeddings)
+        return query, key, value
 
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        image_states: torch.Tensor | None,
+        casa_inputs: CasaInputs,
+        self_attn: nn.Module,
+        cache_window: CasaWindow | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CASA attention of a chunk's text (`text_states`); with a `cache_window`, windows continue from it and it
+        gets the new ones. The image keys/values are projected here, once per image.
+
+        Returns the attention output before the output projection, `[batch, seq_len, heads * head_dim]` (the block
+        applies `o_proj`, together with self-attention's in a shared parallel block) and, when the backend gives
+        attention weights (eager), each token's weights on the tokens of the image its window sees,
+        `[batch, heads, seq_len, image_tokens]` (zeros without an image).
+        """
         image_keys = image_values = None
         if image_states is not None:
+            proj = self.projections(self_attn)
             image_shape = (1, image_states.shape[0], -1, self.head_dim)
             image_keys = proj.k_proj(image_states).view(image_shape).transpose(1, 2)
             image_values = proj.v_proj(image_states).view(image_shape).transpose(1, 2)
@@ -310,7 +320,7 @@ class CasaAttention(nn.Module):
         attn_output, image_weights = casa_window_attention(
             self, query, key, value, image_keys, image_values, windows, cache_window, step_masks
         )
-        return proj.o_proj(attn_output.reshape(batch, seq_len, -1)), image_weights
+        return attn_output.reshape(*query.shape[:1], query.shape[2], -1), image_weights
 
 
 def casa_window_attention(

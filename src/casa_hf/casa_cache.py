@@ -10,6 +10,7 @@ import torch
 from transformers.cache_utils import (
     Cache,
     CacheLayerMixin,
+    DummyLayer,
     DynamicCache,
     DynamicLayer,
     DynamicSlidingWindowLayer,
@@ -441,6 +442,19 @@ class CasaDynamicLayer(CasaLayerMixin, DynamicLayer):
             self.window.shift_positions(shift, -excess)
 
 
+class CasaWindowLayer(CasaLayerMixin, DummyLayer):
+    """The layer of a block whose self-attention CASA replaces (`casa_placement="replace"`): its window and no text
+    K/V. To Transformers' cache it is a `DummyLayer`, as a layer storing no K/V is, so masks and lengths are read
+    from the blocks that keep their self-attention."""
+
+    def evict_text(
+        self, sink_tokens: int, excess: int, shift: Callable[[torch.Tensor, int], torch.Tensor], shift_window: bool
+    ) -> None:
+        """No text to drop; the window's keys move back as the other blocks' do."""
+        if self.window is not None and shift_window:
+            self.window.shift_positions(shift, -excess)
+
+
 class CasaDynamicSlidingWindowLayer(CasaLayerMixin, DynamicSlidingWindowLayer):
     """A `DynamicSlidingWindowLayer` (a sliding self-attention block's text K/V) with its block's CASA window."""
 
@@ -487,9 +501,12 @@ class CasaWindowCache:
     def _new_window(self) -> CasaWindow:
         raise NotImplementedError
 
-    def add_casa_windows(self, config: PreTrainedConfig, casa_blocks: list[int]) -> None:
+    def add_casa_windows(
+        self, config: PreTrainedConfig, casa_blocks: list[int], replaced_blocks: list[int] | tuple = ()
+    ) -> None:
         """Give each CASA block's layer its window (once), after building the layers of a cache built without a
-        config; a cache that holds windows for other blocks is refused."""
+        config; blocks whose self-attention CASA replaces get a window-only layer. A cache that holds windows for
+        other blocks is refused."""
         if not self.layers:
             self.layers = self._block_layers(config)
         held = [block for block, layer in enumerate(self.layers) if layer.window is not None]
@@ -500,8 +517,16 @@ class CasaWindowCache:
                     f"blocks {list(casa_blocks)}"
                 )
             return
+        for block in replaced_blocks:
+            self.layers[block] = CasaWindowLayer()
         for block in casa_blocks:
             self.layers[block].window = self._new_window()
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """As `Cache.get_seq_length`; asked of a replaced block (no text K/V), the first block with text answers."""
+        if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], CasaWindowLayer):
+            layer_idx = next(i for i, layer in enumerate(self.layers) if not isinstance(layer, CasaWindowLayer))
+        return super().get_seq_length(layer_idx)
 
     def _first_window(self) -> CasaWindow | None:
         return next((layer.window for layer in self.layers if layer.window is not None), None)
@@ -567,7 +592,7 @@ class CasaStaticCache(CasaWindowCache, StaticCache):
         Cache.__init__(
             self, self._block_layers(config), offloading=offloading, offload_only_non_sliding=offload_only_non_sliding
         )
-        self.add_casa_windows(config, config.casa_layer_indices)
+        self.add_casa_windows(config, config.casa_layer_indices, config.casa_replaced_blocks)
 
     def _block_layers(self, config: PreTrainedConfig) -> list[CasaLayerMixin]:
         return _layers_by_type(config, STATIC_LAYER_CLASSES, max_cache_len=self.max_cache_len)
@@ -591,7 +616,7 @@ class CasaCache(CasaWindowCache, DynamicCache):
         layers = self._block_layers(config) if config is not None else []
         Cache.__init__(self, layers, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
         if getattr(config, "casa_layer_indices", None) is not None:
-            self.add_casa_windows(config, config.casa_layer_indices)
+            self.add_casa_windows(config, config.casa_layer_indices, config.casa_replaced_blocks)
 
     def _block_layers(self, config: PreTrainedConfig) -> list[CasaLayerMixin]:
         return _layers_by_type(config, DYNAMIC_LAYER_CLASSES)
@@ -634,5 +659,6 @@ __all__ = [
     "CasaStaticWindow",
     "CasaWindow",
     "CasaWindowCache",
+    "CasaWindowLayer",
     "StoredWindows",
 ]

@@ -17,7 +17,7 @@ logger = logging.get_logger(__name__)
 
 # The values a CASA field takes, named once: the annotations below use them and `_check_consistency` reads them.
 CasaAttentionKind = Literal["casa", "cross_attention"]
-CasaPlacement = Literal["parallel", "sequential"]
+CasaPlacement = Literal["parallel", "sequential", "replace"]
 ImagePositions = Literal["insertion", "raster"]
 TextOnlyWindows = Literal["attend", "skip"]
 
@@ -60,8 +60,15 @@ class CasaConfig(PreTrainedConfig):
             both read the block input, each through its own norm, and both outputs are added to the residual.
             `"sequential"`: CASA reads the stream that self-attention has updated. Saved configs without this key
             predate it and were all sequential, so `from_dict` (hence `from_pretrained`) loads them as such.
+            `"replace"` (the paper's CA-replace, D3): in the blocks of `casa_layers` CASA attention *replaces*
+            self-attention, with the block's own projections and norm (so it needs `casa_shared=True`); its text
+            keys are only the window's text, and the block's cache holds only its window. `every_nth_block`
+            lists the paper's "every n-th block". Not every block can be replaced: no attention would reach past
+            the latest image (with plain cross-attention, none from text to text at all).
         casa_shared (`bool`, *optional*, defaults to `False`):
             The "-Shared" variant: CASA sub-layers reuse the q/k/v/o projections of their block's self-attention.
+            In a parallel block they also read its normalized input, so the text's q/k/v are computed once for both
+            attentions and their outputs go through `o_proj` together.
         casa_image_positions (`str`, *optional*, defaults to `"insertion"`):
             RoPE positions of image keys: `"insertion"` puts every image token at its placeholder's position;
             `"raster"` puts token j at placeholder + j, so CASA attention can tell image tokens apart by place.
@@ -162,7 +169,7 @@ class CasaConfig(PreTrainedConfig):
         for name, kind in choices.items():
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {get_args(kind)}")
-        for name in ("casa_image_centering", "casa_cross_attention_rope"):
+        for name in ("casa_image_centering", "casa_cross_attention_rope", "casa_shared"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         num_layers = text.num_hidden_layers
@@ -179,6 +186,19 @@ class CasaConfig(PreTrainedConfig):
                     f"(text_config.num_hidden_layers={num_layers})"
                 )
             self.casa_layers = sorted(self.casa_layers)
+        if self.casa_placement == "replace":
+            if not self.casa_shared:
+                raise ValueError(
+                    "casa_placement='replace' turns a block's self-attention into CASA attention with the same "
+                    "projections; set casa_shared=True (there are no separate CASA projections to train)"
+                )
+            if len(self.casa_layer_indices) == num_layers:
+                raise ValueError(
+                    f"casa_placement='replace' in every block (casa_layers={self.casa_layers}) leaves no attention "
+                    "across windows: text would never see anything before the latest image (and plain "
+                    "cross-attention no other text at all); replace some blocks, e.g. "
+                    "casa_layers=every_nth_block(num_hidden_layers, 2)"
+                )
         if not 0 <= self.image_token_id < text.vocab_size:
             raise ValueError(
                 f"image_token_id={self.image_token_id} is outside the text vocabulary (vocab_size={text.vocab_size})"
@@ -196,10 +216,26 @@ class CasaConfig(PreTrainedConfig):
         return list(self.casa_layers)
 
     @property
+    def casa_replaced_blocks(self) -> list[int]:
+        """The decoder blocks whose self-attention CASA attention replaces (`casa_placement="replace"`)."""
+        return self.casa_layer_indices if self.casa_placement == "replace" else []
+
+    @property
     def casa_uses_rope(self) -> bool:
         """Whether CASA queries and image keys carry RoPE: always in CASA, whose text keys need positions; in plain
         cross-attention only where `casa_cross_attention_rope` keeps an older checkpoint's behaviour."""
         return self.casa_attention == "casa" or self.casa_cross_attention_rope
 
 
-__all__ = ["CasaConfig"]
+def every_nth_block(num_hidden_layers: int, n: int = 2) -> list[int]:
+    """Blocks n-1, 2n-1, ...: the paper's CA-replace layout (n = 2 by default, 4 in its ablation), as `casa_layers`.
+    The first block keeps its self-attention, so the text reaches the first replaced block contextualized."""
+    if not isinstance(n, int) or not 2 <= n <= num_hidden_layers:
+        raise ValueError(
+            f"n={n!r} must be an integer in [2, num_hidden_layers={num_hidden_layers}]: replacing every block would "
+            "leave no attention across windows"
+        )
+    return list(range(n - 1, num_hidden_layers, n))
+
+
+__all__ = ["CasaConfig", "every_nth_block"]

@@ -5,6 +5,8 @@ source checkpoints); only the CASA sub-layer and the wiring around it live here 
 """
 
 import copy
+from collections.abc import Callable
+from functools import partial
 from itertools import accumulate, pairwise
 from typing import Any
 
@@ -23,32 +25,37 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     CausalLMOutputWithCrossAttentions,
 )
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import is_flash_attention_requested, merge_with_config_defaults
 from transformers.utils.import_utils import torch_compilable_check
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, _active_collector, capture_outputs
 
 from .backbones import BACKBONES
 from .casa_attention import CasaAttention, CasaInputs, build_casa_windows
 from .casa_cache import CasaCache, CasaStaticCache, CasaWindowCache
 from .configuration_casa import CasaConfig
+from .fused_projections import FusedParallelProjections
 from .kyutai_release import refuse_kyutai_release
+
+logger = logging.get_logger(__name__)
 
 BACKBONE_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
 class CasaDecoderLayer(GradientCheckpointingLayer):
-    """A backbone decoder block with a CASA sub-layer beside (`casa_placement="parallel"`, the paper's block) or after
-    (`"sequential"`) its self-attention, then the MLP.
+    """A backbone decoder block with a CASA sub-layer beside (`casa_placement="parallel"`, the paper's block), after
+    (`"sequential"`) or instead of (`"replace"`) its self-attention, then the MLP.
 
     Parallel: `h = h + SA(norm(h)) + CASA(casa_norm(h), casa_image_norm(image)); h = h + MLP(post_norm(h))`.
     Sequential: `h = h + SA(norm(h)); h = h + CASA(casa_norm(h), casa_image_norm(image)); h = h + MLP(post_norm(h))`.
-    The block's own modules are adopted under their original names, so `layers.N.self_attn.q_proj` stays where
-    checkpoints put it.
+    Replace: `h = h + CASA(norm(h), casa_image_norm(image)); h = h + MLP(post_norm(h))`, CASA with SA's projections.
+    In a shared parallel block CASA reads `norm(h)` too: the text's q/k/v are computed once for both attentions, and
+    `o_proj` maps their summed outputs. The block's own modules are adopted under their original names, so
+    `layers.N.self_attn.q_proj` stays where checkpoints put it.
     """
 
     def __init__(self, config: CasaConfig, decoder_layer: nn.Module, layer_idx: int):
@@ -67,8 +74,15 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.has_casa = layer_idx in config.casa_layer_indices
         self.casa_placement = config.casa_placement
+        # CASA reads the block's own normalized input (no norm of its own): shared parallel and replaced blocks
+        self.casa_reads_block_norm = self.casa_placement == "replace" or (
+            config.casa_shared and self.casa_placement == "parallel"
+        )
+        # set by `CasaPreTrainedModel.fuse_attention_projections` in parallel blocks with their own CASA projections
+        self.fused_projections: FusedParallelProjections | None = None
         if self.has_casa:
-            self.casa_input_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
+            if not self.casa_reads_block_norm:
+                self.casa_input_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
             self.casa_image_layernorm = copy.deepcopy(decoder_layer.input_layernorm)
             self.casa_attn = CasaAttention(
                 config.text_config,
@@ -98,9 +112,7 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
             The merger's output for the chunk's images. Passed positionally, like `hidden_states`, so that reentrant
             activation checkpointing routes its gradient back to the vision tower.
         """
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
+        attention_kwargs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -108,27 +120,130 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        hidden_states = residual + hidden_states
-
-        if self.has_casa:
-            # parallel: CASA reads the block input, as SA did; sequential: the stream SA has just updated
-            casa_input = residual if self.casa_placement == "parallel" else hidden_states
-            image_states = None
-            if image_features is not None:
-                image_states = self.casa_image_layernorm(image_features)
-            casa_output, _ = self.casa_attn(
-                self.casa_input_layernorm(casa_input),
-                image_states,
-                position_embeddings,
-                casa_inputs,
-                self.self_attn,
-                cache.get_casa_state(self.layer_idx) if cache is not None else None,
-            )
-            hidden_states = hidden_states + casa_output
+        residual = hidden_states
+        if not self.has_casa:
+            hidden_states = residual + self.self_attn(self.input_layernorm(hidden_states), **attention_kwargs)[0]
+        else:
+            image_states = None if image_features is None else self.casa_image_layernorm(image_features)
+            window = cache.get_casa_state(self.layer_idx) if cache is not None else None
+            casa = partial(
+                self.casa_attn, image_states=image_states, casa_inputs=casa_inputs, self_attn=self.self_attn,
+                cache_window=window,
+            )  # fmt: skip
+            if self.casa_reads_block_norm:
+                hidden_states = residual + self._shared_attention(
+                    self.input_layernorm(hidden_states), casa, **attention_kwargs
+                )
+            elif self.casa_placement == "parallel" and self._uses_fused_projections():
+                hidden_states = residual + self._fused_parallel_attention(hidden_states, casa, **attention_kwargs)
+            elif self.casa_placement == "parallel":
+                casa_output = self._casa(self.casa_input_layernorm(hidden_states), casa, position_embeddings)
+                sa_output = self.self_attn(self.input_layernorm(hidden_states), **attention_kwargs)[0]
+                hidden_states = residual + sa_output + casa_output
+            else:
+                hidden_states = residual + self.self_attn(self.input_layernorm(hidden_states), **attention_kwargs)[0]
+                hidden_states = hidden_states + self._casa(
+                    self.casa_input_layernorm(hidden_states), casa, position_embeddings
+                )
 
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
         return residual + hidden_states
+
+    def _uses_fused_projections(self) -> bool:
+        """Fused weights serve inference only: gradients must reach the modules' own weights, and SA's attention
+        weights are recorded from its module's forward."""
+        return self.fused_projections is not None and not torch.is_grad_enabled() and not _recording("attentions")
+
+    def _fused_parallel_attention(
+        self,
+        hidden_states: torch.Tensor,
+        casa: Callable,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        **kwargs,
+    ) -> torch.Tensor:
+        """Both attentions of a parallel block on `FusedParallelProjections`: one norm, one q/k/v matmul, one RoPE
+        call, one output matmul."""
+        backbone = self.casa_attn.backbone
+
+        def rotate(states, cos, sin):
+            return backbone.apply_rotary_pos_emb(states, states[:, :0], cos, sin)[0]
+
+        sa_states, casa_states = self.fused_projections.project(hidden_states, position_embeddings, rotate)
+        casa_output, _ = casa(*casa_states)
+        sa_output = self_attention_output(self.self_attn, *sa_states, **kwargs)
+        return self.fused_projections.output(sa_output, casa_output)
+
+    def _casa(self, normed: torch.Tensor, casa: Callable, position_embeddings) -> torch.Tensor:
+        """The CASA sub-layer on its own projections of `normed` (or SA's, shared): q/k/v, window attention, o."""
+        output, _ = casa(*self.casa_attn.text_states(normed, position_embeddings, self.self_attn))
+        return self.casa_attn.projections(self.self_attn).o_proj(output)
+
+    def _shared_attention(
+        self,
+        normed: torch.Tensor,
+        casa: Callable,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """CASA on the block's self-attention projections of `normed`, computed once. Replacing SA, CASA alone;
+        beside it (shared parallel), both attentions on the same q/k/v and one `o_proj` over their summed outputs
+        (`o(a) + o(b) = o(a + b)` up to the bias, added once more)."""
+        attention = self.self_attn
+        hidden_shape = (*normed.shape[:2], -1, attention.head_dim)
+        query = attention.q_proj(normed).view(hidden_shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(hidden_shape).transpose(1, 2)
+        value = attention.v_proj(normed).view(hidden_shape).transpose(1, 2)
+        rotated_query, rotated_key = self.casa_attn.backbone.apply_rotary_pos_emb(query, key, *position_embeddings)
+        if self.casa_attn.rotary:
+            query, key = rotated_query, rotated_key
+        output, _ = casa(query, key, value)
+        if self.casa_placement == "replace":
+            return attention.o_proj(output)
+        if _recording("attentions"):  # SA's weights are recorded from its module's forward: run it, as it is
+            sa_output = attention(normed, position_embeddings=position_embeddings, cache=cache, **kwargs)[0]
+            return attention.o_proj(output) + sa_output
+        output = output + self_attention_output(attention, rotated_query, rotated_key, value, cache=cache, **kwargs)
+        projected = attention.o_proj(output)
+        if attention.o_proj.bias is not None:
+            projected = projected + attention.o_proj.bias
+        return projected
+
+
+def _recording(output_name: str) -> bool:
+    """Whether Transformers' output capture is collecting `output_name` in this forward."""
+    return output_name in (_active_collector.get() or {})
+
+
+def self_attention_output(
+    attention: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    cache: Cache | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """The backbone's self-attention forward from its rotated q/k/v on (cache update, backend, mask, sliding window),
+    `[batch, seq_len, heads * head_dim]` before `o_proj`: for a block that computed the projections for CASA too."""
+    if cache is not None:
+        key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, BACKBONES[attention.config.model_type].eager_attention_forward
+    )
+    output, _ = interface(
+        attention,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=attention.attention_dropout if attention.training else 0.0,
+        scaling=attention.scaling,
+        sliding_window=getattr(attention, "sliding_window", None),
+        **kwargs,
+    )
+    return output.reshape(query.shape[0], query.shape[2], -1)
 
 
 class CasaPreTrainedModel(PreTrainedModel):
@@ -157,6 +272,28 @@ class CasaPreTrainedModel(PreTrainedModel):
         if pretrained_model_name_or_path is not None:
             refuse_kyutai_release(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def fuse_attention_projections(self) -> list[int]:
+        """Fuse, for inference, the projections of each parallel block with its own CASA projections: both
+        attentions' q/k/v in one matmul (the norms' weights folded in) and both `o_proj` in another, which decode
+        steps at small widths feel (`fused_projections.py`). The fused weights are a second copy of those blocks'
+        attention weights; they follow later changes to the weights and serve only forwards without autograd.
+        Returns the fused blocks (none for sequential or shared models: the shared block already projects once)."""
+        fused = []
+        for module in self.modules():
+            if isinstance(module, CasaDecoderLayer) and module.has_casa and hasattr(module, "casa_input_layernorm"):
+                if module.casa_placement == "parallel":
+                    module.fused_projections = FusedParallelProjections(module)
+                    fused.append(module.layer_idx)
+        if not fused:
+            logger.warning("fuse_attention_projections: no parallel block with its own CASA projections to fuse")
+        return fused
+
+    def unfuse_attention_projections(self) -> None:
+        """Drop the fused copies `fuse_attention_projections` made; every block computes from its modules again."""
+        for module in self.modules():
+            if isinstance(module, CasaDecoderLayer):
+                module.fused_projections = None
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.get_text_config().initializer_range
@@ -187,6 +324,7 @@ class CasaTextModel(CasaPreTrainedModel):
         self.casa_image_positions = config.casa_image_positions
         self.casa_uses_rope = config.casa_uses_rope
         self.casa_layer_indices = config.casa_layer_indices
+        self.casa_replaced_blocks = config.casa_replaced_blocks
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -270,7 +408,7 @@ class CasaTextModel(CasaPreTrainedModel):
                 "pass `casa_hf.CasaCache()`, `casa_hf.CasaStaticCache(...)` or no cache instead"
             )
         if cache is not None:
-            cache.add_casa_windows(self.config, self.casa_layer_indices)
+            cache.add_casa_windows(self.config, self.casa_layer_indices, self.casa_replaced_blocks)
             cache.check_batch_size(batch_size)
         continues = cache is not None and cache.has_windows()  # a Python bool, also for a static cache
         if position_ids is None:
