@@ -295,3 +295,54 @@ def test_qwen2_5_vl_conversion_defaults_to_mrope(tmp_path):
     main(["convert", "qwen2_5_vl", str(source), str(tmp_path / "insertion"), "--image-positions", "insertion"])
     config = json.loads((tmp_path / "insertion" / "config.json").read_text())
     assert config["casa_image_positions"] == "insertion"
+
+
+def test_text_budget_eviction_keeps_mrope_casa_attention_unchanged(monkeypatch):
+    """A stream of non-square frames (4 x 6 patches: a 2 x 3 merged grid) under a text budget: after dropping text
+    and moving every cached key back by the dropped count (the stored mRoPE image keys included), each CASA layer
+    computes exactly what it computes at the original positions, image keys laid out from there, from the unmoved
+    state."""
+    import copy
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+    from tiny import tiny_processor
+
+    from casa_hf import CasaCache
+    from casa_hf.streaming import CasaStream, TextBudget
+
+    model = mrope_model()
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)) for _ in range(5)]
+    stream = CasaStream(model, tiny_processor(), frame_text="what ?", max_new_tokens=2, text_budget=TextBudget(2, 12))
+    list(stream.run(frames[:4]))
+    saved, calls = {}, []
+    evict = CasaCache.evict_text
+
+    def remember(self, *args):
+        saved["state"] = copy.deepcopy(self.get_casa_state(1))
+        saved["excess"] = evict(self, *args)
+        return saved["excess"]
+
+    monkeypatch.setattr(CasaCache, "evict_text", remember)
+    language_model = model.model.language_model
+    casa = language_model.layers[1].casa_attn
+    handle = casa.register_forward_hook(lambda module, args, output: calls.append((args, output)))
+    try:
+        stream.feed(frames[4], max_new_tokens=1)
+    finally:
+        handle.remove()
+    assert saved["excess"] > 0
+    (hidden, images, _, casa_inputs, self_attn, _), (output, _) = calls[0]
+    assert images.shape[0] == 6
+
+    delta = saved["excess"]
+    positions = stream.cache.get_seq_length() - hidden.shape[1] + torch.arange(hidden.shape[1])[None] + delta
+    insertion = positions[0][casa_inputs.windows.image_mask[0]]
+    image_positions = language_model._image_positions(insertion, [6], torch.tensor([[1, 4, 6]]))
+    original, moved = language_model._position_embeddings(hidden, positions, image_positions)
+    moved_inputs = dataclasses.replace(casa_inputs, image_position_embeddings=moved)
+    with torch.no_grad():
+        expected, _ = casa(hidden, images, original, moved_inputs, self_attn, saved["state"])
+    assert (output - expected).abs().max() < 1e-5
