@@ -196,8 +196,8 @@ def test_chunked_and_cached_mrope_equal_the_full_forward(attn):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_generate_with_mrope_equals_the_full_forward(attn):
     """Cached greedy `generate()` scores every step as a full forward over the prompt and the tokens so far; a prefill
-    in chunks (each chunk gets its images with their grids) and beams over a batch (each image's grid follows it to
-    its sample's beams) give one prefill's tokens."""
+    in chunks (each chunk gets its images with their grids), also into a static cache, and beams over a batch (each
+    image's grid follows it to its sample's beams) give one prefill's tokens."""
     model = mrope_model(attn)
     rows, images = samples()
     ids, mask = left_pad(rows)
@@ -215,9 +215,10 @@ def test_generate_with_mrope_equals_the_full_forward(attn):
     generated = torch.stack(out.logits, 1)
     assert (generated - full[:, ids.shape[1] - 1 : -1]).abs().max() <= TOLERANCE
 
-    chunked = model.generate(**inputs, **options, prefill_chunk_size=3)
-    assert chunked.sequences.tolist() == out.sequences.tolist()
-    assert (torch.stack(chunked.logits, 1) - generated).abs().max() <= TOLERANCE
+    for extra in (dict(prefill_chunk_size=3), dict(cache_implementation="static", prefill_chunk_size=3)):
+        chunked = model.generate(**inputs, **options, **extra)
+        assert chunked.sequences.tolist() == out.sequences.tolist()
+        assert (torch.stack(chunked.logits, 1) - generated).abs().max() <= TOLERANCE
 
     beams = dict(num_beams=2, num_return_sequences=2, min_new_tokens=3, max_new_tokens=3, do_sample=False)
     batched = model.generate(**inputs, **beams)
