@@ -89,6 +89,7 @@ def test_llm_plus_vision_tower_converts(qwen_source, tmp_path, backbone, vocab_s
     report = convert_llm_to_casa(llm, vision, tmp_path / "casa", verify=True)
     model = AutoModel.from_pretrained(tmp_path / "casa").eval()
     assert model.config.casa_placement == "parallel"
+    assert model.config.casa_image_positions == "insertion"  # a text LLM has no mRoPE sections
     ids = torch.randint(4, 40, (2, 10))  # words of the LLM tokenizer, never the added image token
     with torch.no_grad():
         expected = llm_model(input_ids=ids).logits

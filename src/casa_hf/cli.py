@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import get_args
 
 from .builtin_models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODEL, check_model, questions_for
-from .configuration_casa import CasaPlacement
+from .configuration_casa import CasaPlacement, ImagePositions
 from .errors import OptionsError
 from .kyutai_release import UnsupportedCheckpointError
 
@@ -59,6 +59,13 @@ def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
         choices=get_args(CasaPlacement),
         default="parallel",
         help="CASA beside self-attention on the block input (the paper's block), or after it",
+    )
+    parser.add_argument(
+        "--image-positions",
+        choices=get_args(ImagePositions),
+        default=None,
+        help="RoPE positions of CASA image keys (default: mrope, Qwen2.5-VL's own layout, for a Qwen2.5-VL source; "
+        "insertion for a text LLM)",
     )
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: keep the source dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard written")

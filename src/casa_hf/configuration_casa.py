@@ -18,7 +18,7 @@ logger = logging.get_logger(__name__)
 # The values a CASA field takes, named once: the annotations below use them and `_check_consistency` reads them.
 CasaAttentionKind = Literal["casa", "cross_attention"]
 CasaPlacement = Literal["parallel", "sequential", "replace"]
-ImagePositions = Literal["insertion", "raster"]
+ImagePositions = Literal["insertion", "raster", "mrope"]
 TextOnlyWindows = Literal["attend", "skip"]
 
 
@@ -32,6 +32,41 @@ def _warn_on_misspelt_fields(kwargs: dict) -> None:
                 f"CasaConfig got unknown key {key!r}, kept as a plain attribute with no effect on the model; "
                 f"did you mean the CASA field {close[0]!r}?"
             )
+
+
+def _quiet_mrope_section(text_config):
+    """A text config (dict) keeping Qwen2.5-VL's `mrope_section` in its `rope_parameters`: the text backbone's RoPE
+    validation does not know the key and would warn at every load, so it is told to ignore it."""
+    if isinstance(text_config, dict) and "mrope_section" in (text_config.get("rope_parameters") or {}):
+        ignored = set(text_config.get("ignore_keys_at_rope_validation") or ()) | {"mrope_section"}
+        return {**text_config, "ignore_keys_at_rope_validation": ignored}
+    return text_config
+
+
+def mrope_section(text_config) -> list[int] | None:
+    """Qwen2.5-VL's multimodal RoPE sections of a text config (`rope_parameters["mrope_section"]`), None without."""
+    return (getattr(text_config, "rope_parameters", None) or {}).get("mrope_section")
+
+
+def _check_mrope_section(text) -> None:
+    """`casa_image_positions="mrope"` needs sections that split the rotary frequencies into (time, height, width)."""
+    section = mrope_section(text)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rotary_dim = int(head_dim * (text.rope_parameters or {}).get("partial_rotary_factor", 1.0))
+    expected = f"3 positive integers summing to rotary_dim / 2 = {rotary_dim // 2} (Qwen2.5-VL-7B: [16, 24, 24])"
+    if section is None:
+        raise ValueError(
+            "casa_image_positions='mrope' needs Qwen2.5-VL's multimodal RoPE sections in "
+            f"text_config.rope_parameters['mrope_section'] ({expected}); this text config has none: add them, or use "
+            "casa_image_positions='insertion' or 'raster'"
+        )
+    if (
+        not isinstance(section, (list, tuple))
+        or len(section) != 3
+        or not all(isinstance(n, int) and n > 0 for n in section)
+        or sum(section) != rotary_dim // 2
+    ):
+        raise ValueError(f"text_config.rope_parameters['mrope_section']={section!r} must be {expected}")
 
 
 @strict
@@ -71,7 +106,12 @@ class CasaConfig(PreTrainedConfig):
             attentions and their outputs go through `o_proj` together.
         casa_image_positions (`str`, *optional*, defaults to `"insertion"`):
             RoPE positions of image keys: `"insertion"` puts every image token at its placeholder's position;
-            `"raster"` puts token j at placeholder + j, so CASA attention can tell image tokens apart by place.
+            `"raster"` puts token j at placeholder + j, so CASA attention can tell image tokens apart by place;
+            `"mrope"` is Qwen2.5-VL's multimodal RoPE: an image token at row r, column c of the merged grid gets
+            (temporal, height, width) positions (p, p + r, p + c), p its placeholder's position, and each rotary
+            section (`text_config.rope_parameters["mrope_section"]`, e.g. `[16, 24, 24]`) turns with its own component,
+            as Qwen2.5-VL lays out an image; text keeps its 1-D positions (equal components: plain RoPE). Needs the
+            text config's `mrope_section` (kept by `casa-hf convert qwen2_5_vl`, whose default this is).
         casa_image_centering (`bool`, *optional*, defaults to `False`):
             Subtract each image's mean token from its tokens before the CASA layers. A vision tower trained from
             scratch next to a frozen LLM grows a component shared by all images that, after the CASA image norm,
@@ -133,6 +173,7 @@ class CasaConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         _warn_on_misspelt_fields(kwargs)
+        self.text_config = _quiet_mrope_section(self.text_config)
         # Like built-in configs, keys CasaConfig does not list (`quantization_config`, attributes other libraries
         # set) are kept as attributes, so that everything `save_pretrained` wrote reloads.
         super().__post_init__(**kwargs)
@@ -169,6 +210,8 @@ class CasaConfig(PreTrainedConfig):
         for name, kind in choices.items():
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {get_args(kind)}")
+        if self.casa_image_positions == "mrope":
+            _check_mrope_section(text)
         for name in ("casa_image_centering", "casa_cross_attention_rope", "casa_shared"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")

@@ -40,6 +40,10 @@ TEXT_RENAMES = (
 VISION_RENAMES = ((r"^model\.visual\.", "model.visual."), (r"^visual\.", "model.visual."))
 
 
+# What Qwen2.5-VL's rotary embedding uses when its config names no `mrope_section`
+QWEN2_5_VL_DEFAULT_MROPE_SECTION = (16, 24, 24)
+
+
 @dataclass
 class ConversionReport:
     """Where every tensor went: carried over (renamed), deliberately dropped (with the reason), or created."""
@@ -201,7 +205,9 @@ def _write(
 def text_config_from_qwen2_5_vl(source: PreTrainedConfig) -> dict:
     """The Qwen2 text config equivalent to Qwen2.5-VL's language model on text-only input.
 
-    M-RoPE with identical position rows (what text-only tokens get) is plain 1-D RoPE with the same base.
+    M-RoPE with identical position rows (what text-only tokens get) is plain 1-D RoPE with the same base. Its sections
+    (`mrope_section`) stay in `rope_parameters`, for `casa_image_positions="mrope"`; a source without them gets the
+    ones Qwen2.5-VL's rotary embedding falls back to, `[16, 24, 24]`.
     """
     text = source.text_config
     rope = dict(text.rope_parameters or {})
@@ -226,7 +232,11 @@ def text_config_from_qwen2_5_vl(source: PreTrainedConfig) -> dict:
     config = {key: getattr(text, key) for key in keep if getattr(text, key, None) is not None}
     config.update(
         model_type="qwen2",
-        rope_parameters={"rope_type": "default", "rope_theta": rope["rope_theta"]},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": rope["rope_theta"],
+            "mrope_section": list(rope.get("mrope_section", QWEN2_5_VL_DEFAULT_MROPE_SECTION)),
+        },
         tie_word_embeddings=bool(source.tie_word_embeddings),
     )
     return config
@@ -269,6 +279,9 @@ class ConversionOptions:
     casa_init: str = "copy"  # CASA q/k/v copied from the block's self-attention, or "random"
     shared: bool = False  # the -Shared variant
     placement: str = "parallel"  # `CasaConfig.casa_placement`: the paper's block, or CASA after self-attention
+    # `CasaConfig.casa_image_positions`; None: each source's default, Qwen2.5-VL's own multimodal RoPE ("mrope") for
+    # a Qwen2.5-VL source, "insertion" for a text LLM (which has no mRoPE sections)
+    image_positions: str | None = None
     dtype: str | torch.dtype | None = None  # of the written weights (None: the source's)
     max_shard_size: str | int = "5GB"
     overwrite: bool = False
@@ -278,7 +291,8 @@ class ConversionOptions:
     def recorded(self, config: CasaConfig, **extra) -> dict:
         """The options as the report and model card record them (with the CASA layers the config resolved)."""
         kept = {name: getattr(self, name) for name in ("casa_init", "shared", "placement", "max_shard_size", "seed")}
-        return dict(casa_layers=config.casa_layers, dtype=str(self.dtype), **kept, **extra)
+        resolved = dict(casa_layers=config.casa_layers, image_positions=config.casa_image_positions)
+        return dict(**resolved, dtype=str(self.dtype), **kept, **extra)
 
 
 def _options(options: ConversionOptions | None, overrides: dict) -> ConversionOptions:
@@ -307,6 +321,7 @@ def convert_qwen2_5_vl_to_casa(
         casa_layers=options.casa_layers,
         casa_shared=options.shared,
         casa_placement=options.placement,
+        casa_image_positions=options.image_positions or "mrope",
         image_token_id=source_config.image_token_id,
         vision_start_token_id=source_config.vision_start_token_id,
         vision_end_token_id=source_config.vision_end_token_id,
@@ -377,6 +392,7 @@ def convert_llm_to_casa(
         casa_layers=options.casa_layers,
         casa_shared=options.shared,
         casa_placement=options.placement,
+        casa_image_positions=options.image_positions or "insertion",
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),

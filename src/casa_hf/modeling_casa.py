@@ -6,6 +6,7 @@ source checkpoints); only the CASA sub-layer and the wiring around it live here 
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate, pairwise
 from typing import Any
@@ -37,13 +38,27 @@ from transformers.utils.output_capturing import OutputRecorder, _active_collecto
 from .backbones import BACKBONES
 from .casa_attention import CasaAttention, CasaInputs, build_casa_windows
 from .casa_cache import CasaCache, CasaStaticCache, CasaWindowCache
-from .configuration_casa import CasaConfig
+from .configuration_casa import CasaConfig, mrope_section
 from .fused_projections import FusedParallelProjections
 from .kyutai_release import refuse_kyutai_release
 
 logger = logging.get_logger(__name__)
 
 BACKBONE_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+@dataclass
+class CasaImageFeatures(BaseModelOutputWithPooling):
+    r"""
+    What `get_image_features` returns: the vision tower's output, `pooler_output` one `[tokens, hidden]` tensor per
+    image (the merger's tokens in raster order over the merged grid), and the images' grids.
+
+    image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*):
+        Temporal, height and width patch grid of each image of `pooler_output` (before the merge), as given: what
+        `casa_image_positions="mrope"` lays the image's tokens out by, also when `generate()` passes the features on.
+    """
+
+    image_grid_thw: torch.LongTensor | None = None
 
 
 class CasaDecoderLayer(GradientCheckpointingLayer):
@@ -322,6 +337,14 @@ class CasaTextModel(CasaPreTrainedModel):
         self.norm = backbone.norm
         self.rotary_emb = backbone.rotary_emb
         self.casa_image_positions = config.casa_image_positions
+        self.spatial_merge_size = config.vision_config.spatial_merge_size
+        # mRoPE: which of (temporal, height, width) turns each rotary dimension: Qwen2.5-VL's sections over the
+        # frequencies, repeated for the two rotated halves of a head as its cos/sin are
+        self.mrope_components = None
+        if config.casa_image_positions == "mrope":
+            section = mrope_section(config.text_config)
+            components = [i % 3 for i, size in enumerate(section) for _ in range(size)]
+            self.mrope_components = components + components
         self.casa_uses_rope = config.casa_uses_rope
         self.casa_layer_indices = config.casa_layer_indices
         self.casa_replaced_blocks = config.casa_replaced_blocks
@@ -347,15 +370,61 @@ class CasaTextModel(CasaPreTrainedModel):
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
         """RoPE cos/sin of the text tokens and of the image keys, from one rotary call: rope types whose frequencies
         follow the largest position seen (`dynamic`) then rotate an image's keys with the frequencies of the text
-        around it, and the rotary state does not depend on the order of two calls."""
+        around it, and the rotary state does not depend on the order of two calls.
+
+        `image_positions` is `[1, N]`, or `[3, N]` (temporal, height, width) for mRoPE: each rotary dimension then
+        takes the cos/sin of its section's component, as Qwen2.5-VL's rotary embedding composes them, so the image
+        keys' cos/sin keep the shape of 1-D ones and `apply_rotary_pos_emb` rotates them unchanged."""
         if image_positions is None:
             return self.rotary_emb(inputs_embeds, position_ids=position_ids), None
         num_text = position_ids.numel()
-        joint = torch.cat([position_ids.reshape(1, -1), image_positions], dim=-1)
+        joint = torch.cat([position_ids.reshape(1, -1), image_positions.reshape(1, -1)], dim=-1)
         cos, sin = self.rotary_emb(inputs_embeds, position_ids=joint)
         shape = (*position_ids.shape, cos.shape[-1])
         text = (cos[:, :num_text].reshape(shape), sin[:, :num_text].reshape(shape))
-        return text, (cos[:, num_text:], sin[:, num_text:])
+        image_cos, image_sin = cos[0, num_text:], sin[0, num_text:]
+        if image_positions.shape[0] > 1:  # [components * N, dim] -> each dimension from its component's row
+            rows = image_positions.shape[-1]
+            pick = torch.tensor(self.mrope_components, device=image_cos.device)[None, None].expand(1, rows, -1)
+            image_cos = image_cos.view(-1, rows, image_cos.shape[-1]).gather(0, pick)[0]
+            image_sin = image_sin.view(-1, rows, image_sin.shape[-1]).gather(0, pick)[0]
+        return text, (image_cos[None], image_sin[None])
+
+    def _image_positions(
+        self,
+        insertion_points: torch.Tensor,
+        image_sizes: list[int],
+        image_grids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """RoPE positions of the image keys, `[1, N]` or, for mRoPE, `[3, N]` (temporal, height, width), from each
+        image's insertion point (its placeholder's text position) and, for `"raster"` and `"mrope"`, its tokens'
+        places. mRoPE lays an image out as Qwen2.5-VL's `get_rope_index` does, its temporal position frozen at the
+        insertion point p: the token of frame f, row r, column c of the merged grid is at (p + f, p + r, p + c)."""
+        device = insertion_points.device
+        sizes = torch.tensor(image_sizes, device=device)
+        positions = insertion_points.repeat_interleave(sizes)
+        local = torch.arange(len(positions), device=device) - (torch.cumsum(sizes, 0) - sizes).repeat_interleave(sizes)
+        if self.casa_image_positions == "raster":  # token j of an image sits at insertion point + j
+            return (positions + local)[None]
+        if self.casa_image_positions == "mrope":
+            if image_grids is None:
+                raise ValueError(
+                    "casa_image_positions='mrope' lays image keys out by each image's grid: pass `pixel_values` with "
+                    "`image_grid_thw`, or `mm_encoder_outputs['image']` as `get_image_features` returns it (with its "
+                    "`image_grid_thw`)"
+                )
+            grids = image_grids.to(device)
+            merge = self.spatial_merge_size
+            merged = torch.stack([grids[:, 0], grids[:, 1] // merge, grids[:, 2] // merge], -1)
+            if merged.prod(-1).tolist() != list(image_sizes):
+                raise ValueError(
+                    f"image grids {grids.tolist()} (merged by {merge}) do not give the images' token counts "
+                    f"{list(image_sizes)}"
+                )
+            height, width = merged[:, 1].repeat_interleave(sizes), merged[:, 2].repeat_interleave(sizes)
+            frame, row, column = local // (height * width), (local // width) % height, local % width
+            return torch.stack([frame, row, column]) + positions[None]
+        return positions[None]
 
     def _self_attention_masks(
         self,
@@ -397,8 +466,13 @@ class CasaTextModel(CasaPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPastAndCrossAttentions:
+        r"""
+        image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*):
+            Patch grid of each image of `image_features` (before the merge); `casa_image_positions="mrope"` needs it.
+        """
         batch_size, seq_len = inputs_embeds.shape[:2]
         if use_cache and cache is None:
             cache = CasaCache(config=self.config)
@@ -439,16 +513,7 @@ class CasaTextModel(CasaPreTrainedModel):
         image_positions = None
         if image_features is not None and self.casa_uses_rope:
             insertion_points = position_ids.expand(batch_size, -1)[image_mask]
-            sizes = torch.tensor(image_sizes, device=insertion_points.device)
-            image_positions = insertion_points.repeat_interleave(sizes)
-            if self.casa_image_positions == "raster":  # token j of an image sits at insertion point + j
-                starts = torch.cumsum(sizes, 0) - sizes
-                image_positions = (
-                    image_positions
-                    + torch.arange(len(image_positions), device=sizes.device)
-                    - (starts.repeat_interleave(sizes))
-                )
-            image_positions = image_positions[None]
+            image_positions = self._image_positions(insertion_points, image_sizes, image_grid_thw)
         position_embeddings, image_position_embeddings = self._position_embeddings(
             inputs_embeds, position_ids, image_positions
         )
@@ -513,11 +578,11 @@ class CasaModel(CasaPreTrainedModel):
         pixel_values: torch.Tensor | None,
         image_grid_thw: torch.LongTensor | None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPooling:
+    ) -> CasaImageFeatures:
         """Vision tower + merger. `pooler_output` holds one `[image_tokens, hidden]` tensor per image, as Qwen2.5-VL's
         does; an image fills one placeholder (`generate()` pairs them so: see `_expand_multimodal_outputs`)."""
         if not self._check_image_inputs(pixel_values, image_grid_thw):  # generate() encodes `pixel_values=None` too
-            return BaseModelOutputWithPooling(pooler_output=())
+            return CasaImageFeatures(pooler_output=())
         pixel_values = pixel_values.type(self.visual.dtype)
         vision_outputs = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs)
         sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
@@ -525,7 +590,7 @@ class CasaModel(CasaPreTrainedModel):
         if self.config.casa_image_centering:
             images = [image - image.mean(0, keepdim=True) for image in images]
         vision_outputs.pooler_output = tuple(images)
-        return vision_outputs
+        return CasaImageFeatures(**vision_outputs, image_grid_thw=image_grid_thw)
 
     def _check_image_inputs(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> int:
         """The number of images (0 without pixels), after checking that the vision tower can take their grids and
@@ -602,8 +667,9 @@ class CasaModel(CasaPreTrainedModel):
                     f"{num_images} images; each image needs exactly one image token at its insertion point"
                 ),
             )
-        image_features = image_sizes = None
+        image_features = image_sizes = image_grids = None
         if num_images:
+            image_grids = image_outputs.get("image_grid_thw")
             image_sizes = [image.shape[0] for image in image_outputs.pooler_output]
             image_features = torch.cat(image_outputs.pooler_output)
             image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -616,6 +682,7 @@ class CasaModel(CasaPreTrainedModel):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            image_grid_thw=image_grids,
             **kwargs,
         )
 
@@ -697,7 +764,7 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
 
     def get_image_features(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs: Unpack[TransformersKwargs]
-    ) -> BaseModelOutputWithPooling:
+    ) -> CasaImageFeatures:
         return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
 
     def backbone_llm(self) -> PreTrainedModel:
@@ -816,12 +883,15 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
             return mm_encoder_output
         ids = input_ids if input_ids is not None and input_ids.numel() else None
         per_sample = self.model.get_placeholder_mask(ids, inputs_embeds).sum(-1).tolist()
-        images.pooler_output = tuple(
-            image
+        order = [
+            index
             for start, end in pairwise(accumulate(per_sample, initial=0))
             for _ in range(expand_size)
-            for image in images.pooler_output[start:end]
-        )
+            for index in range(start, end)
+        ]
+        images.pooler_output = tuple(images.pooler_output[index] for index in order)
+        if images.get("image_grid_thw") is not None:  # each image's grid goes with it (mRoPE positions)
+            images.image_grid_thw = images.image_grid_thw[order]
         return mm_encoder_output
 
     def _prefill(
@@ -877,13 +947,14 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
             if position_ids is not None:
                 model_kwargs["position_ids"] = position_ids[..., past_length + start : end]
             model_inputs = self.prepare_inputs_for_generation(chunk, is_first_iteration=True, **model_kwargs)
-            chunk_images = tuple(
-                image
-                for image, column in zip(images.pooler_output, columns, strict=True)
-                if start <= column < start + chunk_size
-            )
-            if chunk_images:
-                model_inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=chunk_images)}
+            inside = [index for index, column in enumerate(columns) if start <= column < start + chunk_size]
+            if inside:
+                grids = images.get("image_grid_thw")
+                chunk_images = CasaImageFeatures(
+                    pooler_output=tuple(images.pooler_output[index] for index in inside),
+                    image_grid_thw=grids[inside] if grids is not None else None,
+                )
+                model_inputs["mm_encoder_outputs"] = {"image": chunk_images}
             outputs = model_forward(**model_inputs, return_dict=True)
         model_kwargs.update(
             attention_mask=attention_mask, position_ids=position_ids, mm_encoder_outputs=mm_encoder_outputs
