@@ -255,3 +255,34 @@ def test_placement_option_writes_the_block_asked_for_exact_on_text(qwen_source, 
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
     assert config["casa_placement"] == placement and report["options"]["placement"] == placement
+
+
+def test_replace_every_writes_the_papers_ca_replace_layout(qwen_source, tmp_path, capsys):
+    """`--replace-every 2`: CASA, on the blocks' own projections, replaces self-attention in blocks 1, 3, ...; the
+    model loads and generates, and the option refuses the CASA blocks or a placement it would override."""
+    from transformers import AutoModel
+
+    from casa_hf.cli import main
+
+    source, _ = qwen_source
+    main(["convert", "qwen2_5_vl", str(source), str(tmp_path / "out"), "--replace-every", "2"])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    layers = config["text_config"]["num_hidden_layers"]
+    assert config["casa_layers"] == list(range(1, layers, 2))
+    assert config["casa_placement"] == "replace" and config["casa_shared"] is True
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    assert report["options"]["placement"] == "replace" and report["options"]["shared"] is True
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    assert [layer.casa_placement for layer in model.model.language_model.layers if layer.has_casa] == ["replace"] * (
+        layers // 2
+    )
+    assert model.generate(input_ids=text_ids(), max_new_tokens=3, do_sample=False).shape[1] == text_ids().shape[1] + 3
+    for extra in (["--casa-layers", "0"], ["--placement", "sequential"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["convert", "qwen2_5_vl", str(source), str(tmp_path / "bad"), "--replace-every", "2", *extra])
+        assert exit_info.value.code == 2
+        assert "replace_every=2 chooses the CASA blocks and their placement itself" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "qwen2_5_vl", str(source), str(tmp_path / "bad"), "--placement", "replace"])
+    assert exit_info.value.code == 2 and "add shared=True (--shared)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

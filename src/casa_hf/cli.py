@@ -58,7 +58,16 @@ def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
         "--placement",
         choices=get_args(CasaPlacement),
         default="parallel",
-        help="CASA beside self-attention on the block input (the paper's block), or after it",
+        help="CASA beside self-attention on the block input (the paper's block), after it, or instead of it "
+        "(replace, with --shared)",
+    )
+    parser.add_argument(
+        "--replace-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the paper's CA-replace: CASA replaces self-attention in blocks N-1, 2N-1, ... (sets --placement "
+        "replace, --shared and the CASA blocks)",
     )
     parser.add_argument(
         "--image-positions",

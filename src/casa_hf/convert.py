@@ -26,7 +26,8 @@ from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 from . import __version__
 from .casa_init import casa_starts, grow_rows
 from .checkpoint_io import CheckpointReader, ShardedWriter, parse_size, staged_output
-from .configuration_casa import SUPPORTED_TEXT_MODEL_TYPES, CasaConfig
+from .configuration_casa import SUPPORTED_TEXT_MODEL_TYPES, CasaConfig, every_nth_block
+from .errors import OptionsError
 from .modeling_casa import CasaForConditionalGeneration
 from .processing_casa import DEFAULT_CHAT_TEMPLATE, CasaProcessor, add_missing_tokens
 
@@ -279,6 +280,8 @@ class ConversionOptions:
     casa_init: str = "copy"  # CASA q/k/v copied from the block's self-attention, or "random"
     shared: bool = False  # the -Shared variant
     placement: str = "parallel"  # `CasaConfig.casa_placement`: the paper's block, or CASA after self-attention
+    # the paper's CA-replace layout: CASA replaces self-attention in every n-th block (`every_nth_block`), shared
+    replace_every: int | None = None
     # `CasaConfig.casa_image_positions`; None: each source's default, Qwen2.5-VL's own multimodal RoPE ("mrope") for
     # a Qwen2.5-VL source, "insertion" for a text LLM (which has no mRoPE sections)
     image_positions: str | None = None
@@ -290,9 +293,28 @@ class ConversionOptions:
 
     def recorded(self, config: CasaConfig, **extra) -> dict:
         """The options as the report and model card record them (with the CASA layers the config resolved)."""
-        kept = {name: getattr(self, name) for name in ("casa_init", "shared", "placement", "max_shard_size", "seed")}
+        kept = {name: getattr(self, name) for name in ("casa_init", "max_shard_size", "seed")}
+        kept.update(shared=config.casa_shared, placement=config.casa_placement)
         resolved = dict(casa_layers=config.casa_layers, image_positions=config.casa_image_positions)
         return dict(**resolved, dtype=str(self.dtype), **kept, **extra)
+
+
+def _casa_layout(options: ConversionOptions, num_layers: int) -> dict:
+    """The CASA blocks, placement and sharing the options ask for; `replace_every` sets all three."""
+    if options.replace_every is None:
+        if options.placement == "replace" and not options.shared:
+            raise OptionsError(
+                "placement='replace' runs CASA on the blocks' own self-attention projections: add shared=True "
+                "(--shared), or use replace_every (--replace-every N)"
+            )
+        return dict(casa_layers=options.casa_layers, casa_shared=options.shared, casa_placement=options.placement)
+    if options.casa_layers is not None or options.placement not in ("parallel", "replace"):
+        raise OptionsError(
+            f"replace_every={options.replace_every} chooses the CASA blocks and their placement itself; drop "
+            f"casa_layers={options.casa_layers} / placement={options.placement!r}"
+        )
+    blocks = every_nth_block(num_layers, options.replace_every)
+    return dict(casa_layers=blocks, casa_shared=True, casa_placement="replace")
 
 
 def _options(options: ConversionOptions | None, overrides: dict) -> ConversionOptions:
@@ -315,12 +337,11 @@ def convert_qwen2_5_vl_to_casa(
     source_config = _load_config(source, "Source")
     if source_config.model_type != "qwen2_5_vl":
         raise ValueError(f"{source} is a {source_config.model_type!r} checkpoint, not 'qwen2_5_vl'")
+    text_config = text_config_from_qwen2_5_vl(source_config)
     config = CasaConfig(
-        text_config=text_config_from_qwen2_5_vl(source_config),
+        text_config=text_config,
         vision_config=source_config.vision_config.to_dict(),
-        casa_layers=options.casa_layers,
-        casa_shared=options.shared,
-        casa_placement=options.placement,
+        **_casa_layout(options, text_config["num_hidden_layers"]),
         casa_image_positions=options.image_positions or "mrope",
         image_token_id=source_config.image_token_id,
         vision_start_token_id=source_config.vision_start_token_id,
@@ -343,7 +364,7 @@ def convert_qwen2_5_vl_to_casa(
         if options.verify:
             from .verify_conversion import verify_against_qwen2_5_vl
 
-            report.verification = verify_against_qwen2_5_vl(source, staging, exact=not options.shared)
+            report.verification = verify_against_qwen2_5_vl(source, staging, exact=not config.casa_shared)
             _write_report_files(staging, report, "Qwen2.5-VL")
     return report
 
@@ -389,9 +410,7 @@ def convert_llm_to_casa(
     config = CasaConfig(
         text_config=text_config,
         vision_config=vision_dict,
-        casa_layers=options.casa_layers,
-        casa_shared=options.shared,
-        casa_placement=options.placement,
+        **_casa_layout(options, llm_config.num_hidden_layers),
         casa_image_positions=options.image_positions or "insertion",
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
@@ -448,7 +467,7 @@ def convert_llm_to_casa(
         if options.verify:
             from .verify_conversion import verify_against_llm
 
-            report.verification = verify_against_llm(llm, staging, old_vocab, exact=not options.shared)
+            report.verification = verify_against_llm(llm, staging, old_vocab, exact=not config.casa_shared)
             _write_report_files(staging, report, config.text_config.model_type)
     return report
 
