@@ -14,6 +14,7 @@ from reference import (
 )
 from tiny import (
     IMAGE_TOKEN,
+    PLACEMENTS,
     TINY_VISION,
     VOCAB,
     conversation,
@@ -50,8 +51,9 @@ def mrope_model(attn: str = "sdpa", positions: str = "mrope", **overrides):
     model = tiny_model(attn=attn, text_config=mrope_text_config(), casa_image_positions=positions, **overrides)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
-            for name in ("q_proj", "k_proj", "o_proj"):
-                getattr(layer.casa_attn, name).weight.mul_(5)
+            if layer.has_casa:  # shared and replaced blocks sharpen self-attention's projections, which CASA uses
+                for name in ("q_proj", "k_proj", "o_proj"):
+                    getattr(layer.casa_attn.projections(layer.self_attn), name).weight.mul_(5)
     return model
 
 
@@ -150,7 +152,7 @@ def test_image_positions_are_qwen2_5_vls_rope_index(layout, monkeypatch):
     torch.testing.assert_close(seen[0][1], sin, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_mrope_model_matches_the_loop_reference(monkeypatch, attn, placement):
     """The fast path with mRoPE image keys against a reference written apart from it: image positions laid out by
@@ -158,8 +160,8 @@ def test_mrope_model_matches_the_loop_reference(monkeypatch, attn, placement):
     text attention and the loop CASA reference (projections, RoPE, loop attention), on a left-padded batch of three
     non-square images (4x4, 4x6 and 2x4 patches)."""
     inputs = two_left_padded_samples()
-    model = mrope_model(attn, casa_placement=placement)
-    reference = mrope_model("eager", casa_placement=placement)
+    model = mrope_model(attn, **PLACEMENTS[placement])
+    reference = mrope_model("eager", **PLACEMENTS[placement])
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
         fast = model(**inputs).logits
@@ -173,17 +175,18 @@ def test_mrope_model_matches_the_loop_reference(monkeypatch, attn, placement):
     valid = inputs["attention_mask"].bool()
     assert (fast[valid] - slow[valid]).abs().max() <= TOLERANCE
     # the positions matter: the same weights with images at their insertion point compute something else
-    insertion = mrope_model(attn, positions="insertion", casa_placement=placement)
+    insertion = mrope_model(attn, positions="insertion", **PLACEMENTS[placement])
     insertion.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert (insertion(**inputs).logits[valid] - fast[valid]).abs().max() > 10 * TOLERANCE
 
 
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_chunked_and_cached_mrope_equal_the_full_forward(attn):
+def test_chunked_and_cached_mrope_equal_the_full_forward(attn, placement):
     """Token-by-token decoding after a prefill and uneven chunks (images arriving in later chunks) through one
     `CasaCache` give one full forward's logits."""
-    model = mrope_model(attn)
+    model = mrope_model(attn, **PLACEMENTS[placement])
     input_ids, pixel_values, grid_thw = conversation(4)
     with torch.no_grad():
         full = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw).logits
