@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import varlen  # noqa: F401  (registers the flash_varlen_reference stand-in)
+from eviction import casa_before_eviction, feed_evicting_frame, positions_before_eviction
 from reference import (
     reference_casa_window_attention,
     reference_decoder_block,
@@ -16,7 +17,6 @@ from tiny import (
     IMAGE_TOKEN,
     PLACEMENTS,
     TINY_VISION,
-    VOCAB,
     conversation,
     incremental_logits,
     left_pad,
@@ -25,9 +25,10 @@ from tiny import (
     save_tiny_qwen2_5_vl,
     tiny_config,
     tiny_model,
+    tiny_qwen2_5_vl_config,
     two_left_padded_samples,
 )
-from transformers import AutoModel, Qwen2_5_VLConfig
+from transformers import AutoModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, Qwen2_5_VLRotaryEmbedding
 
@@ -65,23 +66,7 @@ def images_with_frames(grids: list[tuple[int, int, int]], seed: int = 0) -> tupl
 
 
 def qwen2_5_vl_model() -> Qwen2_5_VLModel:
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": MROPE_SECTION},
-        ),
-        vision_config=TINY_VISION,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=153,
-        vision_start_token_id=151,
-        vision_end_token_id=152,
-    )
-    return Qwen2_5_VLModel(config).eval()
+    return Qwen2_5_VLModel(tiny_qwen2_5_vl_config(layers=1, mrope_section=MROPE_SECTION)).eval()
 
 
 LAYOUTS = {
@@ -307,14 +292,11 @@ def test_text_budget_eviction_keeps_mrope_casa_attention_unchanged(monkeypatch):
     and moving every cached key back by the dropped count (the stored mRoPE image keys included), each CASA layer
     computes exactly what it computes at the original positions, image keys laid out from there, from the unmoved
     state."""
-    import copy
-    import dataclasses
 
     import numpy as np
     from PIL import Image
     from tiny import tiny_processor
 
-    from casa_hf import CasaCache
     from casa_hf.streaming import CasaStream, TextBudget
 
     model = mrope_model()
@@ -322,37 +304,14 @@ def test_text_budget_eviction_keeps_mrope_casa_attention_unchanged(monkeypatch):
     frames = [Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)) for _ in range(5)]
     stream = CasaStream(model, tiny_processor(), frame_text="what ?", max_new_tokens=2, text_budget=TextBudget(2, 12))
     list(stream.run(frames[:4]))
-    saved, calls = {}, []
-    evict = CasaCache.evict_text
-
-    def remember(self, *args):
-        saved["state"] = copy.deepcopy(self.get_casa_state(1))
-        saved["excess"] = evict(self, *args)
-        return saved["excess"]
-
-    monkeypatch.setattr(CasaCache, "evict_text", remember)
-    language_model = model.model.language_model
-    casa = language_model.layers[1].casa_attn
-    handle = casa.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append((args, kwargs, output)), with_kwargs=True
-    )
-    try:
-        stream.feed(frames[4], max_new_tokens=1)
-    finally:
-        handle.remove()
-    assert saved["excess"] > 0
-    (query, key, value), kwargs, (output, _) = calls[0]
-    images, casa_inputs = kwargs["image_states"], kwargs["casa_inputs"]
+    call = feed_evicting_frame(stream, frames[4], monkeypatch)
+    images, windows = call.kwargs["image_states"], call.kwargs["casa_inputs"].windows
     assert images.shape[0] == 6
 
-    delta = saved["excess"]
-    positions = stream.cache.get_seq_length() - query.shape[2] + torch.arange(query.shape[2])[None] + delta
-    insertion = positions[0][casa_inputs.windows.image_mask[0]]
+    language_model = model.model.language_model
+    positions = positions_before_eviction(stream, call)
+    insertion = positions[0][windows.image_mask[0]]
     image_positions = language_model._image_positions(insertion, [6], torch.tensor([[1, 4, 6]]))
     _, moved = language_model._position_embeddings(images[None], positions, image_positions)
-    original = {**kwargs, "casa_inputs": dataclasses.replace(casa_inputs, image_position_embeddings=moved)}
-    original["cache_window"] = saved["state"]
-    shift = language_model.shift_key_positions  # the text's q/k at their positions before eviction
-    with torch.no_grad():
-        expected, _ = casa(shift(query, delta), shift(key, delta), value, **original)
-    assert (output - expected).abs().max() < 1e-5
+    expected = casa_before_eviction(stream, call, moved)
+    assert (call.output - expected).abs().max() < 1e-5

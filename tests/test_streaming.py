@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from eviction import casa_before_eviction, feed_evicting_frame, positions_before_eviction
 from PIL import Image
 from tiny import tiny_model, tiny_processor
 
@@ -260,45 +261,15 @@ def test_video_file_frames_at_fps(tmp_path):
 def test_eviction_keeps_casa_attention_unchanged(model_and_processor, monkeypatch):
     """RoPE is relative: after dropping text and moving every position back, each CASA layer must compute exactly
     what it computes at the original positions from the unmoved state."""
-    import copy
-    import dataclasses
-
     model, processor = model_and_processor
     stream = CasaStream(model, processor, frame_text="what ?", max_new_tokens=2, text_budget=TextBudget(2, 12))
     list(stream.run(frames(4)))
-    saved, calls = {}, []
-    evict = CasaCache.evict_text
-
-    def remember(self, *args):
-        saved["state"] = copy.deepcopy(self.get_casa_state(1))
-        saved["excess"] = evict(self, *args)
-        return saved["excess"]
-
-    monkeypatch.setattr(CasaCache, "evict_text", remember)
-    casa = model.model.language_model.layers[1].casa_attn
-    handle = casa.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append((args, kwargs, output)), with_kwargs=True
-    )
-    try:
-        stream.feed(frames(1)[0], max_new_tokens=1)
-    finally:
-        handle.remove()
-    assert saved["excess"] > 0
-    (query, key, value), kwargs, (output, _) = calls[0]
-    images, casa_inputs = kwargs["image_states"], kwargs["casa_inputs"]
-
-    delta = saved["excess"]
-    text_model = model.model.language_model
-    positions = stream.cache.get_seq_length() - query.shape[2] + torch.arange(query.shape[2])[None]
-    image_positions = positions[0][casa_inputs.windows.image_mask[0]].repeat_interleave(4)[None] + delta
-    moved_inputs = dataclasses.replace(
-        casa_inputs, image_position_embeddings=text_model.rotary_emb(images[None], image_positions)
-    )
-    original = {**kwargs, "casa_inputs": moved_inputs, "cache_window": saved["state"]}
-    shift = text_model.shift_key_positions  # RoPE composes: the text's q/k at their positions before eviction
-    with torch.no_grad():
-        expected, _ = casa(shift(query, delta), shift(key, delta), value, **original)
-    assert (output - expected).abs().max() < 1e-5
+    call = feed_evicting_frame(stream, frames(1)[0], monkeypatch)
+    images, windows = call.kwargs["image_states"], call.kwargs["casa_inputs"].windows
+    positions = positions_before_eviction(stream, call)
+    image_positions = positions[0][windows.image_mask[0]].repeat_interleave(4)[None]
+    expected = casa_before_eviction(stream, call, model.model.language_model.rotary_emb(images[None], image_positions))
+    assert (call.output - expected).abs().max() < 1e-5
 
 
 def test_eviction_leaves_the_image_keys_of_cross_attention_without_rope():

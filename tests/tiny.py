@@ -36,21 +36,22 @@ PLACEMENTS = {
 }
 
 
+# The tiny LLM's sizes and special tokens, for CASA and Qwen2.5-VL models alike
+TINY_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def tiny_config(backbone: str = "qwen2", text_overrides: dict | None = None, **overrides) -> CasaConfig:
-    text = dict(
-        model_type=backbone,
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    text = dict(TINY_TEXT, model_type=backbone, max_position_embeddings=512, tie_word_embeddings=False)
     text.update(text_overrides or {})
     if backbone == "helium":
         text["head_dim"] = 16  # Helium defaults to 128, and its o_proj assumes heads * head_dim == hidden_size
@@ -140,32 +141,29 @@ def tiny_processor(**kwargs):
     return CasaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), **kwargs)
 
 
-def save_tiny_qwen2_5_vl(folder, max_shard_size="300KB", seed=0, tie=False):
-    """A tiny random Qwen2.5-VL checkpoint as on the Hub: sharded weights, tokenizer, image processor, template."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+def tiny_qwen2_5_vl_config(layers: int = 2, mrope_section=(2, 3, 3), **overrides):
+    """Qwen2.5-VL at the tiny model's sizes, with its image tokens."""
+    from transformers import Qwen2_5_VLConfig
 
-    torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
-        ),
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": list(mrope_section)}
+    return Qwen2_5_VLConfig(
+        text_config=dict(TINY_TEXT, num_hidden_layers=layers, rope_parameters=rope),
         vision_config=TINY_VISION,
         image_token_id=IMAGE_TOKEN,
         video_token_id=153,
         vision_start_token_id=151,
         vision_end_token_id=152,
-        tie_word_embeddings=tie,
+        **overrides,
     )
+
+
+def save_tiny_qwen2_5_vl(folder, max_shard_size="300KB", seed=0, tie=False):
+    """A tiny random Qwen2.5-VL checkpoint as on the Hub: sharded weights, tokenizer, image processor, template."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = tiny_qwen2_5_vl_config(tie_word_embeddings=tie)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     tokenizer = tiny_tokenizer()
@@ -189,16 +187,11 @@ def save_tiny_llm(folder, backbone="llama", seed=0, tie=False, vocab_size=120):
     torch.manual_seed(seed)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {w: 4 + i for i, w in enumerate(WORDS)}
     text = dict(
+        TINY_TEXT,
         model_type=backbone,
         vocab_size=vocab_size or len(vocab),
         hidden_size=48,
         intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
         tie_word_embeddings=tie,
     )
     if backbone == "helium":
