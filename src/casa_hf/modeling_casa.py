@@ -141,10 +141,13 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
         else:
             image_states = None if image_features is None else self.casa_image_layernorm(image_features)
             window = cache.get_casa_state(self.layer_idx) if cache is not None else None
-            casa = partial(
-                self.casa_attn, image_states=image_states, casa_inputs=casa_inputs, self_attn=self.self_attn,
+            casa = partial(  # the CASA attention of this block's chunk, given its text's q/k/v
+                self.casa_attn,
+                image_states=image_states,
+                casa_inputs=casa_inputs,
+                self_attn=self.self_attn,
                 cache_window=window,
-            )  # fmt: skip
+            )
             if self.casa_reads_block_norm:
                 hidden_states = residual + self._shared_attention(
                     self.input_layernorm(hidden_states), casa, **attention_kwargs
