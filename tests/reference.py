@@ -15,28 +15,40 @@ from torch.nn.utils.rnn import pad_sequence
 def reference_casa_window_attention(
     module, query, key, value, image_keys, image_values, windows, cache_layer, step_masks=None
 ):
+    """Token by token: a placeholder opens a window on its image, and under the "consecutive" rule
+    (`windows.marker_mask` given) on the images whose placeholders follow it with only marker tokens (or padding)
+    between; every text token from the window's first image on attends to all of its images and, in CASA, causally
+    to the window's text."""
     past = cache_layer is not None and cache_layer.is_initialized
     assert not past, "the reference covers full forwards, from an empty cache or none"
     batch, heads, seq_len, head_dim = query.shape
     groups = heads // key.shape[1]
     output = torch.zeros(batch, seq_len, heads, head_dim, dtype=query.dtype, device=query.device)
-    # each token's weights on the tokens of the image it sees (the first keys of its softmax)
-    image_weights = torch.zeros(batch, heads, seq_len, max(windows.image_sizes, default=0), dtype=query.dtype)
+    # each token's weights on the tokens of the images it sees (the first keys of its softmax, images in order)
+    image_weights = torch.zeros(batch, heads, seq_len, sum(windows.image_sizes), dtype=query.dtype)
+    widest = 0
     image = -1
     for b in range(batch):
-        current, window_start = None, 0
+        current, window_start = [], 0
         for t in range(seq_len):
             if windows.image_mask[b, t]:
                 image += 1
-                current, window_start = image, t
-            if current is None and module.updates_image_windows_only:
+                if image not in current:  # a new window: this image and those consecutive with it
+                    current, window_start = [image], t
+                    for s in range(t + 1, seq_len if windows.marker_mask is not None else t + 1):
+                        if windows.image_mask[b, s]:
+                            current.append(current[-1] + 1)
+                        elif windows.chunk_token_valid[b, s] and not windows.marker_mask[b, s]:
+                            break
+            if not current and module.updates_image_windows_only:
                 continue  # before any image: no update (cross-attention, or CASA skipping text-only windows)
+            n = sum(windows.image_sizes[i] for i in current)
+            widest = max(widest, n)
             for h in range(heads):
                 keys, values = [], []
-                if current is not None:
-                    n = windows.image_sizes[current]
-                    keys.append(image_keys[current, h // groups, :n])
-                    values.append(image_values[current, h // groups, :n])
+                for i in current:
+                    keys.append(image_keys[i, h // groups, : windows.image_sizes[i]])
+                    values.append(image_values[i, h // groups, : windows.image_sizes[i]])
                 if module.mode == "casa":
                     for s in range(window_start, t + 1):
                         if windows.chunk_token_valid[b, s] or s == t:
@@ -45,9 +57,8 @@ def reference_casa_window_attention(
                 k, v = torch.cat(keys), torch.cat(values)
                 weights = torch.softmax((k @ query[b, h, t]) * module.scaling, dim=0)
                 output[b, t, h] = weights @ v
-                if current is not None:
-                    image_weights[b, h, t, :n] = weights[:n]
-    return output, image_weights
+                image_weights[b, h, t, :n] = weights[:n]
+    return output, image_weights[..., :widest]
 
 
 def reference_casa_attention(module, self_attn, hidden_states, image_states, position_embeddings, casa_inputs, cache):
