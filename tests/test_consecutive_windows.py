@@ -79,7 +79,7 @@ MODES = {
 
 @pytest.mark.parametrize("rule", ["consecutive", "each"])
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flash_varlen_reference"])
 @pytest.mark.parametrize("backbone", ["qwen2", "llama"])
 def test_full_forward_matches_the_loop_reference(monkeypatch, backbone, attn, mode, rule):
     """Runs of two and three images (with markers and adjacent), single-image and text-only windows in a
@@ -334,3 +334,25 @@ def test_streaming_keeps_one_frame_per_window():
     for _ in range(3):
         stream.feed(frame)
         assert stream.cache.get_casa_state(0).image_tokens.tolist() == [4]
+
+
+def test_compiled_static_decode_steps_track_an_open_run():
+    """`torch.compile(fullgraph=True)` decode steps after a prompt ending inside a run: markers keep it open, a text
+    token closes it, as in eager steps (same logits)."""
+    model = tiny_model(attn="sdpa")
+    row = random_text(3, 1) + [VS, IMAGE_TOKEN, VE]
+    pixel_values, grid = random_images([(4, 4)])
+    results, opens = [], []
+    for forward in (model.forward, torch.compile(model.forward, fullgraph=True)):
+        cache = CasaStaticCache(model.config, max_cache_len=32, max_image_tokens=8)
+        logits = []
+        with torch.no_grad():
+            model(input_ids=torch.tensor([row]), pixel_values=pixel_values, image_grid_thw=grid, cache=cache)
+            for step, token in enumerate([VS, VE, 7, VS]):
+                position = torch.tensor([[len(row) + step]])
+                out = forward(input_ids=torch.tensor([[token]]), position_ids=position, cache=cache, use_cache=True)
+                logits.append(out.logits.clone())
+                opens.append(cache.open_runs())
+        results.append(torch.cat(logits, dim=1))
+    assert opens == [[True], [True], [False], [False]] * 2
+    assert (results[0] - results[1]).abs().max() <= 1e-5
