@@ -356,3 +356,29 @@ def test_compiled_static_decode_steps_track_an_open_run():
         results.append(torch.cat(logits, dim=1))
     assert opens == [[True], [True], [False], [False]] * 2
     assert (results[0] - results[1]).abs().max() <= 1e-5
+
+
+def test_a_run_never_crosses_packed_conversations():
+    """A packed row whose first conversation ends with an image and a marker and whose second opens with an image:
+    two windows, each conversation's logits as when run alone."""
+    first = random_text(3, 1) + [VS, IMAGE_TOKEN, VE]
+    second = [IMAGE_TOKEN, VE] + random_text(3, 2)
+    pixel_values, grid = random_images([(4, 4), (2, 4)])
+    model = tiny_model(attn="sdpa")
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))])
+    with torch.no_grad():
+        packed = model(
+            input_ids=torch.tensor([first + second]),
+            position_ids=positions,
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+        ).logits[0]
+        alone = [
+            model(
+                input_ids=torch.tensor([row]),
+                pixel_values=pixel_values[index * 16 :][:16],
+                image_grid_thw=grid[[index]],
+            ).logits[0]
+            for index, row in enumerate((first, second))
+        ]
+    assert (packed - torch.cat(alone)).abs().max() <= TOLERANCE

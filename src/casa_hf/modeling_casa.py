@@ -5,6 +5,7 @@ source checkpoints); only the CASA sub-layer and the wiring around it live here 
 """
 
 import copy
+import functools
 from itertools import accumulate, pairwise
 from typing import Any
 
@@ -438,8 +439,8 @@ class CasaModel(CasaPreTrainedModel):
         ids = [i for i in (self.config.vision_start_token_id, self.config.vision_end_token_id) if i is not None]
         if not ids:
             return None
-        if input_ids is not None:
-            return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+        if input_ids is not None:  # no id tensor to copy to the device: decode steps compute this too
+            return functools.reduce(torch.logical_or, [input_ids == token for token in ids])
         rows = self.get_input_embeddings()(torch.tensor(ids, device=inputs_embeds.device))
         return (inputs_embeds[:, :, None, :] == rows).all(-1).any(-1)
 
