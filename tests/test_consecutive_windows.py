@@ -382,3 +382,15 @@ def test_a_run_never_crosses_packed_conversations():
             for index, row in enumerate((first, second))
         ]
     assert (packed - torch.cat(alone)).abs().max() <= TOLERANCE
+
+
+def test_inputs_embeds_find_the_markers_by_their_embedding():
+    """From `inputs_embeds`, placeholders and markers are found by their embedding rows: the same runs, the same
+    logits as from `input_ids`."""
+    inputs = batch_inputs(rows_with_runs())
+    model = tiny_model(attn="sdpa")
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        from_ids = model(**inputs).logits
+        from_embeds = model(**{k: v for k, v in inputs.items() if k != "input_ids"}, inputs_embeds=embeds).logits
+    assert (from_ids - from_embeds).abs().max() <= 1e-6
