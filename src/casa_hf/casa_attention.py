@@ -15,6 +15,7 @@ text keys come last).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate, pairwise
@@ -91,55 +92,78 @@ def build_casa_windows(
     """
     batch_size, seq_len = image_mask.shape
     device = image_mask.device
-    segment_rows = segment_starts.tolist() if segment_starts is not None else [[False] * seq_len] * batch_size
-    marker_rows = marker_mask.tolist() if marker_mask is not None else [[False] * seq_len] * batch_size
-    valid_rows = token_valid.tolist()
+    # per sample, the placeholders and packed-conversation starts (the only places a window can start), and running
+    # counts of valid tokens and of valid tokens that are not markers: what lies between two places, or after the
+    # last one, is read from those counts rather than token by token
+    events: list[dict[int, bool]] = [{} for _ in range(batch_size)]  # position: whether a conversation starts there
+    for b, t in image_mask.nonzero().tolist():
+        events[b][t] = False
+    if segment_starts is not None:
+        for b, t in segment_starts.nonzero().tolist():
+            if t > 0:
+                events[b][t] = True
+    not_marker = token_valid if marker_mask is None else token_valid & ~marker_mask
+    valid_count = token_valid.long().cumsum(1).tolist()
+    other_count = not_marker.long().cumsum(1).tolist()
     open_rows = open_runs if open_runs is not None and consecutive else [False] * batch_size
+
+    def tail_from(b: int, start: int) -> tuple[int, int]:
+        """Valid tokens of sample b from `start` to the chunk's end, and how many of them lead as markers."""
+        valid, other = valid_count[b], other_count[b]
+        base_valid, base_other = (valid[start - 1], other[start - 1]) if start > 0 else (0, 0)
+        tail = valid[-1] - base_valid
+        first_other = bisect.bisect_right(other, base_other)  # the first valid token from `start` that is no marker
+        if first_other >= seq_len:
+            return tail, tail
+        return tail, (valid[first_other - 1] - base_valid) if first_other > 0 else 0
+
     # windows as [sample, start, end, kind, run]: kind "cached" continues the cached window, "run" opens on run
     # `run`, "empty" starts a packed conversation
     spans: list[list] = []
     runs: list[list[int]] = []
     last_window, last_continues, tail_restart, tail_tokens, tail_markers = [], [], [], [], []
     next_image = 0
-    for b, (row, segment_row, marker_row, valid_row) in enumerate(
-        zip(image_mask.tolist(), segment_rows, marker_rows, valid_rows, strict=True)
-    ):
-        run_open = open_rows[b]  # the current window's images are followed by markers (or padding) only
-        tail, markers, restarted = 0, 0, False
-        for t in range(seq_len):
-            new_segment = t > 0 and segment_row[t]
-            if row[t] and run_open and not new_segment:  # the image joins the current window's images
-                window = spans[-1] if spans and spans[-1][0] == b else None
-                if window is None or window[3] == "cached":
+    for b in range(batch_size):
+        sample_events = sorted(events[b].items())
+        other = other_count[b]
+        first = len(spans)
+        if not sample_events or sample_events[0][0] > 0:
+            spans.append([b, 0, 0, "cached", None])
+        last_image = None  # the current window's last placeholder
+        for t, new_segment in sample_events:
+            if new_segment:  # a packed conversation starts: a window of its own, with or without an image
+                last_image = None
+                if not image_mask[b, t]:
+                    spans.append([b, t, 0, "empty", None])
+                    continue
+                joins = False
+            elif last_image is not None:
+                joins = consecutive and other[t - 1] - other[last_image] == 0
+            else:  # the chunk's first window: the cached one, whose images may be followed by markers only
+                in_cached = len(spans) == first or spans[-1][3] == "cached"  # (an image at 0: before any span)
+                joins = in_cached and open_rows[b] and (t == 0 or other[t - 1] == 0)
+                if joins:
                     raise ValueError(
                         f"Sample {b}: this chunk's image at position {t} follows the cached window's images with only "
                         "vision start / end tokens between, so it shares their CASA window (casa_window_images="
                         "'consecutive'), which would change what the cached tokens after those images computed. Feed "
                         "the images of one window, and the markers between them, in one chunk"
                     )
-                runs[window[4]].append(next_image)
-            elif row[t] or new_segment or t == 0:
-                if row[t]:
-                    spans.append([b, t, 0, "run", len(runs)])
-                    runs.append([next_image])
-                else:
-                    spans.append([b, t, 0, "empty" if new_segment else "cached", None])
-                    run_open = run_open and not new_segment
-                tail, markers, restarted = 0, 0, spans[-1][3] != "cached"
-            if row[t]:
-                next_image += 1
-                run_open = consecutive
-                tail, markers, restarted = 0, 0, True
-            elif valid_row[t]:
-                markers += int(markers == tail and marker_row[t])
-                tail += 1
-                run_open = run_open and marker_row[t]
+            if joins:
+                runs[spans[-1][4]].append(next_image)
+            else:
+                spans.append([b, t, 0, "run", len(runs)])
+                runs.append([next_image])
+            next_image += 1
+            last_image = t
         spans[-1][2] = seq_len
-        for previous, following in pairwise([s for s in spans if s[0] == b]):
+        for previous, following in pairwise(spans[first:]):
             previous[2] = following[1]
+        last = spans[-1]
+        tail, markers = tail_from(b, last_image + 1 if last_image is not None else last[1])
         last_window.append(len(spans) - 1)
-        last_continues.append(spans[-1][3] == "cached")
-        tail_restart.append(restarted)
+        last_continues.append(last[3] == "cached")
+        tail_restart.append(last[3] != "cached")
         tail_tokens.append(tail)
         tail_markers.append(markers)
 
