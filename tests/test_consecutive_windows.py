@@ -9,7 +9,7 @@ from reference import reference_casa_attention, reference_casa_window_attention,
 from tiny import IMAGE_TOKEN, left_pad, random_images, random_text, tiny_config, tiny_model, tiny_processor
 
 import casa_hf.casa_attention as casa_attention
-from casa_hf import CasaCache, CasaConfig, CasaStaticCache
+from casa_hf import CasaCache, CasaConfig, CasaForConditionalGeneration, CasaStaticCache
 from casa_hf.modeling_casa import CasaDecoderLayer
 from casa_hf.streaming import CasaStream
 
@@ -394,3 +394,22 @@ def test_inputs_embeds_find_the_markers_by_their_embedding():
         from_ids = model(**inputs).logits
         from_embeds = model(**{k: v for k, v in inputs.items() if k != "input_ids"}, inputs_embeds=embeds).logits
     assert (from_ids - from_embeds).abs().max() <= 1e-6
+
+
+def test_sliding_window_layers_static_cache_holds_runs():
+    """A backbone with sliding-window self-attention layers (window of 6 text tokens, shorter than the runs'
+    windows): `generate()` with the static cache, sized for the runs, gives the dynamic cache's tokens and logits."""
+    text = tiny_config().text_config.to_dict()
+    text.pop("layer_types", None)
+    text.update(use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    torch.manual_seed(0)
+    model = CasaForConditionalGeneration(tiny_config(text_config=text)).eval()
+    assert "sliding_attention" in model.config.text_config.layer_types
+    model.generation_config.eos_token_id = None
+    options = dict(batch_inputs(rows_with_runs()), max_new_tokens=5, do_sample=False)
+    options.update(return_dict_in_generate=True, output_logits=True)
+    dynamic = model.generate(**options)
+    static = model.generate(**options, cache_implementation="static")
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    assert (torch.stack(static.logits) - torch.stack(dynamic.logits)).abs().max() <= 1e-5
+    assert static.cache.get_casa_state(0).max_image_tokens >= 6 + 1 + 4  # sample 1's run of three
