@@ -509,9 +509,9 @@ class CasaModel(CasaPreTrainedModel):
 
 
 def _largest_image(config: CasaConfig, model_kwargs: dict) -> int:
-    """Image tokens a CASA window of this `generate()` call holds at most (after the merger), 0 without images: the
-    largest image, or with `casa_window_images="consecutive"`, where a window holds a run of consecutive images, all
-    of the call's images together (which placeholders are consecutive is not known here: a bound, not the size)."""
+    """Image tokens a CASA window of this `generate()` call holds at most (after the merger), 0 without images, when
+    its `input_ids` were not seen (`inputs_embeds`): the largest image, or with `casa_window_images="consecutive"`,
+    where a window holds a run of consecutive images, all of the call's images together (a bound, not the size)."""
     encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
     if encoded is not None:
         sizes = [image.shape[0] for image in encoded.pooler_output]
@@ -818,6 +818,32 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
                     previous = None
         return inside
 
+    def _maybe_prepare_encoder_kwargs_for_generation(
+        self, inputs_tensor: torch.Tensor, model_kwargs: dict, model_input_name: str | None, generation_config
+    ) -> dict:
+        """As `GenerationMixin`'s (the images are encoded here), and, from `input_ids`, the image tokens of the call's
+        largest window (a run of consecutive images counts whole), which a static cache is then sized for (the cache
+        is prepared from `model_kwargs`, which does not hold the ids)."""
+        model_kwargs = super()._maybe_prepare_encoder_kwargs_for_generation(
+            inputs_tensor, model_kwargs, model_input_name, generation_config
+        )
+        images = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        self._window_image_tokens = None
+        if model_input_name == "input_ids" and images is not None and images.pooler_output:
+            image_mask = inputs_tensor == self.config.image_token_id
+            if int(image_mask.sum()) == len(images.pooler_output):  # otherwise the forward says what is off
+                mask = model_kwargs.get("attention_mask")
+                valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.shape == image_mask.shape else None
+                windows = build_casa_windows(
+                    image_mask,
+                    valid if valid is not None else torch.ones_like(image_mask),
+                    [image.shape[0] for image in images.pooler_output],
+                    marker_mask=self.model.get_marker_mask(inputs_tensor, None),
+                    consecutive=self.config.casa_window_images == "consecutive",
+                )
+                self._window_image_tokens = max(windows.run_sizes)
+        return model_kwargs
+
     def _prepare_static_cache(
         self, cache_implementation: str, batch_size: int, max_cache_len: int, prefill_chunk_size, model_kwargs
     ) -> CasaStaticCache:
@@ -825,7 +851,11 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         text as the whole cache. Sizes never shrink from one call to the next, so that compiled decode steps are not
         recompiled."""
         max_cache_len = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))
-        max_image_tokens = max(_largest_image(self.config, model_kwargs), getattr(self, "_previous_max_image", 1))
+        largest = getattr(self, "_window_image_tokens", None)  # this call's, counted from its input_ids
+        if largest is None:
+            largest = _largest_image(self.config, model_kwargs)
+        self._window_image_tokens = None
+        max_image_tokens = max(largest, getattr(self, "_previous_max_image", 1))
         self._previous_max_cache_length, self._previous_max_image = max_cache_len, max_image_tokens
         return CasaStaticCache(self.config, max_cache_len=max_cache_len, max_image_tokens=max_image_tokens)
 
