@@ -51,7 +51,7 @@ def kv_nbytes(layer: CacheLayerMixin) -> int:
 def _runs_open(
     image_tokens: torch.Tensor, text_tokens: torch.Tensor, run_text: torch.Tensor, tail_markers: torch.Tensor
 ) -> torch.Tensor:
-    """Per sample, whether a window's images are followed by marker tokens only (a next image joins them)."""
+    """Per sample, whether a window's images are followed by marker tokens only (a next image would join them)."""
     return (image_tokens > 0) & (tail_markers == text_tokens - run_text)
 
 
@@ -195,8 +195,8 @@ class CasaWindow:
         )
 
     def open_runs(self) -> list[bool]:
-        """Per sample, whether the window's images are followed by marker tokens only, so that a chunk whose first
-        image follows markers only continues the window (read back from the device when some may be)."""
+        """Per sample, whether the window's images are followed by marker tokens only: a chunk whose first image
+        follows markers only would join them, which is refused (read back from the device when some may be open)."""
         if not self.is_initialized or not self.may_run_on:
             return [False] * (self.keys.shape[0] if self.is_initialized else 0)
         return _runs_open(self.image_tokens, self.text_tokens, self.run_text, self.tail_markers).tolist()
