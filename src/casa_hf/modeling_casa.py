@@ -302,7 +302,7 @@ class CasaTextModel(CasaPreTrainedModel):
         windows = None
         window_kwargs = dict(marker_mask=marker_mask, consecutive=self.consecutive_images)
         if not continues or image_features is not None or is_flash_attention_requested(self.config):
-            # a chunk's first image joins the cached window's images when only markers stand between them
+            # a chunk's image that would join the images the cached windows end with is refused: read which do
             if continues and image_features is not None and self.consecutive_images:
                 window_kwargs["open_runs"] = cache.open_runs()
             windows = build_casa_windows(image_mask, chunk_valid, image_sizes or [], segment_starts, **window_kwargs)
