@@ -15,28 +15,40 @@ from torch.nn.utils.rnn import pad_sequence
 def reference_casa_window_attention(
     module, query, key, value, image_keys, image_values, windows, cache_layer, step_masks=None
 ):
+    """Token by token: a placeholder opens a window on its image, and under the "consecutive" rule
+    (`windows.marker_mask` given) on the images whose placeholders follow it with only marker tokens (or padding)
+    between; every text token from the window's first image on attends to all of its images and, in CASA, causally
+    to the window's text."""
     past = cache_layer is not None and cache_layer.is_initialized
     assert not past, "the reference covers full forwards, from an empty cache or none"
     batch, heads, seq_len, head_dim = query.shape
     groups = heads // key.shape[1]
     output = torch.zeros(batch, seq_len, heads, head_dim, dtype=query.dtype, device=query.device)
-    # each token's weights on the tokens of the image it sees (the first keys of its softmax)
-    image_weights = torch.zeros(batch, heads, seq_len, max(windows.image_sizes, default=0), dtype=query.dtype)
+    # each token's weights on the tokens of the images it sees (the first keys of its softmax, images in order)
+    image_weights = torch.zeros(batch, heads, seq_len, sum(windows.image_sizes), dtype=query.dtype)
+    widest = 0
     image = -1
     for b in range(batch):
-        current, window_start = None, 0
+        current, window_start = [], 0
         for t in range(seq_len):
             if windows.image_mask[b, t]:
                 image += 1
-                current, window_start = image, t
-            if current is None and module.updates_image_windows_only:
+                if image not in current:  # a new window: this image and those consecutive with it
+                    current, window_start = [image], t
+                    for s in range(t + 1, seq_len if windows.marker_mask is not None else t + 1):
+                        if windows.image_mask[b, s]:
+                            current.append(current[-1] + 1)
+                        elif windows.chunk_token_valid[b, s] and not windows.marker_mask[b, s]:
+                            break
+            if not current and module.updates_image_windows_only:
                 continue  # before any image: no update (cross-attention, or CASA skipping text-only windows)
+            n = sum(windows.image_sizes[i] for i in current)
+            widest = max(widest, n)
             for h in range(heads):
                 keys, values = [], []
-                if current is not None:
-                    n = windows.image_sizes[current]
-                    keys.append(image_keys[current, h // groups, :n])
-                    values.append(image_values[current, h // groups, :n])
+                for i in current:
+                    keys.append(image_keys[i, h // groups, : windows.image_sizes[i]])
+                    values.append(image_values[i, h // groups, : windows.image_sizes[i]])
                 if module.mode == "casa":
                     for s in range(window_start, t + 1):
                         if windows.chunk_token_valid[b, s] or s == t:
@@ -45,40 +57,47 @@ def reference_casa_window_attention(
                 k, v = torch.cat(keys), torch.cat(values)
                 weights = torch.softmax((k @ query[b, h, t]) * module.scaling, dim=0)
                 output[b, t, h] = weights @ v
-                if current is not None:
-                    image_weights[b, h, t, :n] = weights[:n]
-    return output, image_weights
+                image_weights[b, h, t, :n] = weights[:n]
+    return output, image_weights[..., :widest]
 
 
 def reference_casa_attention(module, self_attn, hidden_states, image_states, position_embeddings, casa_inputs, cache):
-    """The CASA sub-layer: q/k/v projections of the text and of each image, the backbone's RoPE on queries, text keys
-    and image keys only where the sub-layer has positions (CASA; plain cross-attention has none, but for checkpoints
-    that rotated, `module.rotary`), then the loop attention."""
+    """The CASA sub-layer: q/k/v projections of the text, the backbone's RoPE on queries and text keys only where the
+    sub-layer has positions (CASA; plain cross-attention has none, but for checkpoints that rotated, `module.rotary`),
+    then `reference_casa_forward` and the output projection."""
     proj = module.projections(self_attn)
-    batch, seq_len = hidden_states.shape[:2]
-
-    def heads(states, projection):
-        return projection(states).view(*states.shape[:-1], -1, module.head_dim).transpose(-3, -2)
-
-    query, key, value = (heads(hidden_states, p) for p in (proj.q_proj, proj.k_proj, proj.v_proj))
-    image_keys = image_values = None
-    if image_states is not None:
-        image_keys, image_values = heads(image_states[None], proj.k_proj), heads(image_states[None], proj.v_proj)
+    query, key, value = (_heads(module, hidden_states, p) for p in (proj.q_proj, proj.k_proj, proj.v_proj))
     if module.mode == "casa" or module.rotary:
         query, key = module.backbone.apply_rotary_pos_emb(query, key, *position_embeddings)
-        if image_keys is not None:
+    output, weights = reference_casa_forward(module, query, key, value, image_states, casa_inputs, self_attn, cache)
+    return proj.o_proj(output), weights
+
+
+def reference_casa_forward(module, query, key, value, image_states, casa_inputs, self_attn, cache_window=None):
+    """`CasaAttention.forward` from the text's q/k/v: k/v projections of each image, RoPE on image keys where the
+    sub-layer has positions, the loop attention; the output before `o_proj`, `[batch, seq_len, heads * head_dim]`."""
+    proj = module.projections(self_attn)
+    image_keys = image_values = None
+    if image_states is not None:
+        image_keys = _heads(module, image_states[None], proj.k_proj)
+        image_values = _heads(module, image_states[None], proj.v_proj)
+        if module.mode == "casa" or module.rotary:
             _, image_keys = module.backbone.apply_rotary_pos_emb(
                 image_keys, image_keys, *casa_inputs.image_position_embeddings
             )
-    if image_keys is not None:  # one row per image, `[num_images, kv_heads, its tokens (padded), head_dim]`
+        # one row per image, `[num_images, kv_heads, its tokens (padded), head_dim]`
         per_image = [
             states[0].transpose(0, 1).split(casa_inputs.windows.image_sizes) for states in (image_keys, image_values)
         ]
         image_keys, image_values = (pad_sequence(list(rows), batch_first=True).transpose(1, 2) for rows in per_image)
     output, weights = reference_casa_window_attention(
-        module, query, key, value, image_keys, image_values, casa_inputs.windows, cache
+        module, query, key, value, image_keys, image_values, casa_inputs.windows, cache_window
     )
-    return proj.o_proj(output.reshape(batch, seq_len, -1)), weights
+    return output.reshape(*output.shape[:2], -1), weights
+
+
+def _heads(module, states, projection):
+    return projection(states).view(*states.shape[:-1], -1, module.head_dim).transpose(-3, -2)
 
 
 def reference_decoder_block(layer, hidden_states, image_features=None, casa_inputs=None, **attention_kwargs):

@@ -51,6 +51,9 @@ def test_export_is_a_standard_checkpoint(exported, loaded):
     assert isinstance(model, CasaForConditionalGeneration) and model.config.text_config.model_type == "llama"
     # trained in the sequential block, built so explicitly (the saved key; folders assembled before it lack it)
     assert json.loads((exported / "config.json").read_text())["casa_placement"] == "sequential"
+    # and with its windows (every image opens one) and chats rendered as written (two frames with text between)
+    assert model.config.casa_window_images == "each"
+    assert json.loads((exported / "processor_config.json").read_text())["group_images"] is False
 
 
 def test_pipeline_answers_in_a_sentence(exported):

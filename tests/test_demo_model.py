@@ -35,9 +35,11 @@ def test_shipped_model_predates_placement_and_loads_sequential():
     """The shipped config has no `casa_placement` (saved before it existed): it loads as the sequential block it was
     trained in, computing what a model built explicitly sequential from the same weights computes."""
     saved = json.loads((TINY_MODEL / "config.json").read_text())
-    assert "casa_placement" not in saved
+    assert "casa_placement" not in saved and "casa_window_images" not in saved
     model, processor = load_demo_model("tiny")
     assert model.config.casa_placement == "sequential"
+    # nor `casa_window_images`, nor the processor's `group_images`: every image opens its window, turns as written
+    assert model.config.casa_window_images == "each" and processor.group_images is False
     example = SyntheticVQA(1, seed=20_002, image_size=processor.image_size)[0]
     inputs = processor.apply_chat_template(
         example["messages"][:-1], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"

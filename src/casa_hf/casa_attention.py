@@ -1,7 +1,9 @@
 """CASA attention: text queries attend, per window, to the window's image tokens and causally to its text.
 
-A chunk of text is cut into windows at each image placeholder. Window 0 continues whatever window the cache holds
-(or starts empty); window k starts at the k-th placeholder and sees image k; in packed training rows a window also
+A chunk of text is cut into windows at image placeholders. Window 0 continues whatever window the cache holds
+(or starts empty); every other window starts at a placeholder and sees its image, or with
+`casa_window_images="consecutive"` the run of images whose placeholders follow one another with only vision start /
+end tokens between (all of them, from the run's first placeholder on); in packed training rows a window also
 starts, empty, where a new conversation begins. Windows are gathered into a
 `[num_windows, slots]` layout whose keys are `[prefix (cached window or image) | the window's own text]`, so the
 cost grows with the sum of window sizes, never with text length x all image tokens. That layout is then run through
@@ -13,8 +15,10 @@ text keys come last).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
 from typing import Any
 
 import torch
@@ -31,25 +35,41 @@ _FLEX_BLOCK_SIZE = 128  # torch's default BlockMask block size
 
 @dataclass
 class CasaWindows:
-    """Window layout of one forward chunk, shared by every CASA layer."""
+    """Window layout of one forward chunk, shared by every CASA layer.
+
+    A window's prefix is a run of images: one image, or (`CasaConfig.casa_window_images="consecutive"`) several
+    images separated only by marker tokens (vision start / end), concatenated in order. Runs are numbered in reading
+    order; `image_token_index` gathers each run's tokens from the flat image features.
+    """
 
     batch_size: int
     seq_len: int
     image_mask: torch.Tensor  # [B, T] image placeholders of the chunk
     chunk_token_valid: torch.Tensor  # [B, T] non-padding tokens of the chunk
+    # [B, T] tokens that may stand between the images of one window; None: every image opens its window ("each")
+    marker_mask: torch.Tensor | None
     query_index: torch.Tensor  # [G, Q] flat `b * seq_len + t` of each window slot (clamped where unused)
     query_valid: torch.Tensor  # [G, Q] slot holds a token of the window
     token_valid: torch.Tensor  # [G, Q] slot holds a non-padding token (a usable key)
-    # [G] bank row: `b` continues sample b's cached window, `B + i` is image i, `B + num_images` is empty (the start
+    # [G] bank row: `b` continues sample b's cached window, `B + r` is run r, `B + num_runs` is empty (the start
     # of a packed conversation)
     prefix_source: torch.Tensor
     last_window: torch.Tensor  # [B] window holding each sample's last token (becomes its side state)
-    image_token_index: torch.Tensor  # [num_images, max_image_tokens] rows into the flat image features
-    image_token_valid: torch.Tensor  # [num_images, max_image_tokens]
+    image_token_index: torch.Tensor  # [num_runs, max_run_tokens] rows into the flat image features
+    image_token_valid: torch.Tensor  # [num_runs, max_run_tokens]
     image_sizes: list[int]  # tokens per image
+    run_sizes: list[int]  # tokens per run of images (a window's images)
     lengths: list[int]  # tokens per window
     sources: list[int]  # `prefix_source` as a list
     has_new_images: bool
+    # each sample's last window, for the cache: whether it goes on from the cached window, and its tail (the valid
+    # tokens after its last image placeholder in this chunk, all of its tokens in the chunk without one):
+    # `tail_restart` (a placeholder in the chunk, or a fresh window), `tail_tokens`, `tail_markers` (the tail's
+    # leading marker tokens)
+    last_continues: torch.Tensor  # [B] bool
+    tail_restart: torch.Tensor  # [B] bool
+    tail_tokens: torch.Tensor  # [B] long
+    tail_markers: torch.Tensor  # [B] long
 
 
 def build_casa_windows(
@@ -57,30 +77,102 @@ def build_casa_windows(
     token_valid: torch.Tensor,
     image_sizes: list[int],
     segment_starts: torch.Tensor | None = None,
+    marker_mask: torch.Tensor | None = None,
+    consecutive: bool = False,
+    open_runs: list[bool] | None = None,
 ) -> CasaWindows:
     """Cut a chunk into CASA windows. `image_mask` marks placeholders, images are numbered in reading order.
 
     `segment_starts` marks where a packed conversation begins: a window starts there with nothing before it (no
-    image, no cached window), so no CASA attention crosses conversations.
+    image, no cached window), so no CASA attention crosses conversations. With `consecutive`, an image whose
+    placeholder follows the previous one with only `marker_mask` tokens (or padding) between joins its window,
+    whose text, from its first image on, attends to all of its images. `open_runs` says, per sample, whether the
+    cached window ends with images followed by markers only: an image of the chunk that would join them is refused
+    (`ValueError`), since the cached tokens after those images would have attended to it too.
     """
     batch_size, seq_len = image_mask.shape
     device = image_mask.device
-    empty_source = batch_size + len(image_sizes)  # an all-unused bank row
-    segment_rows = segment_starts.tolist() if segment_starts is not None else [[False] * seq_len] * batch_size
-    spans: list[tuple[int, int, int, int]] = []  # (sample, start, end, prefix source)
-    last_window = []
-    next_image = 0
-    for b, (row, segment_row) in enumerate(zip(image_mask.tolist(), segment_rows, strict=True)):
-        boundaries = [t for t in range(seq_len) if row[t] or (t > 0 and segment_row[t])]
-        ends = [*boundaries, seq_len]
-        if not boundaries or boundaries[0] > 0:
-            spans.append((b, 0, ends[0], b))  # continues sample b's cached window (or starts empty)
-        for start, end in zip(boundaries, ends[1:], strict=True):
-            spans.append((b, start, end, batch_size + next_image if row[start] else empty_source))
-            next_image += int(row[start])
-        last_window.append(len(spans) - 1)
+    # per sample, the placeholders and packed-conversation starts (the only places a window can start), and running
+    # counts of valid tokens and of valid tokens that are not markers: what lies between two places, or after the
+    # last one, is read from those counts rather than token by token
+    events: list[dict[int, bool]] = [{} for _ in range(batch_size)]  # position: whether a conversation starts there
+    for b, t in image_mask.nonzero().tolist():
+        events[b][t] = False
+    if segment_starts is not None:
+        for b, t in segment_starts.nonzero().tolist():
+            if t > 0:
+                events[b][t] = True
+    not_marker = token_valid if marker_mask is None else token_valid & ~marker_mask
+    valid_count = token_valid.long().cumsum(1).tolist()
+    other_count = not_marker.long().cumsum(1).tolist()
+    open_rows = open_runs if open_runs is not None and consecutive else [False] * batch_size
 
-    max_len = max(end - start for _, start, end, _ in spans)
+    def tail_from(b: int, start: int) -> tuple[int, int]:
+        """Valid tokens of sample b from `start` to the chunk's end, and how many of them lead as markers."""
+        valid, other = valid_count[b], other_count[b]
+        base_valid, base_other = (valid[start - 1], other[start - 1]) if start > 0 else (0, 0)
+        tail = valid[-1] - base_valid
+        first_other = bisect.bisect_right(other, base_other)  # the first valid token from `start` that is no marker
+        if first_other >= seq_len:
+            return tail, tail
+        return tail, (valid[first_other - 1] - base_valid) if first_other > 0 else 0
+
+    # windows as [sample, start, end, kind, run]: kind "cached" continues the cached window, "run" opens on run
+    # `run`, "empty" starts a packed conversation
+    spans: list[list] = []
+    runs: list[list[int]] = []
+    last_window, last_continues, tail_restart, tail_tokens, tail_markers = [], [], [], [], []
+    next_image = 0
+    for b in range(batch_size):
+        sample_events = sorted(events[b].items())
+        other = other_count[b]
+        first = len(spans)
+        if not sample_events or sample_events[0][0] > 0:
+            spans.append([b, 0, 0, "cached", None])
+        last_image = None  # the current window's last placeholder
+        for t, new_segment in sample_events:
+            if new_segment:  # a packed conversation starts: a window of its own, with or without an image
+                last_image = None
+                if not image_mask[b, t]:
+                    spans.append([b, t, 0, "empty", None])
+                    continue
+                joins = False
+            elif last_image is not None:
+                joins = consecutive and other[t - 1] - other[last_image] == 0
+            else:  # the chunk's first window: the cached one, whose images may be followed by markers only
+                in_cached = len(spans) == first or spans[-1][3] == "cached"  # (an image at 0: before any span)
+                joins = in_cached and open_rows[b] and (t == 0 or other[t - 1] == 0)
+                if joins:
+                    raise ValueError(
+                        f"Sample {b}: this chunk's image at position {t} follows the cached window's images with only "
+                        "vision start / end tokens between, so it shares their CASA window (casa_window_images="
+                        "'consecutive'), which would change what the cached tokens after those images computed. Feed "
+                        "the images of one window, and the markers between them, in one chunk"
+                    )
+            if joins:
+                runs[spans[-1][4]].append(next_image)
+            else:
+                spans.append([b, t, 0, "run", len(runs)])
+                runs.append([next_image])
+            next_image += 1
+            last_image = t
+        spans[-1][2] = seq_len
+        for previous, following in pairwise(spans[first:]):
+            previous[2] = following[1]
+        last = spans[-1]
+        tail, markers = tail_from(b, last_image + 1 if last_image is not None else last[1])
+        last_window.append(len(spans) - 1)
+        last_continues.append(last[3] == "cached")
+        tail_restart.append(last[3] != "cached")
+        tail_tokens.append(tail)
+        tail_markers.append(markers)
+
+    num_runs = len(runs)
+    sources = [
+        b if kind == "cached" else batch_size + (run if kind == "run" else num_runs) for b, _, _, kind, run in spans
+    ]
+
+    max_len = max(end - start for _, start, end, _, _ in spans)
     slot = torch.arange(max_len, device=device)
     sample = torch.tensor([s[0] for s in spans], device=device)
     start = torch.tensor([s[1] for s in spans], device=device)
@@ -90,29 +182,40 @@ def build_casa_windows(
     query_index = sample[:, None] * seq_len + position
     flat_valid = token_valid.reshape(-1)[query_index] & query_valid
 
-    max_image = max(image_sizes, default=0)
-    offsets = torch.tensor([0, *image_sizes], device=device).cumsum(0)[:-1]
-    sizes = torch.tensor(image_sizes, device=device, dtype=torch.long)
-    image_slot = torch.arange(max_image, device=device)
-    image_token_valid = image_slot[None, :] < sizes[:, None]
-    image_token_index = (offsets[:, None] + image_slot[None, :]) * image_token_valid
+    # each run's tokens: its images' rows of the flat features, back to back (a run's images are numbered in a row)
+    offsets = [0, *accumulate(image_sizes)]
+    run_sizes = [sum(image_sizes[i] for i in run) for run in runs]
+    run_rows = [list(range(offsets[run[0]], offsets[run[-1] + 1])) for run in runs]
+    max_run = max(run_sizes, default=0)
+    image_token_index = torch.tensor(
+        [rows + [0] * (max_run - len(rows)) for rows in run_rows], dtype=torch.long, device=device
+    )
+    image_token_index = image_token_index.reshape(num_runs, max_run)
+    sizes = torch.tensor(run_sizes, device=device, dtype=torch.long)
+    image_token_valid = torch.arange(max_run, device=device)[None, :] < sizes[:, None]
 
     return CasaWindows(
         batch_size=batch_size,
         seq_len=seq_len,
         image_mask=image_mask,
         chunk_token_valid=token_valid,
+        marker_mask=marker_mask if consecutive else None,
         query_index=query_index,
         query_valid=query_valid,
         token_valid=flat_valid,
-        prefix_source=torch.tensor([s[3] for s in spans], device=device),
+        prefix_source=torch.tensor(sources, device=device),
         last_window=torch.tensor(last_window, device=device),
         image_token_index=image_token_index,
         image_token_valid=image_token_valid,
         image_sizes=list(image_sizes),
-        lengths=[end - start for _, start, end, _ in spans],
-        sources=[s[3] for s in spans],
+        run_sizes=run_sizes,
+        lengths=[end - start for _, start, end, _, _ in spans],
+        sources=sources,
         has_new_images=bool(image_sizes),
+        last_continues=torch.tensor(last_continues, device=device),
+        tail_restart=torch.tensor(tail_restart, device=device),
+        tail_tokens=torch.tensor(tail_tokens, device=device),
+        tail_markers=torch.tensor(tail_markers, device=device),
     )
 
 
@@ -129,13 +232,13 @@ class CasaInputs:
 
 @dataclass
 class _PrefixBank:
-    """Cached windows (rows `0..B-1`) and new images (rows `B + i`) stacked, padded to a common width."""
+    """Cached windows (rows `0..B-1`) and new runs of images (rows `B + r`) stacked, padded to a common width."""
 
-    keys: torch.Tensor  # [B + num_images, kv_heads, width, head_dim]
+    keys: torch.Tensor  # [B + num_runs + 1, kv_heads, width, head_dim]
     values: torch.Tensor
-    valid: torch.Tensor  # [B + num_images, width]
+    valid: torch.Tensor  # [B + num_runs + 1, width]
     extents: list[int]  # slots in use at most, per row
-    image_slots: torch.Tensor  # [B + num_images] leading slots that hold image tokens, per row
+    image_slots: torch.Tensor  # [B + num_runs + 1] leading slots that hold image tokens, per row
 
 
 def _prefix_bank(
@@ -163,9 +266,9 @@ def _prefix_bank(
     keys.append(past_keys[:1].new_zeros(1, kv_heads, width, head_dim))
     values.append(keys[-1])
     valid.append(torch.zeros(1, width, dtype=torch.bool, device=like.device))
-    extents = [past_width] * batch + windows.image_sizes + [0]
+    extents = [past_width] * batch + windows.run_sizes + [0]
     past_images = past.image_tokens if past is not None else torch.zeros(batch, dtype=torch.long, device=like.device)
-    new_images = torch.tensor([*windows.image_sizes, 0], dtype=torch.long, device=like.device)
+    new_images = torch.tensor([*windows.run_sizes, 0], dtype=torch.long, device=like.device)
     image_slots = torch.cat([past_images.to(like.device), new_images])
     return _PrefixBank(torch.cat(keys), torch.cat(values), torch.cat(valid), extents, image_slots)
 
@@ -478,9 +581,11 @@ def _store_last_windows(
         keys = torch.cat([keys, _to_windows(key, query_index)], dim=2)
         values = torch.cat([values, _to_windows(value, query_index)], dim=2)
         valid = torch.cat([valid, windows.token_valid[last]], dim=1)
-    continued = source == torch.arange(windows.batch_size, device=source.device)
     new_text = windows.token_valid[last].sum(1)
-    cache_window.store(keys, values, valid, bank.image_slots[source], new_text, continued, windows.has_new_images)
+    tail = (windows.tail_restart, windows.tail_tokens, windows.tail_markers)
+    cache_window.store(
+        keys, values, valid, bank.image_slots[source], new_text, windows.last_continues, windows.has_new_images, tail
+    )
 
 
 def _varlen_window_attention(

@@ -49,6 +49,13 @@ def kv_nbytes(layer: CacheLayerMixin) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in (layer.keys, layer.values) if tensor is not None)
 
 
+def _runs_open(
+    image_tokens: torch.Tensor, text_tokens: torch.Tensor, run_text: torch.Tensor, tail_markers: torch.Tensor
+) -> torch.Tensor:
+    """Per sample, whether a window's images are followed by marker tokens only (a next image would join them)."""
+    return (image_tokens > 0) & (tail_markers == text_tokens - run_text)
+
+
 @dataclass
 class StoredWindows:
     """Every sample's stored window, as CASA attention reads it: the window's own tensors (no copy), and what it
@@ -65,14 +72,19 @@ class StoredWindows:
 
 
 class CasaWindow:
-    """The window one CASA sub-layer continues from: the latest image's K/V and the text K/V since that image.
+    """The window one CASA sub-layer continues from: the latest image's K/V (or the latest run of consecutive images',
+    `CasaConfig.casa_window_images="consecutive"`) and the text K/V since that image (or the run's first image).
 
     `keys` / `values` are `[batch, kv_heads, slots, head_dim]` (RoPE applied); `valid` (`[batch, slots]`) marks the
     slots in use, since the samples of a batch have windows of different lengths; `image_tokens` (`[batch]`) counts
-    the image slots among them (0 before a sample's first image) and `text_tokens` (`[batch]`) the text tokens seen
-    since that image, its placeholder included (whether or not the window attends to them: cross-attention does not).
-    Its size is bounded by one image plus the text since it, however long the conversation. It lives in its block's
-    cache layer (`layer.window`), whose beam reorder, crop, batch repeat and select, and reset it follows.
+    the image slots among them, which lead (0 before a sample's first image), and `text_tokens` (`[batch]`) the text
+    tokens seen since that image, its placeholder included (whether or not the window attends to them:
+    cross-attention does not). `run_text` (`[batch]`) counts those up to the window's last image placeholder, and
+    `tail_markers` the marker tokens (vision start / end) right after it: while every token after the last
+    placeholder is a marker (`tail_markers == text_tokens - run_text`), the window's run of images is open: a next
+    image would join it, which a later chunk cannot do (`open_runs`). Its size is bounded by its images plus the text
+    since them, however long the conversation. It lives in its block's cache layer (`layer.window`), whose beam
+    reorder, crop, batch repeat and select, and reset it follows.
     """
 
     def __init__(self):
@@ -82,6 +94,9 @@ class CasaWindow:
         self.valid: torch.Tensor | None = None
         self.image_tokens: torch.Tensor | None = None
         self.text_tokens: torch.Tensor | None = None
+        self.run_text: torch.Tensor | None = None
+        self.tail_markers: torch.Tensor | None = None
+        self.may_run_on = False  # some window's run of images may be open (known on the host when stored)
         self.all_valid = False  # every slot of every window in use: a one-token decode step then needs no mask
         self.all_see_images = False  # every window holds an image: a decode step then updates every sample
         self.image_width = 0  # tokens of the largest image in the windows, read by decode steps without a sync
@@ -101,6 +116,8 @@ class CasaWindow:
         valid: torch.Tensor,
         image_tokens: torch.Tensor,
         text_tokens: torch.Tensor,
+        run_text: torch.Tensor,
+        tail_markers: torch.Tensor,
         compact: bool = True,
     ) -> None:
         """Keep each sample's window as given, and what decode steps know of it without reading it back.
@@ -114,6 +131,8 @@ class CasaWindow:
             key_states, value_states, valid = front_aligned(key_states, value_states, valid)
         self.keys, self.values, self.valid = key_states, value_states, valid
         self.image_tokens, self.text_tokens = image_tokens, text_tokens
+        self.run_text, self.tail_markers = run_text, tail_markers
+        self.may_run_on = _runs_open(image_tokens, text_tokens, run_text, tail_markers).any().item()
         # read here, once per stored window, rather than by each decode step
         self.all_valid, self.all_see_images = bool(valid.all()), bool((image_tokens > 0).all())
         self.image_width = int(image_tokens.max())
@@ -144,18 +163,56 @@ class CasaWindow:
         new_text_tokens: torch.Tensor,
         continued: torch.Tensor,
         images_padded: bool,
+        tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> None:
         """Keep each sample's last window of a chunk, computed by CASA attention from the stored one and the chunk.
 
         `image_tokens` (`[batch]`) sizes each window's image, `new_text_tokens` counts the chunk's text in it (its
         placeholder included) and `continued` marks the windows that go on from the stored ones: those add the
         chunk's text to their count, the others (opened in the chunk by an image, or empty where a packed
-        conversation starts) count from zero. Unused slots, from images padded to a common width
-        (`images_padded`) or from left padding at the front of a window, are compacted away.
+        conversation starts) count from zero. `tail` is, per window, whether it has an image placeholder in the chunk
+        (or starts there), and its valid tokens after the last one (all of them without one) and their leading
+        markers: the window's run of images is then followed by markers only, or not. Unused slots, from images
+        padded to a common width (`images_padded`) or from left padding at the front of a window, are compacted away.
         """
-        text_tokens = new_text_tokens + self.text_tokens * continued if self.is_initialized else new_text_tokens
+        restart, tail_tokens, tail_markers = tail
+        if self.is_initialized:
+            text_tokens = new_text_tokens + self.text_tokens * continued
+            was_open = self.tail_markers == self.text_tokens - self.run_text
+            run_text = torch.where(restart, text_tokens - tail_tokens, self.run_text)
+            tail_markers = torch.where(restart, tail_markers, self.tail_markers + tail_markers * was_open)
+        else:
+            text_tokens, run_text = new_text_tokens, new_text_tokens - tail_tokens
         leading_gap = valid.shape[1] > 0 and not bool(valid[:, 0].all())
-        self._write(key_states, value_states, valid, image_tokens, text_tokens, compact=images_padded or leading_gap)
+        self._write(
+            key_states,
+            value_states,
+            valid,
+            image_tokens,
+            text_tokens,
+            run_text,
+            tail_markers,
+            compact=images_padded or leading_gap,
+        )
+
+    def open_runs(self) -> list[bool]:
+        """Per sample, whether the window's images are followed by marker tokens only: a chunk whose first image
+        follows markers only would join them, which is refused (read back from the device when some may be open)."""
+        if not self.is_initialized or not self.may_run_on:
+            return [False] * (self.keys.shape[0] if self.is_initialized else 0)
+        return _runs_open(self.image_tokens, self.text_tokens, self.run_text, self.tail_markers).tolist()
+
+    def note_markers(self, markers: torch.Tensor | None) -> None:
+        """Before a decode step's text is appended: `markers` (`[batch, new tokens]`) marks its marker tokens, which
+        keep an open run of images open (nothing to do, and nothing read, while no run may be open)."""
+        if not self.is_initialized or not self.may_run_on:
+            return
+        open_now = _runs_open(self.image_tokens, self.text_tokens, self.run_text, self.tail_markers)
+        leading = markers.long().cumprod(1).sum(1) if markers is not None else 0
+        self._set_tail_markers(self.tail_markers + leading * open_now)
+
+    def _set_tail_markers(self, tail_markers: torch.Tensor) -> None:
+        self.tail_markers = tail_markers
 
     def append_text(self, key_states: torch.Tensor, value_states: torch.Tensor, attends_text: bool) -> StoredWindows:
         """Every sample's window goes on with the chunk's text (no image, no padding): the decode step. The text K/V
@@ -221,6 +278,8 @@ class CasaWindow:
             self.valid = self.valid.index_select(0, rows.to(self.valid.device))
             self.image_tokens = self.image_tokens.index_select(0, rows.to(self.image_tokens.device))
             self.text_tokens = self.text_tokens.index_select(0, rows.to(self.text_tokens.device))
+            self.run_text = self.run_text.index_select(0, rows.to(self.run_text.device))
+            self.tail_markers = self.tail_markers.index_select(0, rows.to(self.tail_markers.device))
 
     def repeat_interleave(self, repeats: int) -> None:
         """Each sample `repeats` times in a row (generate() expanding a batch)."""
@@ -229,17 +288,18 @@ class CasaWindow:
 
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.image_tokens = self.text_tokens = self._buffers = None
-        self.all_valid = self.all_see_images = self.all_started = False
+        self.run_text = self.tail_markers = None
+        self.all_valid = self.all_see_images = self.all_started = self.may_run_on = False
         self.image_width = 0
         self.is_initialized = False
 
     def check_crop(self, tokens_to_remove: int) -> None:
-        """A window can lose text since its image, not the image's placeholder: the window before it is gone."""
+        """A window can lose text since its last image, not that image's placeholder: the window before it is gone."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if not self.is_initialized:
             return
-        removable = self.text_tokens - (self.image_tokens > 0).long()
+        removable = self.text_tokens - self.run_text
         if bool((removable < -tokens_to_remove).any()):
             raise ValueError(
                 f"Cannot crop {-tokens_to_remove} tokens from a CasaCache: a sample would lose its latest image "
@@ -256,7 +316,9 @@ class CasaWindow:
         valid = self.valid
         if bool((valid.sum(1) > self.image_tokens).any()):  # the windows hold their text (CASA, not cross-attention)
             valid = valid & (valid.flip(1).cumsum(1).flip(1) > remove)
-        self._write(self.keys, self.values, valid, self.image_tokens, self.text_tokens - remove)
+        text_tokens = self.text_tokens - remove
+        tail_markers = torch.minimum(self.tail_markers, text_tokens - self.run_text)
+        self._write(self.keys, self.values, valid, self.image_tokens, text_tokens, self.run_text, tail_markers)
 
 
 class CasaStaticWindow(CasaWindow):
@@ -282,8 +344,8 @@ class CasaStaticWindow(CasaWindow):
         self.keys = key_states.new_zeros(batch, heads, self.max_slots, key_states.shape[-1])
         self.values = value_states.new_zeros(batch, heads, self.max_slots, value_states.shape[-1])
         self.valid = torch.zeros(batch, self.max_slots, dtype=torch.bool, device=key_states.device)
-        self.used, self.image_tokens, self.text_tokens = (
-            torch.zeros(batch, dtype=torch.long, device=key_states.device) for _ in range(3)
+        self.used, self.image_tokens, self.text_tokens, self.run_text, self.tail_markers = (
+            torch.zeros(batch, dtype=torch.long, device=key_states.device) for _ in range(5)
         )
         if not is_torchdynamo_compiling():  # fixed addresses: no recompiles, and CUDA graphs can replay the step
             for tensor in self._state():
@@ -291,7 +353,16 @@ class CasaStaticWindow(CasaWindow):
         super().lazy_initialization(key_states, value_states)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
-        return self.keys, self.values, self.valid, self.used, self.image_tokens, self.text_tokens
+        return (
+            self.keys,
+            self.values,
+            self.valid,
+            self.used,
+            self.image_tokens,
+            self.text_tokens,
+            self.run_text,
+            self.tail_markers,
+        )
 
     def _write(
         self,
@@ -300,6 +371,8 @@ class CasaStaticWindow(CasaWindow):
         valid: torch.Tensor,
         image_tokens: torch.Tensor,
         text_tokens: torch.Tensor,
+        run_text: torch.Tensor,
+        tail_markers: torch.Tensor,
         compact: bool = True,
     ) -> None:
         """Copy each sample's window, front-aligned, into the preallocated slots."""
@@ -309,8 +382,9 @@ class CasaStaticWindow(CasaWindow):
         largest_image, slots = int(image_tokens.max()), key_states.shape[2]
         if largest_image > self.max_image_tokens:
             raise ValueError(
-                f"An image of {largest_image} tokens does not fit this static CASA cache (max_image_tokens="
-                f"{self.max_image_tokens}): build the cache with a larger max_image_tokens, or use the dynamic cache"
+                f"The images of a CASA window ({largest_image} tokens: one image, or a run of consecutive images) do "
+                f"not fit this static CASA cache (max_image_tokens={self.max_image_tokens}): build the cache with a "
+                "larger max_image_tokens, or use the dynamic cache"
             )
         if slots > self.max_slots:
             raise ValueError(
@@ -327,6 +401,9 @@ class CasaStaticWindow(CasaWindow):
         self.used.copy_(valid.sum(1))
         self.image_tokens.copy_(image_tokens)
         self.text_tokens.copy_(text_tokens)
+        self.run_text.copy_(run_text)
+        self.tail_markers.copy_(tail_markers)
+        self.may_run_on = _runs_open(image_tokens, text_tokens, run_text, tail_markers).any().item()
 
     def append_text(self, key_states: torch.Tensor, value_states: torch.Tensor, attends_text: bool) -> StoredWindows:
         """The decode step, in place: each sample's text K/V go to its next free slots (`used` onwards)."""
@@ -365,8 +442,11 @@ class CasaStaticWindow(CasaWindow):
         for tensor in self._state():
             tensor.copy_(tensor.index_select(0, rows.to(tensor.device)))
 
+    def _set_tail_markers(self, tail_markers: torch.Tensor) -> None:
+        self.tail_markers.copy_(tail_markers)
+
     def reset(self) -> None:
-        self.longest_window, self.all_started = 0, False
+        self.longest_window, self.all_started, self.may_run_on = 0, False, False
         if self.is_initialized:
             for tensor in self._state():
                 tensor.zero_()
@@ -380,6 +460,7 @@ class CasaStaticWindow(CasaWindow):
         holds_text = (self.used > self.image_tokens).long()  # CASA windows hold their text, cross-attention's not
         self.used.sub_(remove * holds_text)
         self.text_tokens.sub_(remove)
+        self.tail_markers.copy_(torch.minimum(self.tail_markers, self.text_tokens - self.run_text))
         self.valid.copy_(torch.arange(self.max_slots, device=self.used.device)[None] < self.used[:, None])
         self.longest_window = int(self.used.max())
 
@@ -558,6 +639,18 @@ class CasaWindowCache:
                     f"This {type(self).__name__} holds {held} conversation(s) but the input has a batch of "
                     f"{batch_size}: pass a new cache (or none) to start other conversations"
                 )
+
+    def open_runs(self) -> list[bool]:
+        """Per sample, whether the CASA windows end with a run of images followed by marker tokens only, which a
+        chunk's first image (after markers only) then joins (`CasaConfig.casa_window_images="consecutive"`)."""
+        window = self._first_window()
+        return window.open_runs() if window is not None and window.is_initialized else []
+
+    def note_markers(self, markers: torch.Tensor | None) -> None:
+        """A decode step's marker tokens (`[batch, new tokens]`), before its text enters the windows."""
+        for layer in self.layers:
+            if layer.window is not None:
+                layer.window.note_markers(markers)
 
     def get_casa_state(self, layer_idx: int) -> CasaWindow:
         """The CASA window of block `layer_idx`."""

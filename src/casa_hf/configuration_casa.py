@@ -20,6 +20,7 @@ CasaAttentionKind = Literal["casa", "cross_attention"]
 CasaPlacement = Literal["parallel", "sequential", "replace"]
 ImagePositions = Literal["insertion", "raster", "mrope"]
 TextOnlyWindows = Literal["attend", "skip"]
+WindowImages = Literal["consecutive", "each"]
 
 
 def _warn_on_misspelt_fields(kwargs: dict) -> None:
@@ -120,6 +121,12 @@ class CasaConfig(PreTrainedConfig):
             What a CASA sub-layer does in a window without an image (the text before a conversation's first image):
             `"attend"` (the paper's pattern) lets its text attend to itself; `"skip"` gives it no update, so a
             text-only prompt, and the text before the first image, is computed exactly as the text LLM computes it.
+        casa_window_images (`str`, *optional*, defaults to `"consecutive"`):
+            Which images share a CASA window. `"consecutive"` (the paper's): images separated only by the vision
+            start / end tokens (or adjacent placeholders) form one window that starts at the first of them; its
+            text, from that first image on, attends to all of their tokens. `"each"`: every image opens a window of
+            its own, so text sees only the latest image. Saved configs without this key predate it and used
+            `"each"`, so `from_dict` loads them as such.
         image_token_id (`int`, *optional*):
             The placeholder token marking where an image is inserted in the text.
         vision_start_token_id / vision_end_token_id (`int`, *optional*):
@@ -166,6 +173,7 @@ class CasaConfig(PreTrainedConfig):
     casa_image_positions: ImagePositions = "insertion"
     casa_image_centering: bool = False
     casa_text_only_windows: TextOnlyWindows = "attend"
+    casa_window_images: WindowImages = "consecutive"
     image_token_id: int = 151655
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
@@ -184,9 +192,10 @@ class CasaConfig(PreTrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> CasaConfig:
         """As `PreTrainedConfig.from_dict`, but keys every checkpoint saved before they existed lacks load as what
-        those checkpoints computed: `casa_placement` as `"sequential"` (the only block there was) and
-        `casa_cross_attention_rope` as `True` (cross-attention always rotated), so each computes what it learnt."""
-        legacy = {"casa_placement": "sequential", "casa_cross_attention_rope": True}
+        those checkpoints computed: `casa_placement` as `"sequential"` (the only block there was),
+        `casa_cross_attention_rope` as `True` (cross-attention always rotated) and `casa_window_images` as `"each"`
+        (every image opened its window), so each computes what it learnt."""
+        legacy = {"casa_placement": "sequential", "casa_cross_attention_rope": True, "casa_window_images": "each"}
         return super().from_dict({**legacy, **config_dict}, **kwargs)
 
     def _check_consistency(self) -> None:
@@ -206,6 +215,7 @@ class CasaConfig(PreTrainedConfig):
             "casa_placement": CasaPlacement,
             "casa_image_positions": ImagePositions,
             "casa_text_only_windows": TextOnlyWindows,
+            "casa_window_images": WindowImages,
         }
         for name, kind in choices.items():
             if getattr(self, name) not in get_args(kind):

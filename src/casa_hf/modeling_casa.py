@@ -5,6 +5,7 @@ source checkpoints); only the CASA sub-layer and the wiring around it live here 
 """
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -351,6 +352,7 @@ class CasaTextModel(CasaPreTrainedModel):
         self.casa_uses_rope = config.casa_uses_rope
         self.casa_layer_indices = config.casa_layer_indices
         self.casa_replaced_blocks = config.casa_replaced_blocks
+        self.consecutive_images = config.casa_window_images == "consecutive"
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -470,11 +472,15 @@ class CasaTextModel(CasaPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         image_grid_thw: torch.LongTensor | None = None,
+        marker_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
         image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`, *optional*):
             Patch grid of each image of `image_features` (before the merge); `casa_image_positions="mrope"` needs it.
+        marker_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            The vision start / end tokens, which may stand between the images of one CASA window
+            (`CasaConfig.casa_window_images="consecutive"`); None: no token is one.
         """
         batch_size, seq_len = inputs_embeds.shape[:2]
         if use_cache and cache is None:
@@ -507,12 +513,18 @@ class CasaTextModel(CasaPreTrainedModel):
         # the stored windows show every sample started; after that a one-token step's mask is not read back, which
         # would synchronise every generated token.
         windows = None
+        window_kwargs = dict(marker_mask=marker_mask, consecutive=self.consecutive_images)
         if not continues or image_features is not None or is_flash_attention_requested(self.config):
-            windows = build_casa_windows(image_mask, chunk_valid, image_sizes or [], segment_starts)
+            # a chunk's image that would join the images the cached windows end with is refused: read which do
+            if continues and image_features is not None and self.consecutive_images:
+                window_kwargs["open_runs"] = cache.open_runs()
+            windows = build_casa_windows(image_mask, chunk_valid, image_sizes or [], segment_starts, **window_kwargs)
         elif token_valid is not None and (
             not cache.padding_is_over() or (seq_len > 1 and not bool(token_valid.all()))
         ):
-            windows = build_casa_windows(image_mask, token_valid, [], None)
+            windows = build_casa_windows(image_mask, token_valid, [], None, **window_kwargs)
+        if windows is None and cache is not None:
+            cache.note_markers(marker_mask)
         image_positions = None
         if image_features is not None and self.casa_uses_rope:
             insertion_points = position_ids.expand(batch_size, -1)[image_mask]
@@ -626,6 +638,16 @@ class CasaModel(CasaPreTrainedModel):
         )
         return (inputs_embeds == image_embedding).all(-1)
 
+    def get_marker_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor | None:
+        """The vision start / end tokens of the chunk (None when the config has neither)."""
+        ids = [i for i in (self.config.vision_start_token_id, self.config.vision_end_token_id) if i is not None]
+        if not ids:
+            return None
+        if input_ids is not None:  # no id tensor to copy to the device: decode steps compute this too
+            return functools.reduce(torch.logical_or, [input_ids == token for token in ids])
+        rows = self.get_input_embeddings()(torch.tensor(ids, device=inputs_embeds.device))
+        return (inputs_embeds[:, :, None, :] == rows).all(-1).any(-1)
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
@@ -657,6 +679,7 @@ class CasaModel(CasaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        marker_mask = self.get_marker_mask(input_ids, inputs_embeds)
         if image_outputs is None and (pixel_values is not None or image_grid_thw is not None):
             image_outputs = self.get_image_features(pixel_values, image_grid_thw)
         num_images = len(image_outputs.pooler_output) if image_outputs is not None else 0
@@ -686,19 +709,38 @@ class CasaModel(CasaPreTrainedModel):
             cache=cache,
             use_cache=use_cache,
             image_grid_thw=image_grids,
+            marker_mask=marker_mask,
             **kwargs,
         )
 
 
 def _largest_image(config: CasaConfig, model_kwargs: dict) -> int:
-    """Tokens of the largest image `generate()` was given (after the merger), 0 without images."""
+    """Image tokens a CASA window of this `generate()` call holds at most (after the merger), 0 without images, when
+    its `input_ids` were not seen (`inputs_embeds`): the largest image, or with `casa_window_images="consecutive"`,
+    where a window holds a run of consecutive images, all of the call's images together (a bound, not the size)."""
     encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
     if encoded is not None:
-        return max((image.shape[0] for image in encoded.pooler_output), default=0)
-    grid = model_kwargs.get("image_grid_thw")
-    if grid is None or grid.numel() == 0:
-        return 0
-    return int(grid.prod(-1).max()) // config.vision_config.spatial_merge_size**2
+        sizes = [image.shape[0] for image in encoded.pooler_output]
+    else:
+        grid = model_kwargs.get("image_grid_thw")
+        if grid is None or grid.numel() == 0:
+            return 0
+        sizes = (grid.prod(-1) // config.vision_config.spatial_merge_size**2).tolist()
+    if config.casa_window_images == "consecutive":
+        return sum(sizes)
+    return max(sizes, default=0)
+
+
+def _chunks(input_ids: torch.Tensor, chunk_size: int, inside: set[int]) -> list[tuple[int, int]]:
+    """`[start, stop)` of each prefill chunk: `chunk_size` tokens, more where a chunk would start in `inside`."""
+    bounds, start, length = [], 0, input_ids.shape[1]
+    while start < length:
+        stop = min(start + chunk_size, length)
+        while stop < length and stop in inside:
+            stop += 1
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def _check_tensor(name: str, value: Any) -> None:
@@ -907,7 +949,9 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         """As `GenerationMixin`'s, except that a chunked prefill with images gives each chunk the whole images whose
         placeholders it holds, in order. Transformers slices pre-encoded features one row per placeholder token, but
         a CASA image of N tokens has one placeholder (its N rows enter only the CASA layers): each chunk would get a
-        wrong "image"."""
+        wrong "image". Nor does a chunk split the images of one CASA window (a run of consecutive images,
+        `casa_window_images="consecutive"`), whose text before the last of them attends to it: such a chunk grows
+        past `prefill_chunk_size` to the run's last placeholder."""
         images = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
         chunk_size = generation_config.prefill_chunk_size
         cache = model_kwargs.get("cache")
@@ -942,15 +986,15 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
                 f"Found {len(columns)} image tokens (id {self.config.image_token_id}) in the input but "
                 f"{len(images.pooler_output)} images; each image needs exactly one image token at its insertion point"
             )
-        for start in range(0, prefill_ids.shape[1], chunk_size):
-            chunk = prefill_ids[:, start : start + chunk_size]
-            end = past_length + start + chunk.shape[1]
+        for start, stop in _chunks(prefill_ids, chunk_size, self._run_splits(prefill_ids)):
+            chunk = prefill_ids[:, start:stop]
+            end = past_length + stop
             if attention_mask is not None:
                 model_kwargs["attention_mask"] = attention_mask[:, :end]
             if position_ids is not None:
                 model_kwargs["position_ids"] = position_ids[..., past_length + start : end]
             model_inputs = self.prepare_inputs_for_generation(chunk, is_first_iteration=True, **model_kwargs)
-            inside = [index for index, column in enumerate(columns) if start <= column < start + chunk_size]
+            inside = [index for index, column in enumerate(columns) if start <= column < stop]
             if inside:
                 grids = images.get("image_grid_thw")
                 chunk_images = CasaImageFeatures(
@@ -964,13 +1008,66 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
         )
         return outputs
 
+    def _run_splits(self, input_ids: torch.Tensor) -> set[int]:
+        """Columns a chunk must not start at: inside a run of consecutive images (after its first placeholder, up
+        to its last), which must share one forward (`casa_window_images="consecutive"`)."""
+        if self.config.casa_window_images != "consecutive":
+            return set()
+        markers = self.model.get_marker_mask(input_ids, None)
+        inside = set()
+        for row, marker_row in zip(
+            (input_ids == self.config.image_token_id).tolist(),
+            markers.tolist() if markers is not None else [[False] * input_ids.shape[1]] * input_ids.shape[0],
+            strict=True,
+        ):
+            previous = None
+            for column, (image, marker) in enumerate(zip(row, marker_row, strict=True)):
+                if image:
+                    if previous is not None:
+                        inside.update(range(previous + 1, column + 1))
+                    previous = column
+                elif not marker:
+                    previous = None
+        return inside
+
+    def _maybe_prepare_encoder_kwargs_for_generation(
+        self, inputs_tensor: torch.Tensor, model_kwargs: dict, model_input_name: str | None, generation_config
+    ) -> dict:
+        """As `GenerationMixin`'s (the images are encoded here), and, from `input_ids`, the image tokens of the call's
+        largest window (a run of consecutive images counts whole), which a static cache is then sized for (the cache
+        is prepared from `model_kwargs`, which does not hold the ids)."""
+        model_kwargs = super()._maybe_prepare_encoder_kwargs_for_generation(
+            inputs_tensor, model_kwargs, model_input_name, generation_config
+        )
+        images = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        self._window_image_tokens = None
+        if model_input_name == "input_ids" and images is not None and images.pooler_output:
+            image_mask = inputs_tensor == self.config.image_token_id
+            if int(image_mask.sum()) == len(images.pooler_output):  # otherwise the forward says what is off
+                mask = model_kwargs.get("attention_mask")
+                valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.shape == image_mask.shape else None
+                windows = build_casa_windows(
+                    image_mask,
+                    valid if valid is not None else torch.ones_like(image_mask),
+                    [image.shape[0] for image in images.pooler_output],
+                    marker_mask=self.model.get_marker_mask(inputs_tensor, None),
+                    consecutive=self.config.casa_window_images == "consecutive",
+                )
+                self._window_image_tokens = max(windows.run_sizes)
+        return model_kwargs
+
     def _prepare_static_cache(
         self, cache_implementation: str, batch_size: int, max_cache_len: int, prefill_chunk_size, model_kwargs
     ) -> CasaStaticCache:
-        """A `CasaStaticCache` whose windows hold the call's largest image and as much text as the whole cache. Sizes
-        never shrink from one call to the next, so that compiled decode steps are not recompiled."""
+        """A `CasaStaticCache` whose windows hold the call's largest window of images (`_largest_image`) and as much
+        text as the whole cache. Sizes never shrink from one call to the next, so that compiled decode steps are not
+        recompiled."""
         max_cache_len = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))
-        max_image_tokens = max(_largest_image(self.config, model_kwargs), getattr(self, "_previous_max_image", 1))
+        largest = getattr(self, "_window_image_tokens", None)  # this call's, counted from its input_ids
+        if largest is None:
+            largest = _largest_image(self.config, model_kwargs)
+        self._window_image_tokens = None
+        max_image_tokens = max(largest, getattr(self, "_previous_max_image", 1))
         self._previous_max_cache_length, self._previous_max_image = max_cache_len, max_image_tokens
         return CasaStaticCache(self.config, max_cache_len=max_cache_len, max_image_tokens=max_image_tokens)
 

@@ -62,6 +62,11 @@ class CasaProcessor(ProcessorMixin):
         image_size (`int`, *optional*): resize every image to `image_size x image_size` pixels first (CASA's
             released models use fixed 448/896-px frames); otherwise `min_pixels`/`max_pixels` of the image processor
             bound the resolution, aspect ratio kept.
+        group_images (`bool`, *optional*, defaults to `True`): `apply_chat_template` puts the images (and video
+            frames) of each user message together, in order, before its text, so that with the paper's windows
+            (`CasaConfig.casa_window_images="consecutive"`) they share one CASA window and a question about them
+            sees them all. Processors saved without this key predate it and load with `False` (the turn rendered
+            as written, which the models trained with them saw).
     """
 
     valid_processor_kwargs = CasaProcessorKwargs
@@ -73,8 +78,10 @@ class CasaProcessor(ProcessorMixin):
         chat_template: str | None = None,
         image_token: str = "<|image_pad|>",
         image_size: int | None = None,
+        group_images: bool = True,
         **kwargs,
     ):
+        self.group_images = group_images
         self.image_token = getattr(tokenizer, "image_token", None) or image_token
         token_ids = tokenizer.encode(self.image_token, add_special_tokens=False)
         if len(token_ids) != 1:
@@ -162,9 +169,21 @@ class CasaProcessor(ProcessorMixin):
             image = image.convert("RGB").resize((image_size, image_size), PIL.Image.BICUBIC)
         return image
 
-    def apply_chat_template(self, conversation, *args, **kwargs):
-        """Chat template with `{"type": "video", "video": [frames]}` support: a video is its frames, one image each."""
-        return super().apply_chat_template(_expand_videos(conversation), *args, **kwargs)
+    @classmethod
+    def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As `ProcessorMixin`'s, but a saved processor without `group_images` predates it: it loads with `False`,
+        rendering chats as the models trained with it saw them."""
+        processor_dict, kwargs = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        return {"group_images": False, **processor_dict}, kwargs
+
+    def apply_chat_template(self, conversation, *args, group_images: bool | None = None, **kwargs):
+        """Chat template with `{"type": "video", "video": [frames]}` support: a video is its frames, one image each.
+        With `group_images` (default: the processor's), each user message's images and frames come first, together
+        and in order, then its text: consecutive images share a CASA window, so the text sees them all."""
+        conversation = _expand_videos(conversation)
+        if self.group_images if group_images is None else group_images:
+            conversation = _group_images(conversation)
+        return super().apply_chat_template(conversation, *args, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -176,6 +195,22 @@ def _flatten(images: Any) -> list:
     if isinstance(images, (list, tuple)):
         return [image for item in images for image in _flatten(item)]
     return [images]
+
+
+def _group_images(conversation: Any) -> Any:
+    """Each user message's image items first, in order, then its other items, in order."""
+    if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
+        return [_group_images(chat) for chat in conversation]
+    grouped = []
+    for message in conversation:
+        content = message.get("content")
+        if message.get("role") != "user" or not isinstance(content, list):
+            grouped.append(message)
+            continue
+        images = [item for item in content if item.get("type") == "image"]
+        others = [item for item in content if item.get("type") != "image"]
+        grouped.append({**message, "content": images + others})
+    return grouped
 
 
 def _expand_videos(conversation: Any) -> Any:

@@ -74,7 +74,10 @@ def build_processor(tokenizer, image_size: int) -> CasaProcessor:
     add_missing_tokens(tokenizer)  # the image tokens: SmolLM2 has the chat tokens
     area = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(min_pixels=area, max_pixels=area)
-    return CasaProcessor(image_processor, tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, image_size=image_size)
+    # the shipped weights learnt from chats rendered as written (a two-frame question's text between its frames)
+    return CasaProcessor(
+        image_processor, tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, image_size=image_size, group_images=False
+    )
 
 
 def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaForConditionalGeneration, CasaProcessor]:
@@ -87,6 +90,7 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
         vision_config=recipe.vision_config(llm.config.hidden_size),
         casa_layers=list(recipe.casa_layers),
         casa_placement="sequential",  # the block the shipped weights were trained in
+        casa_window_images="each",  # and the windows: every image opened its own
         casa_image_positions="raster",
         casa_attention=recipe.casa_attention,
         casa_image_centering=recipe.image_centering,

@@ -2,7 +2,9 @@
 
 Single-image questions ask for the colour, shape, count, horizontal or vertical position of shapes, or the digit
 written on the image. Two-frame questions ("what changed between the frames ?") exercise CASA's window semantics:
-the question sees only the second frame, so what the first showed must flow through the text written after it.
+with one image per window (`CasaConfig.casa_window_images="each"`) and the turn rendered as written, the question
+sees only the second frame, so what the first showed must flow through the text written after it; a processor with
+`group_images` (the default of new ones) puts both frames before the text, and consecutive images share a window.
 Every answer is one word followed by " .".
 """
 
