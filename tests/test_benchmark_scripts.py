@@ -42,7 +42,7 @@ def test_streaming_benchmark_smollm2_caches_image_tokens_only_for_idefics3(tmp_p
     from casa_hf.builtin_models import resolve_model
 
     monkeypatch.syspath_prepend(ROOT / "benchmarks")
-    from bench_streaming import SMOLLM2_TURN
+    from common import SMOLLM2_TURN
 
     out, new_tokens = tmp_path / "streaming", 2
     command = [sys.executable, "benchmarks/bench_streaming.py", "--models", "smollm2", "--turns", "3", "--window", "1"]
