@@ -190,6 +190,7 @@ def kv_entries(cache) -> int:
 def measure_streaming(model, processor, stream_class, args) -> dict:
     """`--frames` frames, `--new-tokens` generated after each; the first frame is a warm-up, left out of the rates."""
     reset_peak_rss()
+    start = rss_mib()
     stream = stream_class(model, processor, **smollm2_chat(args.new_tokens))
     wall, cpu = [], []
     for index in range(args.frames):
@@ -203,6 +204,7 @@ def measure_streaming(model, processor, stream_class, args) -> dict:
         stream_frames_per_s=(args.frames - 1) / sum(cpu[1:]),
         stream_frames_per_wall_s=(args.frames - 1) / sum(wall[1:]),
         stream_peak_rss_mib=peak_rss_mib(),
+        stream_peak_above_start_mib=peak_rss_mib() - start,  # what streaming added to the loaded model
         stream_rss_mib=rss_mib(),
         kv_entries=kv_entries(stream.cache),
         kv_entries_per_layer=kv_entries(stream.cache) / layers,
@@ -217,6 +219,7 @@ def measure_training(model, batch: dict, text_tokens: int, args) -> dict:
     from casa_hf.smollm2.train import AnswerOnlyLossTrainer
 
     reset_peak_rss()
+    start = rss_mib()
     model.train()
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -235,6 +238,7 @@ def measure_training(model, batch: dict, text_tokens: int, args) -> dict:
         train_text_tokens_per_s=text_tokens / statistics.median(cpu[1:]),
         train_text_tokens_per_wall_s=text_tokens / statistics.median(wall[1:]),
         train_peak_rss_mib=peak_rss_mib(),
+        train_peak_above_start_mib=peak_rss_mib() - start,  # gradients, AdamW's state, activations
         train_tokens_per_step=int(batch["attention_mask"].sum()),
         loss=float(loss.detach()),
     )
