@@ -77,3 +77,29 @@ def test_streaming_benchmark_smollm2_caches_image_tokens_only_for_idefics3(tmp_p
     assert set(summary["casa_smollm2_over_idefics3_at_turns"]) == set(summary["casa_smollm2_over_smollm2_at_turns"])
     assert summary["casa_smollm2_over_idefics3_at_last"]["cache_tokens"] < 1
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow  # the real SmolLM2 (its first 2 blocks)
+def test_variants_benchmark_gives_every_row_of_the_papers_table_1(tmp_path):
+    """CA, CA-shared, CASA, CA-replace and token insertion, each in its own process: the table, JSON and PNG have
+    every row and column, with the paper's ratios beside ours."""
+    out = tmp_path / "variants"
+    command = [sys.executable, "benchmarks/bench_variants.py", "--quick", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    payload = json.loads(out.with_suffix(".json").read_text())
+    names = ["ca", "ca_shared", "casa", "ca_replace", "insertion"]
+    assert list(payload["rows"]) == names
+    columns = ["train_tokens_per_s", "train_mem", "stream_fps", "stream_mem", "kv"]
+    for name in names:
+        row = payload["rows"][name]
+        assert row["train_text_tokens_per_s"] > 0 and row["stream_frames_per_s"] > 0
+        assert row["train_peak_rss_mib"] > 0 and row["stream_peak_rss_mib"] > 0
+        assert list(payload["ratios_to_insertion"][name]) == columns
+    assert payload["ratios_to_insertion"]["insertion"] == dict.fromkeys(columns, 1.0)
+    # the same conversations for every variant; insertion's cache also holds each frame's image tokens
+    assert len({row["text_tokens_per_step"] for row in payload["rows"].values()}) == 1
+    assert payload["rows"]["insertion"]["cache_tokens"] > payload["rows"]["ca"]["cache_tokens"]
+    table = payload["table"]
+    for label in ("| CA |", "| CA-shared (D1) |", "| CASA (D2) |", "| CA-replace (D3, n=2) |", "| insertion |"):
+        assert label in table and label in done.stdout
+    assert out.with_suffix(".png").stat().st_size > 0
