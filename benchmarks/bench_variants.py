@@ -84,16 +84,6 @@ METRICS = {  # our measurement of each paper column: (key in a worker's result, 
 QUICK = dict(layers=2, image_size=56, samples=2, steps=1, frames=3, new_tokens=2)
 
 
-def replace_available() -> bool:
-    """Whether this casa_hf builds CA-replace (`casa_placement="replace"` and `every_nth_block`)."""
-    from typing import get_args
-
-    import casa_hf
-    from casa_hf.configuration_casa import CasaPlacement
-
-    return "replace" in get_args(CasaPlacement) and hasattr(casa_hf, "every_nth_block")
-
-
 def smollm2_variant(variant: dict, args):
     """A CASA variant of SmolLM2 (its first `--layers` blocks): SmolLM2's and CASA-SmolLM2's vision tower's weights
     from the built-in CASA-SmolLM2, new CASA sub-layers; and its processor for `--image-size` images."""
@@ -365,9 +355,6 @@ def main() -> None:
     if args.frames < 2 or args.steps < 1:
         parser.error("--frames must be at least 2 and --steps at least 1 (the first frame and step are warm-ups)")
     names = [name for name in VARIANTS if name in args.rows.split(",") or name == "insertion"]
-    if "ca_replace" in names and not replace_available():  # TODO: drop once casa_placement="replace" lands
-        print("CA-replace skipped: this casa_hf has no casa_placement='replace' / every_nth_block yet", flush=True)
-        names.remove("ca_replace")
     from tqdm.auto import tqdm
 
     started = time.time()

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import DynamicCache, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-from transformers.models.idefics3 import Idefics3ImageProcessorPil
+from transformers import DynamicCache
 
 from casa_hf.casa_init import llm_weights_for_vocab
 from casa_hf.streaming import CasaStream
+
+if TYPE_CHECKING:  # Idefics3 is imported where it is built: seconds that the other models' workers need not pay
+    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
 
 
 class InsertionStream(CasaStream):
@@ -114,6 +117,9 @@ def idefics3_on(
     `(image_size / patch_size)^2 / scale_factor^2` image tokens, wrapped as Idefics3's processor does
     (`<fake_token_around_image><global-img><image>...<fake_token_around_image>`). `tokenizer` gains its tokens.
     """
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil
+
     if not llm.config.tie_word_embeddings:
         raise ValueError("idefics3_on: `llm` must tie its LM head to its embeddings (as SmolLM2 does)")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<global-img>"]})  # one token in SmolVLM's vocab
