@@ -326,7 +326,7 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
             axis.bar(x + 0.2, [paper[name][column] for name in names], 0.4, label="paper (Helium1-2B, H100)")
         axis.axhline(1, color="grey", linewidth=0.8)
         axis.set_xticks(x, [LABELS[name].replace(" (", "\n(") for name in names], fontsize=8)
-        axis.set_title(f"{header} / insertion")
+        axis.set_title(f"{header} / insertion" + (" (paper: formulas only)" if column == "kv" else ""))
     axes[0].legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()

@@ -98,7 +98,11 @@ def test_variants_benchmark_gives_every_row_of_the_papers_table_1(tmp_path):
     assert payload["ratios_to_insertion"]["insertion"] == dict.fromkeys(columns, 1.0)
     # the same conversations for every variant; insertion's cache also holds each frame's image tokens
     assert len({row["text_tokens_per_step"] for row in payload["rows"].values()}) == 1
+    kv = {name: row["kv_entries"] for name, row in payload["rows"].items()}
     assert payload["rows"]["insertion"]["cache_tokens"] > payload["rows"]["ca"]["cache_tokens"]
+    # the paper's KV column: CASA's windows also hold the text since the image (kT + (T + N) against kT + N);
+    # CA-replace's replaced blocks hold their window alone ("kT or N")
+    assert kv["ca"] == kv["ca_shared"] < kv["casa"] and kv["ca_replace"] < kv["ca"]
     table = payload["table"]
     for label in ("| CA |", "| CA-shared (D1) |", "| CASA (D2) |", "| CA-replace (D3, n=2) |", "| insertion |"):
         assert label in table and label in done.stdout
