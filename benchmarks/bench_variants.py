@@ -86,7 +86,8 @@ QUICK = dict(layers=2, image_size=56, samples=2, steps=1, frames=3, new_tokens=2
 
 def smollm2_variant(variant: dict, args):
     """A CASA variant of SmolLM2 (its first `--layers` blocks): SmolLM2's and CASA-SmolLM2's vision tower's weights
-    from the built-in CASA-SmolLM2, new CASA sub-layers; and its processor for `--image-size` images."""
+    from the built-in CASA-SmolLM2, new CASA sub-layers, CASA-SmolLM2's other settings (image centring, raster image
+    positions, no CASA update before the first image); and its processor for `--image-size` images."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import casa_hf
