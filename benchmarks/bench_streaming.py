@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     InsertionStream,
     TextOnlyStream,
-    idefics3_on,
+    idefics3_like,
     median,
     peak_rss_mib,
     rss_mib,
+    smollm2_chat,
     synthetic_frame,
 )
 
@@ -45,11 +46,6 @@ RATIOS = {
     "random": (("casa", "insertion"), ("casa_budget", "insertion")),
     "smollm2": (("casa_smollm2", "idefics3"), ("casa_smollm2", "smollm2")),
 }
-
-# the text around each frame of the smollm2 set: a SmolLM2 chat turn (bare SmolLM2 gets it without the frame)
-SMOLLM2_TURN = dict(
-    frame_prefix="<|im_start|>user\n", frame_text="What happens now?<|im_end|>\n<|im_start|>assistant\n"
-)
 
 
 def random_stream(name: str, args):
@@ -78,38 +74,20 @@ def smollm2_stream(name: str, args):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from casa_hf.builtin_models import resolve_model
-    from casa_hf.smollm2.model import SYSTEM_PROMPT
     from casa_hf.streaming import CasaStream
 
     folder = resolve_model("casa-smollm2")
     casa = AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
-    chat = dict(
-        system=f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n",
-        **SMOLLM2_TURN,
-        max_new_tokens=args.new_tokens,
-        eos_token_id=-1,  # never stop early: every turn decodes the same number of tokens
-    )
+    chat = smollm2_chat(args.new_tokens)
     if name == "casa_smollm2":
         return CasaStream(casa, processor, **chat)
-    llm = casa.backbone_llm()  # SmolLM2 (+ the 3 unused rows of CASA's image tokens), sharing CASA's weights
     if name == "smollm2":
-        return TextOnlyStream(llm, processor, **chat)  # CASA's own layers go with `casa` on return
-    vision = casa.config.vision_config
-    model, idefics3_processor = idefics3_on(
-        llm,
-        processor.tokenizer,
-        image_size=processor.image_size,
-        patch_size=vision.patch_size,
-        scale_factor=vision.spatial_merge_size,  # 2x2 patches per image token, as CASA-SmolLM2's merger
-        vision=dict(
-            hidden_size=vision.hidden_size,
-            intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.depth,
-            num_attention_heads=vision.num_heads,
-        ),
-    )
-    del casa, llm
+        # SmolLM2 (+ the 3 unused rows of CASA's image tokens), sharing CASA's weights; CASA's own layers go with
+        # `casa` on return
+        return TextOnlyStream(casa.backbone_llm(), processor, **chat)
+    model, idefics3_processor = idefics3_like(casa, processor.tokenizer, processor.image_size)
+    del casa
     gc.collect()  # only the Idefics3 model stays in this process's memory
     return InsertionStream(model, idefics3_processor, **chat)
 

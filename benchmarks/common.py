@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import DynamicCache, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-from transformers.models.idefics3 import Idefics3ImageProcessorPil
+from transformers import DynamicCache
 
 from casa_hf.casa_init import llm_weights_for_vocab
 from casa_hf.streaming import CasaStream
+
+if TYPE_CHECKING:  # Idefics3 is imported where it is built: seconds that the other models' workers need not pay
+    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
 
 
 class InsertionStream(CasaStream):
@@ -60,6 +66,16 @@ def rss_mib() -> float:
         return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) / 1024
 
 
+def reset_peak_rss() -> None:
+    """Start a new high-water mark (VmHWM) at the current resident memory, after handing freed memory back to the
+    system: what a later `peak_rss_mib` reads is then the peak of what ran since, not of what came before in this
+    process (e.g. building a model from another). Linux's `clear_refs` (5: reset the peak RSS)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
 def median(values) -> float:
     return float(np.median(np.asarray(values, dtype=float)))
 
@@ -76,6 +92,21 @@ class TextOnlyStream(CasaStream):
         return super().encode_turn(None, text)
 
 
+# SmolLM2 chat turns around each frame (bare SmolLM2 gets them without the frame)
+SMOLLM2_TURN = dict(
+    frame_prefix="<|im_start|>user\n", frame_text="What happens now?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def smollm2_chat(new_tokens: int) -> dict:
+    """`CasaStream` arguments of a SmolLM2 chat: its system prompt, one user turn per frame (`SMOLLM2_TURN`), and
+    `new_tokens` tokens generated per turn, never stopping early."""
+    from casa_hf.smollm2.model import SYSTEM_PROMPT
+
+    system = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+    return dict(system=system, **SMOLLM2_TURN, max_new_tokens=new_tokens, eos_token_id=-1)
+
+
 def idefics3_on(
     llm, tokenizer, *, image_size: int, patch_size: int, scale_factor: int, vision: dict
 ) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
@@ -86,6 +117,9 @@ def idefics3_on(
     `(image_size / patch_size)^2 / scale_factor^2` image tokens, wrapped as Idefics3's processor does
     (`<fake_token_around_image><global-img><image>...<fake_token_around_image>`). `tokenizer` gains its tokens.
     """
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil
+
     if not llm.config.tie_word_embeddings:
         raise ValueError("idefics3_on: `llm` must tie its LM head to its embeddings (as SmolLM2 does)")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<global-img>"]})  # one token in SmolVLM's vocab
@@ -104,3 +138,22 @@ def idefics3_on(
     model.model.text_model.load_state_dict(llm_weights_for_vocab(llm, len(tokenizer)))
     model.tie_weights()
     return model, processor
+
+
+def idefics3_like(casa, tokenizer, image_size: int) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
+    """`idefics3_on` the text LLM of a CASA model, its vision tower the size of the CASA model's (random) and as many
+    image tokens per `image_size` frame (2 x 2 patches per token, as the CASA merger)."""
+    vision = casa.config.vision_config
+    return idefics3_on(
+        casa.backbone_llm(),
+        tokenizer,
+        image_size=image_size,
+        patch_size=vision.patch_size,
+        scale_factor=vision.spatial_merge_size,
+        vision=dict(
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            num_hidden_layers=vision.depth,
+            num_attention_heads=vision.num_heads,
+        ),
+    )

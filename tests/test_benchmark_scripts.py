@@ -42,7 +42,7 @@ def test_streaming_benchmark_smollm2_caches_image_tokens_only_for_idefics3(tmp_p
     from casa_hf.builtin_models import resolve_model
 
     monkeypatch.syspath_prepend(ROOT / "benchmarks")
-    from bench_streaming import SMOLLM2_TURN
+    from common import SMOLLM2_TURN
 
     out, new_tokens = tmp_path / "streaming", 2
     command = [sys.executable, "benchmarks/bench_streaming.py", "--models", "smollm2", "--turns", "3", "--window", "1"]
@@ -76,4 +76,34 @@ def test_streaming_benchmark_smollm2_caches_image_tokens_only_for_idefics3(tmp_p
     summary = payload["summary"]
     assert set(summary["casa_smollm2_over_idefics3_at_turns"]) == set(summary["casa_smollm2_over_smollm2_at_turns"])
     assert summary["casa_smollm2_over_idefics3_at_last"]["cache_tokens"] < 1
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow  # the real SmolLM2 (its first 2 blocks)
+def test_variants_benchmark_gives_every_row_of_the_papers_table_1(tmp_path):
+    """CA, CA-shared, CASA, CA-replace and token insertion, each in its own process: the table, JSON and PNG have
+    every row and column, with the paper's ratios beside ours."""
+    out = tmp_path / "variants"
+    command = [sys.executable, "benchmarks/bench_variants.py", "--quick", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    payload = json.loads(out.with_suffix(".json").read_text())
+    names = ["ca", "ca_shared", "casa", "ca_replace", "insertion"]
+    assert list(payload["rows"]) == names
+    columns = ["train_tokens_per_s", "train_mem", "stream_fps", "stream_mem", "kv"]
+    for name in names:
+        row = payload["rows"][name]
+        assert row["train_text_tokens_per_s"] > 0 and row["stream_frames_per_s"] > 0
+        assert row["train_peak_rss_mib"] > 0 and row["stream_peak_rss_mib"] > 0
+        assert list(payload["ratios_to_insertion"][name]) == columns
+    assert payload["ratios_to_insertion"]["insertion"] == dict.fromkeys(columns, 1.0)
+    # the same conversations for every variant; insertion's cache also holds each frame's image tokens
+    assert len({row["text_tokens_per_step"] for row in payload["rows"].values()}) == 1
+    kv = {name: row["kv_entries"] for name, row in payload["rows"].items()}
+    assert payload["rows"]["insertion"]["cache_tokens"] > payload["rows"]["ca"]["cache_tokens"]
+    # the paper's KV column: CASA's windows also hold the text since the image (kT + (T + N) against kT + N);
+    # CA-replace's replaced blocks hold their window alone ("kT or N")
+    assert kv["ca"] == kv["ca_shared"] < kv["casa"] and kv["ca_replace"] < kv["ca"]
+    table = payload["table"]
+    for label in ("| CA |", "| CA-shared (D1) |", "| CASA (D2) |", "| CA-replace (D3, n=2) |", "| insertion |"):
+        assert label in table and label in done.stdout
     assert out.with_suffix(".png").stat().st_size > 0
