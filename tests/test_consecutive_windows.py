@@ -6,7 +6,7 @@ against the loop reference or one full forward."""
 import pytest
 import torch
 from reference import reference_casa_forward, reference_casa_window_attention, reference_decoder_block
-from tiny import IMAGE_TOKEN, left_pad, random_images, random_text, tiny_config, tiny_model, tiny_processor
+from tiny import IMAGE_TOKEN, PLACEMENTS, left_pad, random_images, random_text, tiny_config, tiny_model, tiny_processor
 
 import casa_hf.casa_attention as casa_attention
 from casa_hf import CasaCache, CasaConfig, CasaForConditionalGeneration, CasaStaticCache
@@ -87,14 +87,23 @@ def test_full_forward_matches_the_loop_reference(monkeypatch, backbone, attn, mo
     assert_matches_the_loop_reference(monkeypatch, backbone, attn, mode, rule)
 
 
+@pytest.mark.parametrize("placement", ["sequential", "parallel_shared", "replace"])
+@pytest.mark.parametrize("mode", ["casa", "cross_attention"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("backbone", ["qwen2", "llama"])
+def test_every_placement_matches_the_loop_reference_on_runs(monkeypatch, backbone, attn, mode, placement):
+    """The other blocks (the parallel one is above) on the same runs of images."""
+    assert_matches_the_loop_reference(monkeypatch, backbone, attn, mode, "consecutive", **PLACEMENTS[placement])
+
+
 @pytest.mark.slow  # a minute of flex compilation on CPU
 def test_flex_attention_matches_the_loop_reference(monkeypatch):
     assert_matches_the_loop_reference(monkeypatch, "qwen2", "flex_attention", "casa", "consecutive")
 
 
-def assert_matches_the_loop_reference(monkeypatch, backbone, attn, mode, rule):
+def assert_matches_the_loop_reference(monkeypatch, backbone, attn, mode, rule, **placement):
     inputs = batch_inputs(rows_with_runs())
-    options = dict(MODES[mode], casa_window_images=rule)
+    options = dict(MODES[mode], casa_window_images=rule, **placement)
     model = tiny_model(backbone, attn=attn, **options)
     reference = tiny_model(backbone, attn="eager", **options)
     reference.load_state_dict(model.state_dict())
