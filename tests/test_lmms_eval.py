@@ -1,0 +1,169 @@
+"""The lmms-eval model `casa` and the `casa_synthetic_*` tasks, through lmms-eval's own CLI in its own environment.
+
+lmms-eval lives in a virtual environment of its own (`scripts/setup_lmms_eval.sh`; `.ci/run` creates it and names
+its Python in `CASA_LMMS_PYTHON`). The CLI runs with this checkout's `src` first on its path, so it tests this code.
+Its exit status says nothing unless `--verbosity DEBUG` (it exits 0 after an error otherwise): every run here is
+DEBUG and also must have written its results file, holding every task asked for with the documents expected.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from casa_hf.builtin_models import resolve_model
+from casa_hf.cli import main as casa_hf_main
+from casa_hf.evaluation import LMMS_TASKS
+from casa_hf.training.collator import CasaDataCollator
+from casa_hf.training.synthetic_vqa import COLOURS, SINGLE_KINDS
+
+ROOT = Path(__file__).resolve().parents[1]
+LMMS_PYTHON = Path(os.environ.get("CASA_LMMS_PYTHON", ROOT / ".venv-lmms" / "bin" / "python"))
+KINDS = (*SINGLE_KINDS, "change")
+TINY_LIMIT = 10  # questions per kind: those of `casa-hf evaluate --examples 70` (7 kinds)
+
+
+def lmms_python() -> Path:
+    if not LMMS_PYTHON.is_file():
+        pytest.fail(
+            f"No lmms-eval environment at {LMMS_PYTHON}: create it with `bash scripts/setup_lmms_eval.sh .venv-lmms` "
+            "(about 2-4 minutes), or point CASA_LMMS_PYTHON at the Python of one made by that script",
+            pytrace=False,
+        )
+    return LMMS_PYTHON
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_lmms(output: Path, model_args: str, tasks: list[str], limit: int, *extra: str) -> dict:
+    """`python -m lmms_eval --model casa ...` with the casa tasks; the results file's content plus each task's logged
+    samples (`samples[task]`, in document order). Fails unless the run wrote results for every task."""
+    command = [
+        str(lmms_python()), "-m", "lmms_eval", "--model", "casa", "--model_args", model_args,
+        "--tasks", ",".join(tasks), "--include_path", str(LMMS_TASKS), "--limit", str(limit),
+        "--output_path", str(output), "--log_samples", "--verbosity", "DEBUG", *extra,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600, cwd=output.parent)
+    log = f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    assert done.returncode == 0, log
+    found = sorted(output.glob("*/*_results.json"))
+    assert len(found) == 1, f"no results file written:\n{log}"
+    results = json.loads(found[0].read_text())
+    results["samples"] = {}
+    for task in tasks:
+        assert results["n-samples"][task]["effective"] == limit, (task, results["n-samples"])
+        (samples,) = found[0].parent.glob(f"*_samples_{task}.jsonl")
+        lines = [json.loads(line) for line in samples.read_text().splitlines()]
+        results["samples"][task] = sorted(lines, key=lambda sample: sample["doc_id"])
+    results["log"] = log
+    return results
+
+
+def _answer(sample: dict) -> str:
+    """A generated answer as logged (the text, or a one-item list of it)."""
+    answer = sample["filtered_resps"]
+    return answer if isinstance(answer, str) else answer[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny model on every kind's questions and two multiple-choice tasks, in one lmms-eval run."""
+    tasks = [f"casa_synthetic_{kind}" for kind in KINDS] + [
+        "casa_synthetic_choice_colour",
+        "casa_synthetic_choice_change",
+    ]
+    return run_lmms(tmp_path_factory.mktemp("lmms") / "out", "pretrained=tiny", tasks, TINY_LIMIT, "--batch_size", "8")
+
+
+def test_tiny_model_scores_what_casa_hf_evaluate_scores(tiny_run, capsys):
+    """Per kind, lmms-eval's accuracy is `casa-hf evaluate`'s on the same questions (the first 10 of each kind are
+    those of `--examples 70`), exactly; the tiny model's one-word answers are graded by their first word."""
+    casa_hf_main(["evaluate", "--model", "tiny", "--examples", str(TINY_LIMIT * len(KINDS))])
+    expected = json.loads(capsys.readouterr().out)
+    measured = {kind: tiny_run["results"][f"casa_synthetic_{kind}"]["accuracy,none"] for kind in KINDS}
+    assert measured == {kind: expected[kind] for kind in KINDS}
+    assert 0 < measured["change"] < 1  # a question it sometimes gets wrong: the comparison is not all ones
+    answers = [_answer(sample) for sample in tiny_run["samples"]["casa_synthetic_colour"]]
+    assert all(answer.split()[0] in COLOURS for answer in answers), answers
+
+
+def test_two_images_reach_the_model_in_place(tiny_run):
+    """The two-frame question puts each frame at its place in the user turn, the text between them kept."""
+    for sample in tiny_run["samples"]["casa_synthetic_change"]:
+        assert sample["input"] == "<image>first frame .<image>what changed between the frames ?"
+        assert sample["target"] in ("colour", "shape", "position")
+
+
+def _reference_losses(kind: str, limit: int) -> list[list[float]]:
+    """Minus the log-probability of each choice word as the tiny model's first answer token, computed here with
+    Transformers on the same held-out questions (system prompt, user turn, generation prompt)."""
+    from casa_hf.evaluation.synthetic_tasks import choices, configure, documents, example
+
+    path = resolve_model("tiny")
+    model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    configure("synthetic", processor.image_size)
+    collator = CasaDataCollator(processor)
+    losses = []
+    for doc in documents(kind)[:limit]:
+        ids, pixels, grid = collator.encode_prompt(example(doc)["messages"][:-1])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels, image_grid_thw=grid).logits[0, -1]
+        logprobs = torch.log_softmax(logits.float(), -1)
+        words = processor.tokenizer.convert_tokens_to_ids(choices(doc))
+        losses.append([-float(logprobs[word]) for word in words])
+    return losses
+
+
+@pytest.mark.parametrize("kind", ["colour", "change"])
+def test_multiple_choice_scores_each_answer_by_its_likelihood(tiny_run, kind):
+    """`loglikelihood`: each choice's loss is minus its log-probability after the prompt and images, as computed
+    here; the task's accuracy is the share of questions whose likeliest choice is the answer."""
+    samples = tiny_run["samples"][f"casa_synthetic_choice_{kind}"]
+    reference = _reference_losses(kind, TINY_LIMIT)
+    logged = [[float(loss) for loss, _ in sample["filtered_resps"]] for sample in samples]
+    assert [len(row) for row in logged] == [len(row) for row in reference]
+    assert sum(logged, []) == pytest.approx(sum(reference, []), abs=1e-4)
+    right = [
+        min(range(len(row)), key=row.__getitem__) == int(sample["target"])
+        for row, sample in zip(reference, samples, strict=True)
+    ]
+    assert tiny_run["results"][f"casa_synthetic_choice_{kind}"]["acc,none"] == pytest.approx(sum(right) / len(right))
+
+
+def test_a_model_that_fails_to_load_fails_the_run(tmp_path):
+    """A folder that is no checkpoint stops the run with casa_hf's message (not a green run with exit status 0)."""
+    with pytest.raises(AssertionError) as failure:
+        run_lmms(tmp_path / "out", f"pretrained={tmp_path / 'missing'}", ["casa_synthetic_colour"], 2)
+    assert "is neither a built-in model" in str(failure.value)
+    assert not list((tmp_path / "out").glob("*/*_results.json"))
+
+
+@pytest.mark.slow  # the real SmolLM2
+def test_casa_smollm2_scores_what_casa_hf_evaluate_scores(tmp_path):
+    """CASA-SmolLM2 is asked `casa-hf evaluate`'s English held-out phrasings (its `questions`), graded by the answer
+    word of its sentences: lmms-eval's accuracy per kind is that of `casa-hf evaluate --examples 64`'s held-out
+    phrasings row on the same questions (computed here by the function behind that row, on those kinds only)."""
+    from casa_hf.smollm2.train import EVALUATED_KINDS, evaluate_natural, held_out_natural
+
+    kinds, limit = ("colour", "change"), 8
+    run = run_lmms(
+        tmp_path / "out", "pretrained=casa-smollm2", [f"casa_synthetic_{kind}" for kind in kinds], limit,
+        "--batch_size", "8",
+    )  # fmt: skip
+    path = resolve_model("casa-smollm2")
+    model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    held_out = held_out_natural(limit * len(EVALUATED_KINDS), processor.image_size, "held_out", 0, EVALUATED_KINDS)
+    asked = [held_out[i] for i in range(len(held_out)) if held_out[i]["kind"] in kinds]
+    expected = evaluate_natural(model, processor, asked)
+    measured = {kind: run["results"][f"casa_synthetic_{kind}"]["accuracy,none"] for kind in kinds}
+    assert measured == {kind: expected[kind] for kind in kinds}
+    questions = [example["question"] for example in asked if example["kind"] == "colour"]
+    assert [sample["input"].removeprefix("<image>") for sample in run["samples"]["casa_synthetic_colour"]] == questions
