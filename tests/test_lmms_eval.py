@@ -146,6 +146,69 @@ def test_a_model_that_fails_to_load_fails_the_run(tmp_path):
     assert not list((tmp_path / "out").glob("*/*_results.json"))
 
 
+ADAPTER_CHECK = r"""
+import json, sys
+
+import av
+import numpy as np
+import torch
+from lmms_eval.api.instance import Instance
+from PIL import Image
+
+from casa_hf.evaluation.lmms_model import Casa
+
+video = sys.argv[1]
+with av.open(video, "w") as container:  # 12 frames, frame i of grey level 20 * i
+    stream = container.add_stream("mpeg4", rate=4)
+    stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+    for i in range(12):
+        frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 20 * i, np.uint8), format="rgb24")
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+model = Casa(pretrained="tiny", max_frames="4")
+torch.manual_seed(0)  # the sampled answer
+report = {"grey_levels": [round(float(np.asarray(frame).mean()) / 20) for frame in model._images([video])]}
+red = Image.new("RGB", (112, 112), (20, 20, 30))
+red.paste((220, 40, 40), (20, 20, 60, 60))
+report["content"] = [part["type"] for part in model.messages("what colour is the shape ?", [red, red])[-1]["content"]]
+try:
+    model.messages("<image>what colour is the shape ?", [red, red])
+except ValueError as error:
+    report["refused"] = str(error)
+model.task_dict = {"t": {"test": [{"visual": [red]}, {"visual": [red]}, {"visual": [red]}, {"visual": [video]}]}}
+options = [{"until": ["."]}, {"until": []}, {"temperature": 0.7}, {}]
+requests = [
+    Instance(
+        "generate_until",
+        ("what colour is the shape ?", {"max_new_tokens": 4, **gen}, lambda doc: doc["visual"], i, "t", "test"),
+        0,
+        metadata={"task": "t", "doc_id": i, "repeats": 1},
+    )
+    for i, gen in enumerate(options)
+]
+report["answers"] = model.generate_until(requests)
+print(json.dumps(report))
+"""
+
+
+def test_adapter_inputs_video_frames_and_generation_options(tmp_path):
+    """A video file becomes `max_frames` evenly sampled frames; images without `<image>` placeholders come before the
+    text, a placeholder count that does not match the images is refused; `until` cuts the answer at a stop string,
+    and a temperature samples (requests with different options are answered in separate batches)."""
+    done = subprocess.run(
+        [str(lmms_python()), "-c", ADAPTER_CHECK, str(tmp_path / "frames.mp4")],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-5000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["grey_levels"] == [0, 4, 7, 11]
+    assert report["content"] == ["image", "image", "text"]
+    assert "holds 1 <image> placeholder(s) for 2 image(s)" in report["refused"]
+    stopped, full, sampled, video = report["answers"]
+    assert (stopped, full) == ("red ", "red .")
+    assert sampled and video.endswith(" .")  # the stream's last frame (grey 220) answered like an image
+
+
 @pytest.mark.slow  # the real SmolLM2
 def test_casa_smollm2_scores_what_casa_hf_evaluate_scores(tmp_path):
     """CASA-SmolLM2 is asked `casa-hf evaluate`'s English held-out phrasings (its `questions`), graded by the answer
