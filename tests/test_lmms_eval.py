@@ -8,7 +8,9 @@ DEBUG and also must have written its results file, holding every task asked for 
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,12 +45,15 @@ def _env() -> dict:
     return env
 
 
-def run_lmms(output: Path, model_args: str, tasks: list[str], limit: int, *extra: str) -> dict:
-    """`python -m lmms_eval --model casa ...` with the casa tasks; the results file's content plus each task's logged
-    samples (`samples[task]`, in document order). Fails unless the run wrote results for every task."""
+def run_lmms(
+    output: Path, model_args: str, tasks: list[str], limit: int, *extra: str, include: Path = LMMS_TASKS, local=()
+) -> dict:
+    """`python -m lmms_eval --model casa ...` with the tasks in `include` (the casa tasks); the results file's content
+    plus each task's logged samples (`samples[task]`, in document order). Fails unless the run wrote results for
+    every task, `limit` documents each (`local` tasks: `LOCAL_QUESTIONS`)."""
     command = [
         str(lmms_python()), "-m", "lmms_eval", "--model", "casa", "--model_args", model_args,
-        "--tasks", ",".join(tasks), "--include_path", str(LMMS_TASKS), "--limit", str(limit),
+        "--tasks", ",".join([*tasks, *local]), "--include_path", str(include), "--limit", str(limit),
         "--output_path", str(output), "--log_samples", "--verbosity", "DEBUG", *extra,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600, cwd=output.parent)
@@ -58,8 +63,9 @@ def run_lmms(output: Path, model_args: str, tasks: list[str], limit: int, *extra
     assert len(found) == 1, f"no results file written:\n{log}"
     results = json.loads(found[0].read_text())
     results["samples"] = {}
-    for task in tasks:
-        assert results["n-samples"][task]["effective"] == limit, (task, results["n-samples"])
+    for task in [*tasks, *local]:
+        expected = LOCAL_QUESTIONS if task in local else limit
+        assert results["n-samples"][task]["effective"] == expected, (task, results["n-samples"])
         (samples,) = found[0].parent.glob(f"*_samples_{task}.jsonl")
         lines = [json.loads(line) for line in samples.read_text().splitlines()]
         results["samples"][task] = sorted(lines, key=lambda sample: sample["doc_id"])
@@ -73,14 +79,78 @@ def _answer(sample: dict) -> str:
     return answer if isinstance(answer, str) else answer[0]
 
 
+LOCAL_TASK = """
+task: local_colour
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {questions}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function local_utils.doc_to_visual
+doc_to_text: "{{{{question}}}}"
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 4
+  until: ["."]
+process_results: !function local_utils.process_results
+metric_list:
+  - metric: accuracy
+    aggregation: mean
+    higher_is_better: true
+"""
+LOCAL_UTILS = """
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image"]).convert("RGB")]
+
+
+def process_results(doc, results):
+    words = results[0].split()
+    return {"accuracy": float(bool(words) and words[0] == doc["answer"])}
+"""
+LOCAL_QUESTIONS = 6
+
+
+def _local_task(folder: Path) -> None:
+    """An image-question task in lmms-eval's own format, as a user writes one: image files and a JSON-lines file
+    naming them, a YAML task (`dataset_path: json`) and its functions."""
+    import numpy as np
+
+    from casa_hf.training.synthetic_vqa import SYSTEM_TEXT, random_scene, render
+
+    assert SYSTEM_TEXT == "answer with one word ."  # the casa model's default system message for the tiny model
+    rng = np.random.default_rng(7)
+    lines = []
+    for i in range(LOCAL_QUESTIONS):
+        scene = random_scene(rng, count=1)
+        render(scene, 112, rng).save(folder / f"image{i}.png")
+        lines.append(
+            {"image": str(folder / f"image{i}.png"), "question": "what colour is the shape ?", "answer": scene.colour}
+        )
+    (folder / "questions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / "local_colour.yaml").write_text(LOCAL_TASK.format(questions=folder / "questions.jsonl"))
+    (folder / "local_utils.py").write_text(LOCAL_UTILS)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The tiny model on every kind's questions and two multiple-choice tasks, in one lmms-eval run."""
-    tasks = [f"casa_synthetic_{kind}" for kind in KINDS] + [
-        "casa_synthetic_choice_colour",
-        "casa_synthetic_choice_change",
-    ]
-    return run_lmms(tmp_path_factory.mktemp("lmms") / "out", "pretrained=tiny", tasks, TINY_LIMIT, "--batch_size", "8")
+    """The tiny model on every kind's questions, two multiple-choice tasks and a local task in lmms-eval's format,
+    in one lmms-eval run. The casa tasks are copied next to the local one (their data does not depend on where their
+    files are)."""
+    tasks_folder = tmp_path_factory.mktemp("tasks") / "tasks"
+    shutil.copytree(LMMS_TASKS, tasks_folder)
+    _local_task(tasks_folder)
+    tasks = [f"casa_synthetic_{kind}" for kind in KINDS]
+    tasks += ["casa_synthetic_choice_colour", "casa_synthetic_choice_change"]
+    output = tmp_path_factory.mktemp("lmms") / "out"
+    run = run_lmms(
+        output, "pretrained=tiny", tasks, TINY_LIMIT, "--batch_size", "8", include=tasks_folder, local=["local_colour"]
+    )
+    run["local_folder"] = tasks_folder
+    return run
 
 
 def test_tiny_model_scores_what_casa_hf_evaluate_scores(tiny_run, capsys):
@@ -207,6 +277,44 @@ def test_adapter_inputs_video_frames_and_generation_options(tmp_path):
     stopped, full, sampled, video = report["answers"]
     assert (stopped, full) == ("red ", "red .")
     assert sampled and video.endswith(" .")  # the stream's last frame (grey 220) answered like an image
+
+
+def test_a_local_task_in_lmms_evals_format_runs(tiny_run):
+    """Any image-question task in lmms-eval's own format (images named in a JSON file) runs on a casa_hf model: its
+    answers are the tiny model's own to those images and question (asked here through `casa-hf evaluate`'s
+    generation, with the system message the casa model adds)."""
+    from PIL import Image
+
+    from casa_hf.training.synthetic_vqa import SYSTEM_TEXT
+    from casa_hf.training.train import generate_answers
+
+    samples = tiny_run["samples"]["local_colour"]
+    assert [sample["input"] for sample in samples] == ["what colour is the shape ?"] * LOCAL_QUESTIONS
+    path = resolve_model("tiny")
+    model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    examples = []
+    for i in range(LOCAL_QUESTIONS):
+        image = Image.open(tiny_run["local_folder"] / f"image{i}.png").convert("RGB")
+        user = [{"type": "image", "image": image}, {"type": "text", "text": "what colour is the shape ?"}]
+        messages = [{"role": "system", "content": SYSTEM_TEXT}, {"role": "user", "content": user}]
+        examples.append({"messages": [*messages, {"role": "assistant", "content": ""}]})
+    with torch.no_grad():
+        ids = generate_answers(model, processor, CasaDataCollator(processor), examples, max_new_tokens=1)[:, 0]
+    expected = processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+    assert [_answer(sample).split()[0] for sample in samples] == expected
+    right = [word == sample["target"] for word, sample in zip(expected, samples, strict=True)]
+    assert tiny_run["results"]["local_colour"]["accuracy,none"] == pytest.approx(sum(right) / len(right))
+    assert sum(right) >= LOCAL_QUESTIONS - 2  # it sees the shapes' colours
+
+
+def test_without_the_lmms_eval_environment_the_tests_fail_and_say_how_to_make_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "LMMS_PYTHON", tmp_path / "missing" / "bin" / "python")
+    with pytest.raises(pytest.fail.Exception, match="bash scripts/setup_lmms_eval.sh .venv-lmms"):
+        lmms_python()
+    script = (ROOT / ".ci" / "run").read_text()  # CI makes it before the tests, where they look by default
+    assert "bash scripts/setup_lmms_eval.sh .venv-lmms" in script
+    assert script.index("setup_lmms_eval.sh") < script.index("python -m pytest tests")
+    assert "/.venv-lmms/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 @pytest.mark.slow  # the real SmolLM2
