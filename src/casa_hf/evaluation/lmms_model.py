@@ -78,6 +78,8 @@ class Casa(lmms):
         if str(batch_size).startswith("auto"):
             raise ValueError("casa model: batch_size=auto is not supported; give a number")
         self.batch_size_per_gpu = int(batch_size)
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise ValueError(f"casa model: dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16)")
         options = {"dtype": getattr(torch, dtype)}
         if attn_implementation:
             options["attn_implementation"] = attn_implementation
@@ -89,9 +91,8 @@ class Casa(lmms):
         self.word_level = backend is not None and type(backend.model).__name__ == "WordLevel"
         self.max_frames = int(max_frames)
         self.questions = questions or questions_for(pretrained)
-        word_level = self.questions == "synthetic"
-        if system_prompt is None:
-            system_prompt = SYSTEM_TEXT if word_level else ""
+        if system_prompt is None:  # one-word questions come with the system message they were trained with
+            system_prompt = SYSTEM_TEXT if self.questions == "synthetic" else ""
         self.system_prompt = "" if system_prompt.lower() == "none" else self._resolve_system_prompt(system_prompt)
         # token insertion baselines (`casa-hf train --kind insertion`) take one token per image feature
         self.collator = CasaDataCollator(self.processor, expand_image_tokens=self.model.config.model_type != "casa")
