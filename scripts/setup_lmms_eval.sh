@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Create a virtual environment with lmms-eval and casa_hf (editable, from this checkout) for `python -m lmms_eval
-# --model casa`: bash scripts/setup_lmms_eval.sh VENV_DIR (docs/evaluation.md).
+# --model casa`: bash scripts/setup_lmms_eval.sh VENV_DIR [--system-site-packages] (docs/evaluation.md).
+#
+# --system-site-packages: the environment also sees the packages of the Python that makes it (its torch, Transformers,
+# ...), and installs only what lmms-eval adds or needs in other versions: 1 GB and under a minute instead of 2.5 GB
+# and several minutes. That Python's own packages are left as they are. .ci/run makes it so, from the Python the
+# tests run in.
 #
 # A plain `pip install lmms-eval` replaces the CPU torch with a CUDA torch and its CUDA packages (gigabytes); the
 # constraint file keeps torch at the version installed first (the CPU build on a machine without a GPU) and holds
@@ -8,13 +13,18 @@
 # in as lmms-eval's dependencies in CUDA builds that break `import lmms_eval.evaluator` (through Transformers'
 # pipelines) next to a CPU torch; casa_hf needs none of them, so they are removed.
 set -euo pipefail
-VENV=${1:?usage: setup_lmms_eval.sh VENV_DIR}
+VENV=${1:?usage: setup_lmms_eval.sh VENV_DIR [--system-site-packages]}
+SHARED=${2:-}
+if [ -n "$SHARED" ] && [ "$SHARED" != "--system-site-packages" ]; then
+    echo "setup_lmms_eval.sh: unknown option $SHARED (the only one: --system-site-packages)" >&2
+    exit 2
+fi
 TORCH=${CASA_TORCH_VERSION:-2.13.0}
 LMMS_EVAL=${CASA_LMMS_EVAL_VERSION:-0.7.3}
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON=${PYTHON:-python3}
 
-"$PYTHON" -m venv "$VENV"
+"$PYTHON" -m venv $SHARED "$VENV"
 pip=("$VENV/bin/python" -m pip install --quiet)
 "${pip[@]}" "torch==$TORCH"   # first: the CPU build where pip finds one (a CPU index, a local wheel)
 constraints="$VENV/lmms-eval-constraints.txt"
