@@ -77,7 +77,7 @@ def resolve_model(name_or_folder: str | Path | None) -> Path:
     if is_smollm2_run(name_or_folder):  # its recipe (placement included) builds the model
         from .smollm2.assembly import assemble_casa_smollm2
 
-        return assemble_casa_smollm2(name_or_folder)
+        return assemble_casa_smollm2(Path(name_or_folder))
     return Path(name_or_folder)
 
 
