@@ -170,3 +170,44 @@ def test_the_assembled_folder_follows_the_recipe_with_its_defaults(tmp_path):
         (copy / "recipe.json").write_text(json.dumps({**recipe, "recipe": fields}))
         folders.append(assembled_folder(copy, tmp_path / "cache"))
     assert folders[0] == folders[1] != folders[2]
+
+
+def test_a_parallel_run_from_the_shipped_weights_reloads_as_parallel(monkeypatch, tmp_path):
+    """`train-smollm2 --init-from <weights> --placement parallel`: the shipped weights (trained sequential) all load
+    into the paper's parallel block (the same names), the run's recipe.json says parallel, and the run loaded as
+    `casa-hf evaluate --model RUN` loads it (`resolve_model`: assembled with SmolLM2) is that parallel model: the
+    logits of the model in memory after training, not those of the same weights in the sequential block."""
+    import casa_hf.smollm2.train as smollm2_training
+    from casa_hf.builtin_models import resolve_model
+
+    trained, train = [], smollm2_training.train_casa_smollm2
+    monkeypatch.setattr(
+        smollm2_training, "train_casa_smollm2", lambda config: trained.append(train(config)) or trained[0]
+    )
+    monkeypatch.setattr(smollm2_training, "natural_accuracy", lambda *args: {})
+    monkeypatch.setenv("CASA_HF_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    # fmt: off
+    main(["train-smollm2", "--output-dir", str(run), "--init-from", str(SHIPPED_WEIGHTS), "--placement", "parallel",
+          "--freeze-vision", "--steps", "2", "--stop-after", "1", "--batch-size", "2", "--kinds", "colour,change"])
+    # fmt: on
+    model, processor = trained[0]
+    assert recipe_from_file(run / "recipe.json").placement == "parallel"
+    reloaded = AutoModel.from_pretrained(resolve_model(str(run))).eval()
+    assert model.config.casa_placement == reloaded.config.casa_placement == "parallel"
+    rng = np.random.default_rng(7)
+    image = render(random_scene(rng, count=1), processor.image_size, rng)
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What shape is it?"}]}
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits, reference = reloaded(**inputs).logits, model(**inputs).logits
+        model.config.casa_placement = "sequential"  # the same weights in the other block compute something else
+        for layer in model.model.language_model.layers:
+            layer.casa_placement = "sequential"
+        sequential = model(**inputs).logits
+    torch.testing.assert_close(logits, reference, atol=1e-3, rtol=0)
+    assert (sequential - reference).abs().max() > 0.1

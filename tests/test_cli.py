@@ -108,3 +108,20 @@ def test_kyutai_releases_are_refused_with_what_to_do(kyutai_release, capsys):
     problem = err.splitlines()[-1]  # after argparse's usage line, as for any bad option
     assert problem.startswith("casa-hf demo: error: argument --model: ") and "Kyutai" in problem, err
     assert "transformers==4.51.3, trust_remote_code=True" in problem and "casa-hf convert qwen2_5_vl" in problem
+
+
+def test_a_train_smollm2_run_folder_is_a_model(tmp_path, monkeypatch, capsys):
+    """`--model` takes a `casa-hf train-smollm2` run's folder (its recipe and added weights, no config.json): it is
+    assembled with SmolLM2 as its recipe says (`assemble_casa_smollm2`) and asked the English questions; a folder
+    missing either file is still refused before any work."""
+    import casa_hf.smollm2.assembly as assembly
+    from casa_hf.builtin_models import questions_for, resolve_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text("{}")
+    err = _refused(["evaluate", "--model", str(run)], capsys)
+    assert "neither a built-in model" in err and "train-smollm2 run" in err, err
+    (run / "added.safetensors").write_bytes(b"")
+    monkeypatch.setattr(assembly, "assemble_casa_smollm2", lambda folder: tmp_path / "assembled" / folder.name)
+    assert resolve_model(str(run)) == tmp_path / "assembled" / "run" and questions_for(run) == "natural"

@@ -29,16 +29,29 @@ DEMO_MODEL = "casa-smollm2"  # what `casa-hf demo` shows without `--model`: a re
 BUILTIN_QUESTIONS = {"tiny": "synthetic", "casa-smollm2": "natural"}
 
 
+def is_smollm2_run(folder: str | Path) -> bool:
+    """Whether `folder` is a `casa-hf train-smollm2` run (added weights and their recipe, no checkpoint): it loads
+    as CASA-SmolLM2 with those weights, assembled with the installed SmolLM2 as the shipped ones are."""
+    folder = Path(folder)
+    return (
+        not (folder / "config.json").is_file()
+        and (folder / "recipe.json").is_file()
+        and (folder / "added.safetensors").is_file()
+    )
+
+
 def check_model(name_or_folder: str | Path) -> None:
-    """Refuse, before any work, what is neither a built-in name nor a loadable checkpoint folder (e.g. a typo, or one
-    of Kyutai's released checkpoints)."""
+    """Refuse, before any work, what is neither a built-in name, a loadable checkpoint folder nor a `casa-hf
+    train-smollm2` run (e.g. a typo, or one of Kyutai's released checkpoints)."""
     if str(name_or_folder) in BUILTIN_MODELS:
         return
     folder = Path(name_or_folder)
+    if is_smollm2_run(folder):
+        return
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"--model {str(name_or_folder)!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
-            "nor a folder holding a config.json"
+            f"--model {str(name_or_folder)!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
+            "a folder holding a config.json nor a train-smollm2 run (recipe.json, added.safetensors)"
         )
     refuse_kyutai_release(folder)
 
@@ -61,6 +74,10 @@ def resolve_model(name_or_folder: str | Path | None) -> Path:
     check_model(name_or_folder)
     if str(name_or_folder) in BUILTIN_MODELS:
         return BUILTIN_MODELS[str(name_or_folder)]()
+    if is_smollm2_run(name_or_folder):  # its recipe (placement included) builds the model
+        from .smollm2.assembly import assemble_casa_smollm2
+
+        return assemble_casa_smollm2(Path(name_or_folder))
     return Path(name_or_folder)
 
 

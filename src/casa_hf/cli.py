@@ -24,7 +24,10 @@ USER_ERRORS = (
     OptionsError,
 )
 SERVE_EXTRA = ("fastapi", "uvicorn", "starlette")  # what `pip install 'casa-hf[serve]'` brings
-MODEL_HELP = f"a built-in model name ({', '.join(BUILTIN_MODELS)}) or a CASA checkpoint folder"
+MODEL_HELP = (
+    f"a built-in model name ({', '.join(BUILTIN_MODELS)}), a CASA checkpoint folder or a train-smollm2 run's folder "
+    "(assembled with SmolLM2 as its recipe says)"
+)
 QUESTIONS_HELP = (
     "tiny and folders with a word-level tokenizer (casa-hf train's) get the synthetic questions, answered in one "
     "word; casa-smollm2 and other folders (a real LLM's tokenizer) English questions, answered in sentences"
@@ -369,6 +372,13 @@ def _add_train_smollm2_parser(commands) -> None:
         choices=("attend", "skip"),
         default=None,
         help="CASA in windows without an image (default: the recipe's 'skip')",
+    )
+    smol.add_argument(
+        "--placement",
+        choices=("parallel", "sequential"),
+        default=None,
+        help="CASA beside self-attention (the paper's block) or after it (default: the recipe's, a new run's "
+        "'sequential'; the same weights load into either)",
     )
     smol.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
     smol.add_argument(

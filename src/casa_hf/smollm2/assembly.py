@@ -65,10 +65,10 @@ tags: [casa, vision-language, cross-attention, smollm2]
 
 SmolLM2-135M-Instruct made a vision-language model with CASA (Cross-Attention over Self-Attention, arXiv
 2512.19535): a small vision tower trained from scratch, a projector and CASA sub-layers in blocks
-{", ".join(map(str, recipe.casa_layers))} of SmolLM2 ({recipe.image_size}-px images). Images enter
-through the CASA sub-layers, never as tokens in SmolLM2's sequence. {_sa_sentence(recipe)} It was trained only on
-synthetic images (coloured shapes, digits) asked about in English, in the `casa_hf` package (`casa-hf
-train-smollm2`); it does not know natural photos.
+{", ".join(map(str, recipe.casa_layers))} of SmolLM2 ({_placement_words(recipe)}; {recipe.image_size}-px
+images). Images enter through the CASA sub-layers, never as tokens in SmolLM2's sequence.
+{_sa_sentence(recipe)} It was trained only on synthetic images (coloured shapes, digits) asked about in English, in
+the `casa_hf` package (`casa-hf train-smollm2`); it does not know natural photos.
 
 ## Usage
 
@@ -92,6 +92,12 @@ of the sentence).
 
 {table}
 """
+
+
+def _placement_words(recipe: CasaSmolLM2Recipe) -> str:
+    if recipe.placement == "parallel":
+        return "beside self-attention, the paper's parallel block"
+    return "after self-attention"
 
 
 def _sa_sentence(recipe: CasaSmolLM2Recipe) -> str:

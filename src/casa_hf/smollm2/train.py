@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -252,7 +252,9 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
     plain, processor = build_casa_smollm2(config.recipe, config.seed)
     model = with_sa_lora(plain, config.recipe) if config.recipe.sa_lora_rank else plain
     if config.init_from:
-        partial = recipe_from_file(Path(config.init_from, "recipe.json")) != config.recipe
+        # the placement moves no weight (the same names in either block): the run's weights all load
+        initial = replace(recipe_from_file(Path(config.init_from, "recipe.json")), placement=config.recipe.placement)
+        partial = initial != config.recipe
         fresh = load_added_weights(model, Path(config.init_from, "added.safetensors"), partial=partial)
         if fresh:
             print(f"{len(fresh)} added tensors not in {config.init_from} start as built, e.g. {fresh[0]}")
@@ -349,6 +351,8 @@ def run_train_smollm2(args) -> None:
         recipe.text_only_windows = args.text_only_windows
     if args.sa_lora_rank is not None:
         recipe.sa_lora_rank = args.sa_lora_rank
+    if args.placement:
+        recipe.placement = args.placement
     config = SmolLM2TrainConfig(
         args.output_dir,
         args.steps,
