@@ -156,3 +156,22 @@ def reference_mrope_position_embeddings(text_model, inputs_embeds, position_ids,
         return text, None
     rotary = Qwen2_5_VLRotaryEmbedding(text_model.config).to(inputs_embeds.device)
     return text, rotary(inputs_embeds, position_ids=image_positions[:, None])
+
+
+def fast_and_reference_logits(monkeypatch, model, reference, inputs):
+    """`model`'s logits, then those of `reference` (the same weights loaded into it) with the loop CASA attention and
+    the block written term by term patched in."""
+    import casa_hf.casa_attention as casa_attention
+    from casa_hf.modeling_casa import CasaDecoderLayer
+
+    reference.load_state_dict(model.state_dict())
+    # torch 2.13's CPU flex template miscompiles once dynamo turns dynamic (C++ "cur_kvSplitSize5" error), which
+    # happens as soon as the SA and CASA shapes differ; static recompiles avoid that torch bug.
+    flex = model.config.get_text_config()._attn_implementation == "flex_attention"
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=not flex):
+        fast = model(**inputs).logits
+    monkeypatch.setattr(casa_attention, "casa_window_attention", reference_casa_window_attention)
+    monkeypatch.setattr(CasaDecoderLayer, "forward", reference_decoder_block)
+    with torch.no_grad():
+        slow = reference(**inputs).logits
+    return fast, slow

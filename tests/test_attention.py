@@ -3,12 +3,11 @@
 import pytest
 import torch
 import varlen  # noqa: F401  (registers the flash_varlen_reference stand-in)
-from reference import reference_casa_window_attention, reference_decoder_block
+from reference import fast_and_reference_logits, reference_casa_window_attention
 from tiny import IMAGE_TOKEN, PLACEMENTS, random_images, random_text, tiny_model, two_left_padded_samples
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import casa_hf.casa_attention as casa_attention
-from casa_hf.modeling_casa import CasaDecoderLayer
 
 TOLERANCE = 1e-4
 
@@ -45,16 +44,7 @@ def test_backend_matches_reference(monkeypatch, mode, attn, placement, backbone)
                 parameter.normal_(std=0.5)
     casa_layers = [layer for layer in model.model.language_model.layers if layer.has_casa]
     assert {layer.casa_attn.rotary for layer in casa_layers} == {mode != "cross_attention"}
-    reference = tiny_model(backbone, attn="eager", **options)
-    reference.load_state_dict(model.state_dict())
-    # torch 2.13's CPU flex template miscompiles once dynamo turns dynamic (C++ "cur_kvSplitSize5" error), which
-    # happens as soon as the SA and CASA shapes differ; static recompiles avoid that torch bug.
-    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=attn != "flex_attention"):
-        fast = model(**inputs).logits
-    monkeypatch.setattr(casa_attention, "casa_window_attention", reference_casa_window_attention)
-    monkeypatch.setattr(CasaDecoderLayer, "forward", reference_decoder_block)
-    with torch.no_grad():
-        slow = reference(**inputs).logits
+    fast, slow = fast_and_reference_logits(monkeypatch, model, tiny_model(backbone, attn="eager", **options), inputs)
     valid = inputs["attention_mask"].bool()
     assert (fast[valid] - slow[valid]).abs().max() <= TOLERANCE
 

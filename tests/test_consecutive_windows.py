@@ -5,12 +5,11 @@ against the loop reference or one full forward."""
 
 import pytest
 import torch
-from reference import reference_casa_forward, reference_casa_window_attention, reference_decoder_block
+from reference import fast_and_reference_logits, reference_casa_forward
 from tiny import IMAGE_TOKEN, PLACEMENTS, left_pad, random_images, random_text, tiny_config, tiny_model, tiny_processor
 
 import casa_hf.casa_attention as casa_attention
 from casa_hf import CasaCache, CasaConfig, CasaForConditionalGeneration, CasaStaticCache
-from casa_hf.modeling_casa import CasaDecoderLayer
 from casa_hf.streaming import CasaStream
 
 TOLERANCE = 1e-4
@@ -104,16 +103,8 @@ def test_flex_attention_matches_the_loop_reference(monkeypatch):
 def assert_matches_the_loop_reference(monkeypatch, backbone, attn, mode, rule, **placement):
     inputs = batch_inputs(rows_with_runs())
     options = dict(MODES[mode], casa_window_images=rule, **placement)
-    model = tiny_model(backbone, attn=attn, **options)
-    reference = tiny_model(backbone, attn="eager", **options)
-    reference.load_state_dict(model.state_dict())
-    # static recompiles for flex: torch's CPU flex template miscompiles dynamic shapes (see test_attention.py)
-    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=attn != "flex_attention"):
-        fast = model(**inputs).logits
-    monkeypatch.setattr(casa_attention, "casa_window_attention", reference_casa_window_attention)
-    monkeypatch.setattr(CasaDecoderLayer, "forward", reference_decoder_block)
-    with torch.no_grad():
-        slow = reference(**inputs).logits
+    model, reference = tiny_model(backbone, attn=attn, **options), tiny_model(backbone, attn="eager", **options)
+    fast, slow = fast_and_reference_logits(monkeypatch, model, reference, inputs)
     valid = inputs["attention_mask"].bool()
     assert (fast[valid] - slow[valid]).abs().max() <= TOLERANCE
 
