@@ -210,20 +210,16 @@ class CasaDecoderLayer(GradientCheckpointingLayer):
         beside it (shared parallel), both attentions on the same q/k/v and one `o_proj` over their summed outputs
         (`o(a) + o(b) = o(a + b)` up to the bias, added once more)."""
         attention = self.self_attn
-        hidden_shape = (*normed.shape[:2], -1, attention.head_dim)
-        query = attention.q_proj(normed).view(hidden_shape).transpose(1, 2)
-        key = attention.k_proj(normed).view(hidden_shape).transpose(1, 2)
-        value = attention.v_proj(normed).view(hidden_shape).transpose(1, 2)
-        rotated_query, rotated_key = self.casa_attn.backbone.apply_rotary_pos_emb(query, key, *position_embeddings)
-        if self.casa_attn.rotary:
-            query, key = rotated_query, rotated_key
+        query, key, value = self.casa_attn.text_states(normed, position_embeddings, attention)
         output, _ = casa(query, key, value)
         if self.casa_placement == "replace":
             return attention.o_proj(output)
         if _recording("attentions"):  # SA's weights are recorded from its module's forward: run it, as it is
             sa_output = attention(normed, position_embeddings=position_embeddings, cache=cache, **kwargs)[0]
             return attention.o_proj(output) + sa_output
-        output = output + self_attention_output(attention, rotated_query, rotated_key, value, cache=cache, **kwargs)
+        if not self.casa_attn.rotary:  # SA's queries and keys always carry positions
+            query, key = self.casa_attn.backbone.apply_rotary_pos_emb(query, key, *position_embeddings)
+        output = output + self_attention_output(attention, query, key, value, cache=cache, **kwargs)
         projected = attention.o_proj(output)
         if attention.o_proj.bias is not None:
             projected = projected + attention.o_proj.bias
