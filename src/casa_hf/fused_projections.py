@@ -38,9 +38,11 @@ class FusedParallelProjections:
                 raise ValueError(f"Block {layer.layer_idx}'s {type(norm).__name__} is not an RMSNorm to fold")
         self.epsilon = layer.input_layernorm.variance_epsilon
         self.head_dim = layer.self_attn.head_dim
-        q, k = layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features
-        # rows: [SA q | SA k | CASA q | CASA k | SA v | CASA v], so that one RoPE call rotates the first four
-        self.rotated_width, self.splits = 2 * (q + k), [q, k, q, k, k, k]
+        q = layer.self_attn.q_proj.out_features // self.head_dim
+        k = layer.self_attn.k_proj.out_features // self.head_dim
+        # heads of the fused output: [SA q | SA k | CASA q | CASA k | SA v | CASA v], so that one RoPE call rotates
+        # the first four (the first two where CASA has no positions)
+        self.head_counts = [q, k, q, k, k, k]
         self.versions = None
         self.refresh()
 
@@ -84,16 +86,12 @@ class FusedParallelProjections:
         fused = F.linear(states.to(dtype), self.qkv_weight, self.qkv_bias)
         batch, seq_len = hidden_states.shape[:2]
         heads = fused.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        rotated_heads = self.rotated_width // self.head_dim
-        casa_rotary = self.layer.casa_attn.rotary
-        sizes = [size // self.head_dim for size in self.splits]
-        if casa_rotary:
-            rotated = rotate(heads[:, :rotated_heads], *position_embeddings)
-            sa_q, sa_k, casa_q, casa_k = rotated.split(sizes[:4], dim=1)
-        else:
-            sa_q, sa_k = rotate(heads[:, : sizes[0] + sizes[1]], *position_embeddings).split(sizes[:2], dim=1)
-            casa_q, casa_k = heads[:, sizes[0] + sizes[1] : rotated_heads].split(sizes[2:4], dim=1)
-        sa_v, casa_v = heads[:, rotated_heads:].split(sizes[4:], dim=1)
+        rotated_groups = 4 if self.layer.casa_attn.rotary else 2
+        rotated_heads = sum(self.head_counts[:rotated_groups])
+        rotated = rotate(heads[:, :rotated_heads], *position_embeddings)
+        groups = rotated.split(self.head_counts[:rotated_groups], dim=1)
+        groups += heads[:, rotated_heads:].split(self.head_counts[rotated_groups:], dim=1)
+        sa_q, sa_k, casa_q, casa_k, sa_v, casa_v = groups
         return (sa_q, sa_k, sa_v), (casa_q, casa_k, casa_v)
 
     def output(self, sa_output: torch.Tensor, casa_output: torch.Tensor) -> torch.Tensor:

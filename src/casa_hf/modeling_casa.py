@@ -296,8 +296,8 @@ class CasaPreTrainedModel(PreTrainedModel):
         Returns the fused blocks (none for sequential or shared models: the shared block already projects once)."""
         fused = []
         for module in self.modules():
-            if isinstance(module, CasaDecoderLayer) and module.has_casa and hasattr(module, "casa_input_layernorm"):
-                if module.casa_placement == "parallel":
+            if isinstance(module, CasaDecoderLayer) and module.has_casa and module.casa_placement == "parallel":
+                if not module.casa_reads_block_norm:  # shared parallel blocks already project once
                     module.fused_projections = FusedParallelProjections(module)
                     fused.append(module.layer_idx)
         if not fused:
