@@ -129,11 +129,11 @@ def reference_decoder_block(layer, hidden_states, image_features=None, casa_inpu
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-def reference_mrope_image_positions(text_model, insertion_points, image_sizes, image_grids):
-    """`CasaTextModel._image_positions` for `casa_image_positions="mrope"`, written as the paper and Qwen2.5-VL's
+def reference_mrope_image_positions(positions, insertion_points, image_sizes, image_grids):
+    """`CasaPositions.image_positions` for `casa_image_positions="mrope"`, written as the paper and Qwen2.5-VL's
     `get_vision_position_ids` say: image i, placeholder at text position p, merged grid t x h x w, gives its tokens in
     raster order (frame, row, column) the positions (p + frame, p + row, p + column)."""
-    merge = text_model.spatial_merge_size
+    merge = positions.spatial_merge_size
     ids = []
     for p, (frames, height, width), size in zip(
         insertion_points.tolist(), image_grids.tolist(), image_sizes, strict=True
@@ -146,15 +146,15 @@ def reference_mrope_image_positions(text_model, insertion_points, image_sizes, i
     return torch.tensor(ids, device=insertion_points.device).T
 
 
-def reference_mrope_position_embeddings(text_model, inputs_embeds, position_ids, image_positions):
-    """`CasaTextModel._position_embeddings` with mRoPE image keys from Qwen2.5-VL's own rotary embedding (its
+def reference_mrope_position_embeddings(positions, inputs_embeds, position_ids, image_positions):
+    """`CasaPositions.embeddings` with mRoPE image keys from Qwen2.5-VL's own rotary embedding (its
     `mrope_section` composition), the text from the backbone's."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
 
-    text = text_model.rotary_emb(inputs_embeds, position_ids=position_ids)
+    text = positions.rotary_emb(inputs_embeds, position_ids=position_ids)
     if image_positions is None:
         return text, None
-    rotary = Qwen2_5_VLRotaryEmbedding(text_model.config).to(inputs_embeds.device)
+    rotary = Qwen2_5_VLRotaryEmbedding(positions.text_config).to(inputs_embeds.device)
     return text, rotary(inputs_embeds, position_ids=image_positions[:, None])
 
 

@@ -34,7 +34,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, 
 
 import casa_hf.casa_attention as casa_attention
 from casa_hf import CasaConfig
-from casa_hf.modeling_casa import CasaDecoderLayer, CasaTextModel
+from casa_hf.casa_positions import CasaPositions
+from casa_hf.modeling_casa import CasaDecoderLayer
 
 TOLERANCE = 1e-4
 MROPE_SECTION = [2, 3, 3]  # head_dim 16: 8 rotary frequencies, split (temporal, height, width)
@@ -119,9 +120,9 @@ def test_image_positions_are_qwen2_5_vls_rope_index(layout, monkeypatch):
     # ours: the ids the forward computes, and the cos/sin its CASA layers receive
     model = mrope_model()
     used, seen = [], []
-    compute = CasaTextModel._image_positions
+    compute = CasaPositions.image_positions
     monkeypatch.setattr(
-        CasaTextModel, "_image_positions", lambda self, *args: used.append(compute(self, *args)) or used[-1]
+        CasaPositions, "image_positions", lambda self, *args: used.append(compute(self, *args)) or used[-1]
     )
     hook = model.model.language_model.layers[0].casa_attn.register_forward_hook(
         lambda module, args, kwargs, output: seen.append(kwargs["casa_inputs"].image_position_embeddings),
@@ -152,8 +153,8 @@ def test_mrope_model_matches_the_loop_reference(monkeypatch, attn, placement):
         fast = model(**inputs).logits
     monkeypatch.setattr(casa_attention, "casa_window_attention", reference_casa_window_attention)
     monkeypatch.setattr(CasaDecoderLayer, "forward", reference_decoder_block)
-    monkeypatch.setattr(CasaTextModel, "_image_positions", reference_mrope_image_positions)
-    monkeypatch.setattr(CasaTextModel, "_position_embeddings", reference_mrope_position_embeddings)
+    monkeypatch.setattr(CasaPositions, "image_positions", reference_mrope_image_positions)
+    monkeypatch.setattr(CasaPositions, "embeddings", reference_mrope_position_embeddings)
     with torch.no_grad():
         slow = reference(**inputs).logits
     monkeypatch.undo()
@@ -228,7 +229,7 @@ def test_key_shift_moves_mrope_image_keys():
     text_positions = torch.zeros(1, 1, dtype=torch.long)
 
     def rope(at):
-        _, (cos, sin) = language_model._position_embeddings(keys, text_positions, at)
+        _, (cos, sin) = language_model.casa_positions.embeddings(keys, text_positions, at)
         return apply_rotary(keys, keys, cos, sin)[1]
 
     assert (language_model.shift_key_positions(rope(positions), -25) - rope(positions - 25)).abs().max() < 1e-5
@@ -311,7 +312,7 @@ def test_text_budget_eviction_keeps_mrope_casa_attention_unchanged(monkeypatch):
     language_model = model.model.language_model
     positions = positions_before_eviction(stream, call)
     insertion = positions[0][windows.image_mask[0]]
-    image_positions = language_model._image_positions(insertion, [6], torch.tensor([[1, 4, 6]]))
-    _, moved = language_model._position_embeddings(images[None], positions, image_positions)
+    image_positions = language_model.casa_positions.image_positions(insertion, [6], torch.tensor([[1, 4, 6]]))
+    _, moved = language_model.casa_positions.embeddings(images[None], positions, image_positions)
     expected = casa_before_eviction(stream, call, moved)
     assert (call.output - expected).abs().max() < 1e-5

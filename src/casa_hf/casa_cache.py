@@ -10,7 +10,6 @@ import torch
 from transformers.cache_utils import (
     Cache,
     CacheLayerMixin,
-    DummyLayer,
     DynamicCache,
     DynamicLayer,
     DynamicSlidingWindowLayer,
@@ -21,6 +20,8 @@ from transformers.cache_utils import (
 )
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.utils import is_torchdynamo_compiling
+
+from .transformers_compat import DummyLayer
 
 WINDOW_HEADROOM = 64  # free slots kept after a window, so that the text appended by decode steps is written in place
 

@@ -7,11 +7,11 @@ from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.utils import logging
 
 from .backbones import SUPPORTED_TEXT_MODEL_TYPES
+from .transformers_compat import SubConfigSpec
 
 logger = logging.get_logger(__name__)
 
@@ -68,6 +68,17 @@ def _check_mrope_section(text) -> None:
         or sum(section) != rotary_dim // 2
     ):
         raise ValueError(f"text_config.rope_parameters['mrope_section']={section!r} must be {expected}")
+
+
+# Defaults describe Qwen2.5-VL-7B's language model, so that a bare `CasaConfig()` is consistent.
+_DEFAULT_TEXT_CONFIG = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+}
 
 
 @strict
@@ -146,22 +157,15 @@ class CasaConfig(PreTrainedConfig):
     """
 
     model_type = "casa"
-    sub_configs_defaults = {
-        # Defaults describe Qwen2.5-VL-7B's language model, so that a bare `CasaConfig()` is consistent.
-        "text_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="qwen2",
-            init_kwargs={
-                "vocab_size": 152064,
-                "hidden_size": 3584,
-                "intermediate_size": 18944,
-                "num_hidden_layers": 28,
-                "num_attention_heads": 28,
-                "num_key_value_heads": 4,
-            },
-        ),
-        "vision_config": Qwen2_5_VLVisionConfig,
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "text_config": SubConfigSpec(
+                config_class=AutoConfig, model_type="qwen2", init_kwargs=_DEFAULT_TEXT_CONFIG
+            ),
+            "vision_config": Qwen2_5_VLVisionConfig,
+        }
+    else:  # Transformers < 5.20 (vLLM's pin): `_build_sub_configs`
+        sub_configs = {"text_config": AutoConfig, "vision_config": Qwen2_5_VLVisionConfig}
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
@@ -181,6 +185,8 @@ class CasaConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         _warn_on_misspelt_fields(kwargs)
+        if SubConfigSpec is None:
+            self._build_sub_configs()
         self.text_config = _quiet_mrope_section(self.text_config)
         # Like built-in configs, keys CasaConfig does not list (`quantization_config`, attributes other libraries
         # set) are kept as attributes, so that everything `save_pretrained` wrote reloads.
@@ -188,6 +194,17 @@ class CasaConfig(PreTrainedConfig):
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         self._check_consistency()
+
+    def _build_sub_configs(self) -> None:
+        """The sub-configs from their dicts or defaults, as Transformers >= 5.20 builds them from
+        `sub_configs_defaults`."""
+        if self.text_config is None:
+            self.text_config = {"model_type": "qwen2", **_DEFAULT_TEXT_CONFIG}
+        if isinstance(self.text_config, dict):
+            text = dict(self.text_config)
+            self.text_config = AutoConfig.for_model(text.pop("model_type", "qwen2"), **text)
+        if self.vision_config is None or isinstance(self.vision_config, dict):
+            self.vision_config = Qwen2_5_VLVisionConfig(**(self.vision_config or {}))
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> CasaConfig:

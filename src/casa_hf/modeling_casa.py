@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+    modeling_utils,
+)
 from transformers.cache_utils import Cache
 from transformers.masking_utils import (
     create_causal_mask,
@@ -27,7 +35,7 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     CausalLMOutputWithCrossAttentions,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
@@ -39,9 +47,11 @@ from transformers.utils.output_capturing import OutputRecorder, _active_collecto
 from .backbones import BACKBONES
 from .casa_attention import CasaAttention, CasaInputs, build_casa_windows
 from .casa_cache import CasaCache, CasaStaticCache, CasaWindowCache
-from .configuration_casa import CasaConfig, mrope_section
+from .casa_positions import CasaPositions
+from .configuration_casa import CasaConfig
 from .fused_projections import FusedParallelProjections
 from .kyutai_release import refuse_kyutai_release
+from .transformers_compat import check_transformers_runs_models
 
 logger = logging.get_logger(__name__)
 
@@ -280,6 +290,10 @@ class CasaPreTrainedModel(PreTrainedModel):
         "cross_attentions": OutputRecorder(target_class=CasaAttention, index=1),
     }
 
+    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        check_transformers_runs_models()
+        super().__init__(config, *inputs, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but a local folder holding one of Kyutai's released checkpoints is
@@ -336,15 +350,7 @@ class CasaTextModel(CasaPreTrainedModel):
         self.layers = nn.ModuleList(CasaDecoderLayer(config, layer, idx) for idx, layer in enumerate(backbone.layers))
         self.norm = backbone.norm
         self.rotary_emb = backbone.rotary_emb
-        self.casa_image_positions = config.casa_image_positions
-        self.spatial_merge_size = config.vision_config.spatial_merge_size
-        # mRoPE: which of (temporal, height, width) turns each rotary dimension: Qwen2.5-VL's sections over the
-        # frequencies, repeated for the two rotated halves of a head as its cos/sin are
-        self.mrope_components = None
-        if config.casa_image_positions == "mrope":
-            section = mrope_section(config.text_config)
-            components = [i % 3 for i, size in enumerate(section) for _ in range(size)]
-            self.mrope_components = components + components
+        self.casa_positions = CasaPositions(config, self.rotary_emb)
         self.casa_uses_rope = config.casa_uses_rope
         self.casa_layer_indices = config.casa_layer_indices
         self.casa_replaced_blocks = config.casa_replaced_blocks
@@ -365,67 +371,6 @@ class CasaTextModel(CasaPreTrainedModel):
         shape = (1,) * (keys.ndim - 2) + cos.shape[-1:]
         shifted, _ = apply_rotary(keys, keys, cos.reshape(shape), sin.reshape(shape), unsqueeze_dim=0)
         return shifted
-
-    def _position_embeddings(
-        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, image_positions: torch.Tensor | None
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-        """RoPE cos/sin of the text tokens and of the image keys, from one rotary call: rope types whose frequencies
-        follow the largest position seen (`dynamic`) then rotate an image's keys with the frequencies of the text
-        around it, and the rotary state does not depend on the order of two calls.
-
-        `image_positions` is `[1, N]`, or `[3, N]` (temporal, height, width) for mRoPE: each rotary dimension then
-        takes the cos/sin of its section's component, as Qwen2.5-VL's rotary embedding composes them, so the image
-        keys' cos/sin keep the shape of 1-D ones and `apply_rotary_pos_emb` rotates them unchanged."""
-        if image_positions is None:
-            return self.rotary_emb(inputs_embeds, position_ids=position_ids), None
-        num_text = position_ids.numel()
-        joint = torch.cat([position_ids.reshape(1, -1), image_positions.reshape(1, -1)], dim=-1)
-        cos, sin = self.rotary_emb(inputs_embeds, position_ids=joint)
-        shape = (*position_ids.shape, cos.shape[-1])
-        text = (cos[:, :num_text].reshape(shape), sin[:, :num_text].reshape(shape))
-        image_cos, image_sin = cos[0, num_text:], sin[0, num_text:]
-        if image_positions.shape[0] > 1:  # [components * N, dim] -> each dimension from its component's row
-            rows = image_positions.shape[-1]
-            pick = torch.tensor(self.mrope_components, device=image_cos.device)[None, None].expand(1, rows, -1)
-            image_cos = image_cos.view(-1, rows, image_cos.shape[-1]).gather(0, pick)[0]
-            image_sin = image_sin.view(-1, rows, image_sin.shape[-1]).gather(0, pick)[0]
-        return text, (image_cos[None], image_sin[None])
-
-    def _image_positions(
-        self,
-        insertion_points: torch.Tensor,
-        image_sizes: list[int],
-        image_grids: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """RoPE positions of the image keys, `[1, N]` or, for mRoPE, `[3, N]` (temporal, height, width), from each
-        image's insertion point (its placeholder's text position) and, for `"raster"` and `"mrope"`, its tokens'
-        places. mRoPE lays an image out as Qwen2.5-VL's `get_rope_index` does, its temporal position frozen at the
-        insertion point p: the token of frame f, row r, column c of the merged grid is at (p + f, p + r, p + c)."""
-        device = insertion_points.device
-        sizes = torch.tensor(image_sizes, device=device)
-        positions = insertion_points.repeat_interleave(sizes)
-        local = torch.arange(len(positions), device=device) - (torch.cumsum(sizes, 0) - sizes).repeat_interleave(sizes)
-        if self.casa_image_positions == "raster":  # token j of an image sits at insertion point + j
-            return (positions + local)[None]
-        if self.casa_image_positions == "mrope":
-            if image_grids is None:
-                raise ValueError(
-                    "casa_image_positions='mrope' lays image keys out by each image's grid: pass `pixel_values` with "
-                    "`image_grid_thw`, or `mm_encoder_outputs['image']` as `get_image_features` returns it (with its "
-                    "`image_grid_thw`)"
-                )
-            grids = image_grids.to(device)
-            merge = self.spatial_merge_size
-            merged = torch.stack([grids[:, 0], grids[:, 1] // merge, grids[:, 2] // merge], -1)
-            if merged.prod(-1).tolist() != list(image_sizes):
-                raise ValueError(
-                    f"image grids {grids.tolist()} (merged by {merge}) do not give the images' token counts "
-                    f"{list(image_sizes)}"
-                )
-            height, width = merged[:, 1].repeat_interleave(sizes), merged[:, 2].repeat_interleave(sizes)
-            frame, row, column = local // (height * width), (local // width) % height, local % width
-            return torch.stack([frame, row, column]) + positions[None]
-        return positions[None]
 
     def _self_attention_masks(
         self,
@@ -524,8 +469,8 @@ class CasaTextModel(CasaPreTrainedModel):
         image_positions = None
         if image_features is not None and self.casa_uses_rope:
             insertion_points = position_ids.expand(batch_size, -1)[image_mask]
-            image_positions = self._image_positions(insertion_points, image_sizes, image_grid_thw)
-        position_embeddings, image_position_embeddings = self._position_embeddings(
+            image_positions = self.casa_positions.image_positions(insertion_points, image_sizes, image_grid_thw)
+        position_embeddings, image_position_embeddings = self.casa_positions.embeddings(
             inputs_embeds, position_ids, image_positions
         )
         casa_inputs = CasaInputs(windows, image_position_embeddings)
@@ -858,7 +803,7 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        hidden_states = modeling_utils.slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
