@@ -1,0 +1,297 @@
+"""casa_hf checkpoints on vLLM (`casa_hf.vllm`), against casa_hf's own `generate()` on the same folders.
+
+vLLM lives in an environment of its own (`scripts/setup_vllm_cpu.sh`; `.ci/run` creates it and names its Python in
+`CASA_VLLM_PYTHON`), with the Transformers release vLLM pins; casa_hf comes from this checkout (`PYTHONPATH`). Each
+engine greedy-decodes all of its requests in one `generate` call, so they batch continuously: text only, one image
+(three colours), two images in two turns of one chat, two images in one turn, a text turn after an image, three
+images over three turns. The tokens must be casa_hf's, and their log-probabilities within `LOGPROB_TOLERANCE`.
+"""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from tiny import TINY_VISION, tiny_model, tiny_processor
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from casa_hf.builtin_models import resolve_model
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = Path(os.environ.get("CASA_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
+LOGPROB_TOLERANCE = 2e-3  # float32 on both sides; vLLM's CPU attention kernel and Transformers' SDPA sum differently
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220)}
+
+
+def vllm_python() -> Path:
+    if not VLLM_PYTHON.is_file():
+        pytest.fail(
+            f"No vLLM environment at {VLLM_PYTHON}: create it with `bash scripts/setup_vllm_cpu.sh .venv-vllm` "
+            "(about 2 minutes), or point CASA_VLLM_PYTHON at the Python of one made by that script",
+            pytrace=False,
+        )
+    return VLLM_PYTHON
+
+
+def vllm_env(**extra: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(extra)
+    return env
+
+
+def draw(colour: str, shift: int, folder: Path) -> Path:
+    image = Image.new("RGB", (112, 112), (20, 20, 30))
+    ImageDraw.Draw(image).ellipse([10 + 6 * shift, 15, 60 + 6 * shift, 64], fill=COLOURS[colour])
+    path = folder / f"{colour}{shift}.png"
+    image.save(path)
+    return path
+
+
+def chats(question: str, answer: str) -> list[tuple[list[dict], list[str]]]:
+    """Eight different chats (messages, colours of their images in order)."""
+    image = {"type": "image"}
+    ask = {"type": "text", "text": question}
+
+    def user(*items):
+        return {"role": "user", "content": list(items)}
+
+    reply = {"role": "assistant", "content": answer}
+    return [
+        ([user(ask)], []),
+        ([user(image, ask)], ["red"]),
+        ([user(image, ask)], ["green"]),
+        ([user(image, ask)], ["blue"]),
+        ([user(image, ask), reply, user(image, ask)], ["red", "blue"]),
+        ([user(image, image, ask)], ["green", "red"]),
+        ([user(image, ask), reply, user({"type": "text", "text": question})], ["blue"]),
+        ([user(image, ask), reply, user(image, ask), reply, user(image, ask)], ["green", "blue", "red"]),
+    ]
+
+
+def reference_requests(folder: Path, question: str, answer: str, max_new_tokens: int, images: Path) -> list[dict]:
+    """Each chat's prompt and casa_hf's greedy tokens with their log-probabilities."""
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    requests = []
+    for index, (messages, colours) in enumerate(chats(question, answer)):
+        paths = [str(draw(colour, index + position, images)) for position, colour in enumerate(colours)]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        pictures = [Image.open(path).convert("RGB") for path in paths]
+        inputs = processor(text=prompt, images=pictures or None, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        logprobs = [
+            float(torch.log_softmax(step[0].float(), -1)[token])
+            for step, token in zip(out.logits, tokens, strict=True)
+        ]
+        requests.append(
+            dict(
+                prompt=prompt,
+                images=paths,
+                prompt_ids=inputs["input_ids"][0].tolist(),
+                image_token_id=model.config.image_token_id,
+                tokens=tokens,
+                logprobs=logprobs,
+            )
+        )
+    return requests
+
+
+def parallel_model_folder(folder: Path) -> Path:
+    """A random CASA model in the paper's parallel block on a Llama backbone whose heads split over two ranks (4 query,
+    2 key/value heads of 32 dimensions: vLLM's CPU attention needs a multiple of 32)."""
+    model = tiny_model(
+        "llama",
+        seed=3,
+        text_overrides=dict(hidden_size=128, intermediate_size=256),
+        vision_config=dict(TINY_VISION, out_hidden_size=128),
+        casa_window_images="each",
+    )
+    assert model.config.casa_placement == "parallel"
+    model.save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    return folder
+
+
+def run_worker(engines: list[dict], folder: Path, **env: str) -> dict:
+    spec, out = folder / "spec.json", folder / "out.json"
+    spec.write_text(json.dumps({"engines": engines}))
+    command = [str(vllm_python()), str(WORKER), str(spec), str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=vllm_env(**env), timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+def engine(name: str, model: Path, requests: list[dict], max_tokens: int, **kwargs) -> dict:
+    return dict(name=name, model=str(model), requests=requests, max_tokens=max_tokens, kwargs=kwargs)
+
+
+TINY_CHAT = ("what colour is the shape ?", "red")
+ENGLISH_CHAT = ("What colour is the shape?", "The shape is red.")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every engine's results next to casa_hf's: {engine: (requests with casa_hf's answers, vLLM's results)}."""
+    folder = tmp_path_factory.mktemp("vllm")
+    images = folder / "images"
+    images.mkdir()
+    tiny, smollm2 = resolve_model("tiny"), resolve_model("casa-smollm2")
+    parallel = parallel_model_folder(folder / "parallel")
+    requests = {
+        "tiny": reference_requests(tiny, *TINY_CHAT, 8, images),
+        "parallel": reference_requests(parallel, *TINY_CHAT, 8, images),
+        "smollm2": reference_requests(smollm2, *ENGLISH_CHAT, 12, images),
+    }
+    engines = [
+        # prefix caching asked for: the plugin turns it off (a cached prefix would skip the windows its images open)
+        engine("tiny", tiny, requests["tiny"], 8, enable_prefix_caching=True),
+        # chunks of 8 tokens: every window with more than 8 tokens after its image is split across steps
+        engine("parallel_chunked", parallel, requests["parallel"], 8, max_num_batched_tokens=8, max_num_seqs=8),
+        engine("smollm2_chunked", smollm2, requests["smollm2"], 12, max_num_batched_tokens=32, max_num_seqs=8),
+    ]
+    results = run_worker(engines, folder, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    tensor_parallel = engine("parallel_tp2", parallel, requests["parallel"], 8, tensor_parallel_size=2)
+    results |= run_worker([tensor_parallel], folder, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    sources = {
+        "tiny": "tiny",
+        "parallel_chunked": "parallel",
+        "smollm2_chunked": "smollm2",
+        "parallel_tp2": "parallel",
+    }
+    return {name: (requests[sources[name]], results[name]) for name in results}
+
+
+def assert_same_answers(expected: list[dict], result: dict) -> None:
+    assert len(expected) == 8 and len(result["tokens"]) == 8
+    for index, request in enumerate(expected):
+        assert result["prompt_ids"][index] == request["prompt_ids"], f"request {index}: vLLM tokenized differently"
+        assert result["tokens"][index] == request["tokens"], f"request {index}"
+        difference = max(abs(a - b) for a, b in zip(result["logprobs"][index], request["logprobs"], strict=True))
+        assert difference < LOGPROB_TOLERANCE, (index, difference)
+
+
+@pytest.mark.parametrize("name", ["tiny", "parallel_chunked", "smollm2_chunked", "parallel_tp2"])
+def test_vllm_greedy_answers_are_casa_hfs(runs, name):
+    """Text only, one image, two images in two turns or one, a text turn after an image, three turns of images:
+    eight requests batched together, each answered as casa_hf's `generate()` answers it."""
+    expected, result = runs[name]
+    assert_same_answers(expected, result)
+
+
+def test_the_answers_depend_on_the_images(runs):
+    """The questions about a red, a green and a blue image get three different answers (CASA reads the images)."""
+    expected, _ = runs["smollm2_chunked"]
+    assert len({tuple(request["tokens"]) for request in expected[1:4]}) == 3
+
+
+def test_chunked_prefill_splits_windows(runs):
+    """Chunks of `max_num_batched_tokens` tokens end inside the windows: a placeholder has more tokens after it in
+    its prompt than a chunk holds, so its window's text arrives over several steps."""
+    for name in ("parallel_chunked", "smollm2_chunked"):
+        expected, result = runs[name]
+        chunk = result["max_num_batched_tokens"]
+        longest = 0
+        for request in expected:
+            ids = request["prompt_ids"]
+            placeholders = [i for i, token in enumerate(ids) if token == request["image_token_id"]]
+            if placeholders:
+                longest = max(longest, len(ids) - placeholders[0])
+        assert longest > chunk, (name, longest, chunk)
+
+
+def test_prefix_caching_is_turned_off(runs):
+    _, result = runs["tiny"]
+    assert result["prefix_caching"] is False
+
+
+def test_tensor_parallel_two_ranks(runs):
+    """TP=2 (each rank half of the query and key/value heads, the CASA sub-layers whole on each) answers as TP=1."""
+    _, one = runs["parallel_chunked"]
+    _, two = runs["parallel_tp2"]
+    assert two["tensor_parallel_size"] == 2
+    assert two["tokens"] == one["tokens"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_openai_server_answers_an_image_chat(tmp_path):
+    """`python -m vllm.entrypoints.openai.api_server --model <tiny>` answers an image chat completion, sent through
+    the openai client with the image inline, as casa_hf answers the same chat."""
+    from openai import OpenAI
+
+    folder = resolve_model("tiny")
+    path = draw("green", 0, tmp_path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TINY_CHAT[0]}]}]
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": Image.open(path)}, messages[0]["content"][1]]}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    expected = processor.decode(tokens, skip_special_tokens=True)
+
+    port = free_port()
+    command = [
+        str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
+        "--enforce-eager", "--dtype", "float32", "--max-model-len", "512", "--served-model-name", "tiny",
+    ]  # fmt: skip
+    log = tmp_path / "server.log"
+    with open(log, "w") as log_file:
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=vllm_env())
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, log.read_text()[-5000:]
+            try:
+                client.models.list()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, log.read_text()[-5000:]
+                time.sleep(1)
+        image_url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        reply = client.chat.completions.create(
+            model="tiny",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url}},
+                        {"type": "text", "text": TINY_CHAT[0]},
+                    ],
+                }
+            ],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert reply.choices[0].message.content.strip() == expected.strip(), log.read_text()[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -1,0 +1,64 @@
+"""`python vllm_worker.py SPEC OUT`, in vLLM's environment (`CASA_VLLM_PYTHON`, made by scripts/setup_vllm_cpu.sh).
+
+SPEC lists engines, each a model folder, `LLM(...)` keyword arguments and requests (a prompt, images as PNG paths).
+Each engine gets all of its requests in one `generate` call (vLLM batches them continuously) and greedy-decodes
+them; OUT gets, per engine, each request's prompt ids, generated ids and their log-probabilities, and the config
+vLLM ended up with. Engines run one after another in this process (vLLM's engine core in process, which halves
+the start-up).
+"""
+
+import gc
+import json
+import sys
+
+
+def run_engine(engine: dict) -> dict:
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=engine["model"],
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=512,
+        limit_mm_per_prompt={"image": 4},
+        **engine.get("kwargs", {}),
+    )
+    requests = []
+    for request in engine["requests"]:
+        prompt = {"prompt": request["prompt"]}
+        if request["images"]:
+            prompt["multi_modal_data"] = {"image": [Image.open(path).convert("RGB") for path in request["images"]]}
+        requests.append(prompt)
+    params = SamplingParams(max_tokens=engine["max_tokens"], temperature=0.0, logprobs=0)
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    config = llm.llm_engine.vllm_config
+    result = {
+        "prompt_ids": [list(output.prompt_token_ids) for output in outputs],
+        "tokens": [list(output.outputs[0].token_ids) for output in outputs],
+        "logprobs": [
+            [
+                step[token].logprob
+                for step, token in zip(output.outputs[0].logprobs, output.outputs[0].token_ids, strict=True)
+            ]
+            for output in outputs
+        ],
+        "prefix_caching": config.cache_config.enable_prefix_caching,
+        "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+        "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+    }
+    del llm
+    gc.collect()
+    return result
+
+
+def main(spec_path: str, out_path: str) -> None:
+    with open(spec_path) as spec_file:
+        spec = json.load(spec_file)
+    results = {engine["name"]: run_engine(engine) for engine in spec["engines"]}
+    with open(out_path, "w") as out_file:
+        json.dump(results, out_file)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
