@@ -115,16 +115,16 @@ def reference_requests(folder: Path, question: str, answer: str, max_new_tokens:
 
 
 def parallel_model_folder(folder: Path) -> Path:
-    """A random CASA model in the paper's parallel block on a Llama backbone whose heads split over two ranks (4 query,
-    2 key/value heads of 32 dimensions: vLLM's CPU attention needs a multiple of 32)."""
+    """A random CASA model as new configs make it (the paper's parallel block, windows of consecutive images) on a
+    Llama backbone whose heads split over two ranks (4 query, 2 key/value heads of 32 dimensions: vLLM's CPU
+    attention needs a multiple of 32)."""
     model = tiny_model(
         "llama",
         seed=3,
         text_overrides=dict(hidden_size=128, intermediate_size=256),
         vision_config=dict(TINY_VISION, out_hidden_size=128),
-        casa_window_images="each",
     )
-    assert model.config.casa_placement == "parallel"
+    assert model.config.casa_placement == "parallel" and model.config.casa_window_images == "consecutive"
     model.save_pretrained(folder)
     tiny_processor().save_pretrained(folder)
     return folder
@@ -163,8 +163,9 @@ def runs(tmp_path_factory):
     engines = [
         # prefix caching asked for: the plugin turns it off (a cached prefix would skip the windows its images open)
         engine("tiny", tiny, requests["tiny"], 8, enable_prefix_caching=True),
-        # chunks of 8 tokens: every window with more than 8 tokens after its image is split across steps
-        engine("parallel_chunked", parallel, requests["parallel"], 8, max_num_batched_tokens=8, max_num_seqs=8),
+        # chunks of 5 tokens: windows are split across steps, and a chunk would end between two images of one window
+        # (`<|vision_start|><|image_pad|><|vision_end|>` twice), which the plugin's scheduler moves back to the first
+        engine("parallel_chunked", parallel, requests["parallel"], 8, max_num_batched_tokens=5, max_num_seqs=4),
         engine("smollm2_chunked", smollm2, requests["smollm2"], 12, max_num_batched_tokens=32, max_num_seqs=8),
     ]
     results = run_worker(engines, folder, VLLM_ENABLE_V1_MULTIPROCESSING="0")

@@ -6,7 +6,7 @@
 - turns prefix caching off for it (a cached prefix would skip its images' encoders and the windows they open, which
   live outside vLLM's KV cache) and runs it eagerly (its CASA layers loop over requests in Python);
 - has vLLM's model runner release a finished request's CASA windows (`_on_request_state_removed`, the runner's hook
-  for request-scoped side caches).
+  for request-scoped side caches), and its scheduler keep the images of one window in one step (`scheduling.py`).
 
 How CASA maps onto vLLM, and what works: docs/vllm.md.
 """
@@ -14,6 +14,8 @@ How CASA maps onto vLLM, and what works: docs/vllm.md.
 from __future__ import annotations
 
 import logging
+
+from .scheduling import keep_image_runs_whole
 
 ARCHITECTURE = "CasaForConditionalGeneration"
 
@@ -77,6 +79,7 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "casa_hf.vllm.model:CasaForConditionalGeneration")
     MODELS_CONFIG_MAP[ARCHITECTURE] = CasaVllmConfig
     _release_windows_of_finished_requests()
+    keep_image_runs_whole()
 
 
 __all__ = ["ARCHITECTURE", "register"]
