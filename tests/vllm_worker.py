@@ -3,8 +3,8 @@
 SPEC lists engines, each a model folder, `LLM(...)` keyword arguments and requests (a prompt, images as PNG paths).
 Each engine gets all of its requests in one `generate` call (vLLM batches them continuously) and greedy-decodes
 them; OUT gets, per engine, each request's prompt ids, generated ids and their log-probabilities, and the config
-vLLM ended up with. Engines run one after another in this process (vLLM's engine core in process, which halves
-the start-up).
+vLLM ended up with; an engine marked `refused` gets the error it stopped with instead. Engines run one after another
+in this process (vLLM's engine core in process, which halves the start-up).
 """
 
 import gc
@@ -52,10 +52,21 @@ def run_engine(engine: dict) -> dict:
     return result
 
 
+def refusal(engine: dict) -> dict:
+    """An engine that must not start: the message it stops with."""
+    try:
+        run_engine(engine)
+    except Exception as error:  # vLLM wraps the model's error: its text is what a user reads
+        return {"error": f"{type(error).__name__}: {error}"}
+    return {"error": None}
+
+
 def main(spec_path: str, out_path: str) -> None:
     with open(spec_path) as spec_file:
         spec = json.load(spec_file)
-    results = {engine["name"]: run_engine(engine) for engine in spec["engines"]}
+    results = {
+        engine["name"]: refusal(engine) if engine.get("refused") else run_engine(engine) for engine in spec["engines"]
+    }
     with open(out_path, "w") as out_file:
         json.dump(results, out_file)
 

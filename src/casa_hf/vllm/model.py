@@ -320,7 +320,12 @@ class CasaForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.request_windows.release(first_block)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        """Never the image placeholder, as casa_hf's `generate()` (`suppress_tokens`): a placeholder without its
+        pixels cannot be decoded further."""
+        logits = self.logits_processor(self.lm_head, hidden_states)
+        if logits is not None:  # (None on the tensor-parallel ranks that do not gather them)
+            logits[..., self.config.image_token_id] = float("-inf")
+        return logits
 
     # weights
 

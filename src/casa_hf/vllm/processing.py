@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from transformers import BatchFeature
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.inputs import MultiModalDataDict
@@ -66,10 +67,10 @@ class CasaMultiModalProcessor(BaseMultiModalProcessor[CasaProcessingInfo]):
         hf_inputs: BatchFeature,
         hf_processor_mm_kwargs: Mapping[str, object],
     ) -> Mapping[str, MultiModalFieldConfig]:
-        grids = hf_inputs.get("image_grid_thw")
-        patches = grids.prod(-1) if grids is not None else []
+        # (called without the images' outputs when vLLM's processor cache holds them all)
+        grids = hf_inputs.get("image_grid_thw", torch.empty((0, 3), dtype=torch.long))
         return {
-            "pixel_values": MultiModalFieldConfig.flat_from_sizes("image", patches),
+            "pixel_values": MultiModalFieldConfig.flat_from_sizes("image", grids.prod(-1)),
             "image_grid_thw": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
         }
 
