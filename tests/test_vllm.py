@@ -100,7 +100,7 @@ def reference_requests(folder: Path, question: str, answer: str, max_new_tokens:
         tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
         logprobs = [
             float(torch.log_softmax(step[0].float(), -1)[token])
-            for step, token in zip(out.logits, tokens, strict=True)
+            for step, token in zip(out.scores, tokens, strict=True)
         ]
         requests.append(
             dict(
