@@ -6,7 +6,7 @@
   (vllm_stream.py, in vLLM's environment) and as a `casa-hf serve` live session; each frame's latency against its
   index, which stays flat for both: neither recomputes earlier frames, and CASA's windows keep one image.
 
-    python benchmarks/bench_vllm.py --model casa-smollm2 --out results/vllm_cpu
+    python benchmarks/bench_vllm.py --model casa-smollm2 --out results/vllm_cpu      # about 8 minutes on 2 cores
 
 vLLM runs from `CASA_VLLM_PYTHON` (scripts/setup_vllm_cpu.sh), with this checkout's `src` first on its path. Prints
 two tables, writes JSON and a PNG.
@@ -168,8 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="casa-smollm2", help="a built-in name or a CASA checkpoint folder")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels")
-    parser.add_argument("--requests", type=int, default=64, help="chat requests per level, spread over its clients")
-    parser.add_argument("--frames", type=int, default=64, help="frames of the video stream")
+    parser.add_argument("--requests", type=int, default=32, help="chat requests per level, spread over its clients")
+    parser.add_argument("--frames", type=int, default=48, help="frames of the video stream")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument(
@@ -192,6 +192,9 @@ def main() -> None:
                 per_client = max(1, args.requests // clients)
                 row = chat_level(url, clients, per_client, args.image_size, args.max_tokens)
                 report["chats"].append({"server": server, **row})
+                tqdm.write(
+                    f"{server}, {clients} clients: {row['requests_per_s']:.2f} requests/s, p50 {row['p50_ms']:.0f} ms"
+                )
             if server == "casa-hf serve":
                 report["streams"][server] = serve_stream(url, args.frames, args.image_size, args.max_tokens)
         except Exception:

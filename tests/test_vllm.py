@@ -176,7 +176,7 @@ def runs(tmp_path_factory):
     }
     engines = [
         # prefix caching asked for: the plugin turns it off (a cached prefix would skip the windows its images open)
-        engine("tiny", tiny, requests["tiny"], 8, enable_prefix_caching=True),
+        dict(engine("tiny", tiny, requests["tiny"], 8, enable_prefix_caching=True), count_windows=True),
         # chunks of 5 tokens: windows are split across steps, and a chunk would end between two images of one window
         # (`<|vision_start|><|image_pad|><|vision_end|>` twice), which the plugin's scheduler moves back to the first
         engine("parallel_chunked", parallel, requests["parallel"], 8, max_num_batched_tokens=5, max_num_seqs=4),
@@ -241,6 +241,13 @@ def test_chunked_prefill_splits_windows(runs):
 def test_prefix_caching_is_turned_off(runs):
     _, result = runs["tiny"]
     assert result["prefix_caching"] is False
+
+
+def test_finished_requests_release_their_windows(runs):
+    """After eight requests and one more (whose step tells the runner the eight finished), the model holds the CASA
+    windows of that last request only."""
+    _, result = runs["tiny"]
+    assert result["windows_held"] == 1
 
 
 def test_unserved_models_are_refused_by_name(runs):

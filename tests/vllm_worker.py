@@ -33,6 +33,11 @@ def run_engine(engine: dict) -> dict:
     params = SamplingParams(max_tokens=engine["max_tokens"], temperature=0.0, logprobs=0)
     outputs = llm.generate(requests, params, use_tqdm=False)
     config = llm.llm_engine.vllm_config
+    windows_held = None
+    if engine.get("count_windows"):
+        # the runner drops finished requests at the next step: one more request makes it drop all of the above
+        llm.generate([engine["requests"][0]["prompt"]], SamplingParams(max_tokens=1), use_tqdm=False)
+        windows_held = llm.apply_model(lambda model: len(model.request_windows.by_request))[0]
     result = {
         "prompt_ids": [list(output.prompt_token_ids) for output in outputs],
         "tokens": [list(output.outputs[0].token_ids) for output in outputs],
@@ -46,6 +51,7 @@ def run_engine(engine: dict) -> dict:
         "prefix_caching": config.cache_config.enable_prefix_caching,
         "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
         "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+        "windows_held": windows_held,  # requests whose CASA windows the model still holds
     }
     del llm
     gc.collect()

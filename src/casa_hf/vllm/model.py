@@ -34,7 +34,7 @@ from ..casa_attention import CasaAttention
 from ..casa_positions import CasaPositions
 from ..configuration_casa import CasaConfig
 from .processing import CasaDummyInputsBuilder, CasaMultiModalProcessor, CasaProcessingInfo
-from .request_windows import RequestChunk, RequestWindows, StepImages
+from .request_windows import CasaStep, RequestWindows, StepImages
 
 # The Transformers attention each backbone's CASA sub-layer takes its shapes from (built on the meta device)
 _HF_ATTENTION = {"qwen2": HFQwen2Attention, "llama": HFLlamaAttention}
@@ -157,20 +157,6 @@ class CasaVllmDecoderLayer(nn.Module):
             )
             output[tokens] = chunk_output[0]
         return self.casa_attn.o_proj(output)
-
-
-class CasaStep:
-    """What every CASA layer of one engine step shares: its request chunks, RoPE and image features."""
-
-    def __init__(
-        self,
-        chunks: list[RequestChunk],
-        text_rope: tuple[torch.Tensor, torch.Tensor],
-        image_features: torch.Tensor | None,
-    ):
-        self.chunks = chunks
-        self.text_rope = text_rope
-        self.image_features = image_features
 
 
 class CasaVllmTextModel(nn.Module):
@@ -304,16 +290,14 @@ class CasaForConditionalGeneration(nn.Module, SupportsMultiModal):
             metadata = metadata[0]
         layer_metadata = metadata[self.model.language_model.layers[0].self_attn.attn.layer_name]
         num_tokens = inputs_embeds.shape[0]
-        if images is None or images.image_mask.shape[0] != num_tokens:
+        if images is None:  # a step whose embeddings vLLM made itself (a dummy run): no image
             no_images = torch.zeros(num_tokens, dtype=torch.bool, device=inputs_embeds.device)
             images = StepImages([], [], no_images, None)
+        images = images.padded_to(num_tokens)  # the runner may pad a step past its scheduled tokens
         query_start_loc = layer_metadata.query_start_loc.tolist()
         num_requests = len(query_start_loc) - 1
         request_keys = layer_metadata.block_table[:num_requests, 0].tolist()
-        chunks, text_rope, image_features = self.request_windows.split_step(
-            positions, inputs_embeds, request_keys, query_start_loc, images
-        )
-        return CasaStep(chunks, text_rope, image_features)
+        return self.request_windows.split_step(positions, inputs_embeds, request_keys, query_start_loc, images)
 
     def release_request_windows(self, first_block: int) -> None:
         """A finished request's CASA windows go (called by vLLM's runner, see `casa_hf.vllm.register`)."""
@@ -344,6 +328,8 @@ class CasaForConditionalGeneration(nn.Module, SupportsMultiModal):
                     loaded.add(target)
                     break
             else:
+                if name not in params:
+                    raise ValueError(f"The checkpoint's weight {name!r} has no place in the CASA model vLLM builds")
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                 loaded.add(name)

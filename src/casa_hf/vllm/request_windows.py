@@ -31,6 +31,21 @@ class StepImages:
     image_mask: torch.Tensor  # [num_tokens] image placeholders
     marker_mask: torch.Tensor | None  # [num_tokens] vision start / end tokens (None: the config has neither)
 
+    def padded_to(self, num_tokens: int) -> StepImages:
+        """The masks over `num_tokens` tokens, padding (neither placeholders nor markers) after the step's own."""
+        padding = num_tokens - self.image_mask.shape[0]
+        if padding < 0:
+            raise RuntimeError(
+                f"The step has {num_tokens} tokens, its embeddings were made for {self.image_mask.shape[0]}"
+            )
+        if padding == 0:
+            return self
+
+        def pad(mask: torch.Tensor | None) -> torch.Tensor | None:
+            return None if mask is None else torch.nn.functional.pad(mask, (0, padding), value=False)
+
+        return StepImages(self.features, self.grids, pad(self.image_mask), pad(self.marker_mask))
+
 
 @dataclass
 class RequestChunk:
@@ -41,6 +56,15 @@ class RequestChunk:
     windows: dict[int, CasaWindow]  # per CASA block
     casa_inputs: CasaInputs
     image_rows: slice  # its images' rows in the step's concatenated image features
+
+
+@dataclass
+class CasaStep:
+    """What every CASA layer of one engine step shares: its request chunks, RoPE and image features."""
+
+    chunks: list[RequestChunk]
+    text_rope: tuple[torch.Tensor, torch.Tensor]  # cos/sin of every token, [1, tokens, dim]
+    image_features: torch.Tensor | None  # the step's images, concatenated in placeholder order
 
 
 class RequestWindows:
@@ -60,10 +84,9 @@ class RequestWindows:
         request_keys: list[int],
         query_start_loc: list[int],
         images: StepImages,
-    ) -> tuple[list[RequestChunk], tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    ) -> CasaStep:
         """Cut a step's flat tokens into request chunks, each with its windows (new ones at position 0) and CASA
-        inputs. Returns the chunks, the RoPE cos/sin of every token (`[1, tokens, dim]`) and the step's image
-        features, concatenated (None without images)."""
+        inputs."""
         image_mask = images.image_mask
         image_features = torch.cat(images.features) if images.features else None
         image_sizes = [feature.shape[0] for feature in images.features]
@@ -109,7 +132,7 @@ class RequestWindows:
                 chunk_image_rope = (image_rope[0][:, rows], image_rope[1][:, rows])
             chunks.append(RequestChunk(start, end, windows, CasaInputs(casa_windows, chunk_image_rope), rows))
             image_index += chunk_images
-        return chunks, text_rope, image_features
+        return CasaStep(chunks, text_rope, image_features)
 
     def release(self, key: int) -> None:
         """A finished request's windows go (vLLM's runner reports it, see `casa_hf.vllm.register`)."""
@@ -130,4 +153,4 @@ class RequestWindows:
         return windows, True
 
 
-__all__ = ["RequestChunk", "RequestWindows", "StepImages"]
+__all__ = ["CasaStep", "RequestChunk", "RequestWindows", "StepImages"]
