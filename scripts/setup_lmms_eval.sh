@@ -13,20 +13,8 @@
 # in as lmms-eval's dependencies in CUDA builds that break `import lmms_eval.evaluator` (through Transformers'
 # pipelines) next to a CPU torch; casa_hf needs none of them, so they are removed.
 set -euo pipefail
-VENV=${1:?usage: setup_lmms_eval.sh VENV_DIR [--system-site-packages]}
-SHARED=${2:-}
-if [ -n "$SHARED" ] && [ "$SHARED" != "--system-site-packages" ]; then
-    echo "setup_lmms_eval.sh: unknown option $SHARED (the only one: --system-site-packages)" >&2
-    exit 2
-fi
-TORCH=${CASA_TORCH_VERSION:-2.13.0}
 LMMS_EVAL=${CASA_LMMS_EVAL_VERSION:-0.7.3}
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PYTHON=${PYTHON:-python3}
-
-"$PYTHON" -m venv $SHARED "$VENV"
-pip=("$VENV/bin/python" -m pip install --quiet)
-"${pip[@]}" "torch==$TORCH"   # first: the CPU build where pip finds one (a CPU index, a local wheel)
+source "$(dirname "$0")/cpu_venv.sh"   # VENV, ROOT, TORCH, pip: the environment, its CPU torch installed
 constraints="$VENV/lmms-eval-constraints.txt"
 printf 'torch==%s\nfilelock<4.3\n' "$TORCH" > "$constraints"
 PIP_CONSTRAINT="$constraints" "${pip[@]}" "lmms-eval==$LMMS_EVAL" -e "$ROOT[eval]"

