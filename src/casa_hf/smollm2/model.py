@@ -51,9 +51,10 @@ class CasaSmolLM2Recipe:
     vision_hidden: int = 256
     vision_heads: int = 4
     image_size: int = 112
-    # `CasaConfig.casa_placement`: "sequential" (CASA after self-attention, the block the shipped weights were
-    # trained in) or "parallel" (the paper's block: SA and CASA both read the block input, each through its own
-    # norm, their outputs summed into the residual). The same parameters and names: a run's weights load into either.
+    # `CasaConfig.casa_placement`: "sequential" (CASA after self-attention; a new run's and that of a recipe.json
+    # written before the field) or "parallel" (the paper's block, the shipped weights': SA and CASA both read the
+    # block input, each through its own norm, their outputs summed into the residual). The same parameters and
+    # names: a run's weights load into either.
     placement: str = "sequential"
 
     def vision_config(self, out_hidden_size: int) -> dict:
@@ -93,7 +94,7 @@ def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaFo
         text_config=text,
         vision_config=recipe.vision_config(llm.config.hidden_size),
         casa_layers=list(recipe.casa_layers),
-        casa_placement=recipe.placement,  # the shipped weights: "sequential", the block they were trained in
+        casa_placement=recipe.placement,  # the block the weights were trained in (the shipped ones: "parallel")
         casa_window_images="each",  # and the windows they were trained with: every image opened its own
         casa_image_positions="raster",
         casa_attention=recipe.casa_attention,
