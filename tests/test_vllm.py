@@ -78,17 +78,27 @@ def chats(question: str, answer: str) -> list[tuple[list[dict], list[str]]]:
     ]
 
 
-def reference_requests(folder: Path, question: str, answer: str, max_new_tokens: int, images: Path) -> list[dict]:
-    """Each chat's prompt and casa_hf's greedy tokens with their log-probabilities (over the vocabulary without the
-    image placeholder, which neither generates)."""
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+def chat_requests(folder: Path, question: str, answer: str, images: Path) -> list[dict]:
+    """Each chat rendered by the folder's processor: its prompt, image files and prompt ids."""
     processor = AutoProcessor.from_pretrained(folder)
     requests = []
     for index, (messages, colours) in enumerate(chats(question, answer)):
         paths = [str(draw(colour, index + position, images)) for position, colour in enumerate(colours)]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        pictures = [Image.open(path).convert("RGB") for path in paths]
-        inputs = processor(text=prompt, images=pictures or None, return_tensors="pt")
+        pictures = [Image.open(path).convert("RGB") for path in paths] or None
+        prompt_ids = processor(text=prompt, images=pictures, return_tensors="pt")["input_ids"][0].tolist()
+        requests.append(dict(prompt=prompt, images=paths, prompt_ids=prompt_ids))
+    return requests
+
+
+def add_casa_hf_answers(folder: Path, requests: list[dict], max_new_tokens: int) -> None:
+    """casa_hf's greedy tokens for each request, with their log-probabilities (over the vocabulary without the image
+    placeholder, which neither generates)."""
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    for request in requests:
+        pictures = [Image.open(path).convert("RGB") for path in request["images"]] or None
+        inputs = processor(text=request["prompt"], images=pictures, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(
                 **inputs,
@@ -98,21 +108,9 @@ def reference_requests(folder: Path, question: str, answer: str, max_new_tokens:
                 return_dict_in_generate=True,
             )
         tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-        logprobs = [
-            float(torch.log_softmax(step[0].float(), -1)[token])
-            for step, token in zip(out.scores, tokens, strict=True)
-        ]
-        requests.append(
-            dict(
-                prompt=prompt,
-                images=paths,
-                prompt_ids=inputs["input_ids"][0].tolist(),
-                image_token_id=model.config.image_token_id,
-                tokens=tokens,
-                logprobs=logprobs,
-            )
-        )
-    return requests
+        steps = zip(out.scores, tokens, strict=True)
+        logprobs = [float(torch.log_softmax(step[0].float(), -1)[token]) for step, token in steps]
+        request.update(image_token_id=model.config.image_token_id, tokens=tokens, logprobs=logprobs)
 
 
 def parallel_model_folder(folder: Path) -> Path:
@@ -144,12 +142,18 @@ def shared_model_folder(folder: Path) -> Path:
     return folder
 
 
-def run_worker(engines: list[dict], folder: Path, **env: str) -> dict:
-    spec, out = folder / "spec.json", folder / "out.json"
+def start_worker(name: str, engines: list[dict], folder: Path, **env: str) -> tuple[subprocess.Popen, Path]:
+    """vllm_worker.py on `engines`, in the background: its process and the file it will write."""
+    spec, out = folder / f"{name}.spec.json", folder / f"{name}.out.json"
     spec.write_text(json.dumps({"engines": engines}))
     command = [str(vllm_python()), str(WORKER), str(spec), str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, env=vllm_env(**env), timeout=600)
-    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=vllm_env(**env))
+    return process, out
+
+
+def worker_results(process: subprocess.Popen, out: Path) -> dict:
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, f"{stdout[-3000:]}\n{stderr[-6000:]}"
     return json.loads(out.read_text())
 
 
@@ -169,11 +173,13 @@ def runs(tmp_path_factory):
     images.mkdir()
     tiny, smollm2 = resolve_model("tiny"), resolve_model("casa-smollm2")
     parallel = parallel_model_folder(folder / "parallel")
+    folders = {"tiny": tiny, "parallel": parallel, "smollm2": smollm2}
     requests = {
-        "tiny": reference_requests(tiny, *TINY_CHAT, 8, images),
-        "parallel": reference_requests(parallel, *TINY_CHAT, 8, images),
-        "smollm2": reference_requests(smollm2, *ENGLISH_CHAT, 12, images),
+        "tiny": chat_requests(tiny, *TINY_CHAT, images),
+        "parallel": chat_requests(parallel, *TINY_CHAT, images),
+        "smollm2": chat_requests(smollm2, *ENGLISH_CHAT, images),
     }
+    max_tokens = {"tiny": 8, "parallel": 8, "smollm2": 12}
     engines = [
         # prefix caching asked for: the plugin turns it off (a cached prefix would skip the windows its images open)
         dict(engine("tiny", tiny, requests["tiny"], 8, enable_prefix_caching=True), count_windows=True),
@@ -183,9 +189,17 @@ def runs(tmp_path_factory):
         engine("smollm2_chunked", smollm2, requests["smollm2"], 12, max_num_batched_tokens=32, max_num_seqs=8),
         dict(engine("shared", shared_model_folder(folder / "shared"), [], 1), refused=True),  # last: it stops
     ]
-    results = run_worker(engines, folder, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     tensor_parallel = engine("parallel_tp2", parallel, requests["parallel"], 8, tensor_parallel_size=2)
-    results |= run_worker([tensor_parallel], folder, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    # both workers and casa_hf's answers side by side: the start-ups wait on imports much of the time
+    workers = [
+        start_worker("engines", engines, folder, VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+        start_worker("tensor_parallel", [tensor_parallel], folder, VLLM_CPU_OMP_THREADS_BIND="0|1"),
+    ]
+    for name, chat in requests.items():
+        add_casa_hf_answers(folders[name], chat, max_tokens[name])
+    results = {}
+    for process, out in workers:
+        results |= worker_results(process, out)
     sources = {
         "tiny": "tiny",
         "parallel_chunked": "parallel",
