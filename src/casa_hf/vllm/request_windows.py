@@ -13,6 +13,7 @@ finished request's windows are released when vLLM's runner drops the request.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -98,9 +99,7 @@ class RequestWindows:
 
         chunks = []
         image_index = 0
-        offsets = [0]
-        for size in image_sizes:
-            offsets.append(offsets[-1] + size)
+        offsets = [0, *accumulate(image_sizes)]  # each image's first row in `image_features`
         for key, start, end in zip(request_keys, query_start_loc[:-1], query_start_loc[1:], strict=True):
             if end == start:
                 continue
