@@ -19,7 +19,7 @@ from .scheduling import keep_image_runs_whole
 
 ARCHITECTURE = "CasaForConditionalGeneration"
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.casa_hf")  # under vLLM's logger, whose handlers print it
 
 
 class CasaVllmConfig:
