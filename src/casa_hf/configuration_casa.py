@@ -286,6 +286,11 @@ class CasaConfig(PreTrainedConfig):
         return list(self.casa_layers)
 
     @property
+    def vision_marker_ids(self) -> list[int]:
+        """The vision start / end tokens the config names, which may stand between the images of one CASA window."""
+        return [i for i in (self.vision_start_token_id, self.vision_end_token_id) if i is not None]
+
+    @property
     def casa_replaced_blocks(self) -> list[int]:
         """The decoder blocks whose self-attention CASA attention replaces (`casa_placement="replace"`)."""
         return self.casa_layer_indices if self.casa_placement == "replace" else []

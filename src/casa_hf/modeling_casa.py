@@ -513,6 +513,18 @@ def _text_positions(
     return (torch.arange(seq_len, device=device) + past_seen)[None].expand(batch_size, -1)
 
 
+def split_images(
+    features: torch.Tensor, image_grid_thw: torch.Tensor, spatial_merge_size: int, centering: bool
+) -> tuple[torch.Tensor, ...]:
+    """The merger's output for several images, one `[image_tokens, hidden]` tensor each; with `centering`
+    (`CasaConfig.casa_image_centering`) each less its mean token."""
+    sizes = (image_grid_thw.prod(-1) // spatial_merge_size**2).tolist()
+    images = torch.split(features, sizes)
+    if centering:
+        images = [image - image.mean(0, keepdim=True) for image in images]
+    return tuple(images)
+
+
 class CasaModel(CasaPreTrainedModel):
     """Vision tower + text LLM with CASA sub-layers, without the LM head."""
 
@@ -541,11 +553,12 @@ class CasaModel(CasaPreTrainedModel):
             return CasaImageFeatures(pooler_output=())
         pixel_values = pixel_values.type(self.visual.dtype)
         vision_outputs = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs)
-        sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
-        images = torch.split(vision_outputs.pooler_output, sizes)
-        if self.config.casa_image_centering:
-            images = [image - image.mean(0, keepdim=True) for image in images]
-        vision_outputs.pooler_output = tuple(images)
+        vision_outputs.pooler_output = split_images(
+            vision_outputs.pooler_output,
+            image_grid_thw,
+            self.visual.spatial_merge_size,
+            self.config.casa_image_centering,
+        )
         return CasaImageFeatures(**vision_outputs, image_grid_thw=image_grid_thw)
 
     def _check_image_inputs(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> int:
@@ -581,7 +594,7 @@ class CasaModel(CasaPreTrainedModel):
 
     def get_marker_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor | None:
         """The vision start / end tokens of the chunk (None when the config has neither)."""
-        ids = [i for i in (self.config.vision_start_token_id, self.config.vision_end_token_id) if i is not None]
+        ids = self.config.vision_marker_ids
         if not ids:
             return None
         if input_ids is not None:  # no id tensor to copy to the device: decode steps compute this too

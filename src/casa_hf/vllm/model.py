@@ -33,6 +33,7 @@ from vllm.sequence import IntermediateTensors
 from ..casa_attention import CasaAttention
 from ..casa_positions import CasaPositions
 from ..configuration_casa import CasaConfig
+from ..modeling_casa import split_images
 from .processing import CasaDummyInputsBuilder, CasaMultiModalProcessor, CasaProcessingInfo
 from .request_windows import CasaStep, RequestWindows, StepImages
 
@@ -206,7 +207,6 @@ class CasaForConditionalGeneration(nn.Module, SupportsMultiModal):
             uses_rope=config.casa_uses_rope,
             positions=CasaPositions(config, self.rotary_emb),
         )
-        self.marker_ids = [i for i in (config.vision_start_token_id, config.vision_end_token_id) if i is not None]
         self._step_images: StepImages | None = None
 
     # images
@@ -224,13 +224,8 @@ class CasaForConditionalGeneration(nn.Module, SupportsMultiModal):
         grids = grids.reshape(-1, 3)
         visual = self.model.visual
         features = visual(pixel_values.to(visual.dtype), grid_thw=grids.to(pixel_values.device)).pooler_output
-        sizes = (grids.prod(-1) // visual.spatial_merge_size**2).tolist()
-        rows = []
-        for image, grid in zip(torch.split(features, sizes), grids, strict=True):
-            if self.config.casa_image_centering:
-                image = image - image.mean(0, keepdim=True)
-            rows.append(torch.cat([grid.to(image), image.flatten()])[None])
-        return rows
+        images = split_images(features, grids, visual.spatial_merge_size, self.config.casa_image_centering)
+        return [torch.cat([grid.to(image), image.flatten()])[None] for image, grid in zip(images, grids, strict=True)]
 
     def embed_input_ids(
         self,
@@ -253,8 +248,8 @@ class CasaForConditionalGeneration(nn.Module, SupportsMultiModal):
                 f"This step holds {int(image_mask.sum())} image placeholders but {len(features)} encoded images"
             )
         marker_mask = None
-        if self.marker_ids:
-            marker_mask = torch.isin(input_ids, torch.tensor(self.marker_ids, device=input_ids.device))
+        if self.config.vision_marker_ids:
+            marker_mask = torch.isin(input_ids, torch.tensor(self.config.vision_marker_ids, device=input_ids.device))
         self._step_images = StepImages(features, grids, image_mask, marker_mask)
         return self.model.language_model.embed_tokens(input_ids)
 

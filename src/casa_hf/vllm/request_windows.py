@@ -12,6 +12,7 @@ finished request's windows are released when vLLM's runner drops the request.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -100,13 +101,18 @@ class RequestWindows:
         chunks = []
         image_index = 0
         offsets = [0, *accumulate(image_sizes)]  # each image's first row in `image_features`
-        for key, start, end in zip(request_keys, query_start_loc[:-1], query_start_loc[1:], strict=True):
+        # read once from the device: each request's first position, and where the placeholders are
+        starts, ends = query_start_loc[:-1], query_start_loc[1:]
+        first_index = torch.tensor(starts, dtype=torch.long, device=positions.device).clamp(max=positions.shape[0] - 1)
+        first_positions = positions[first_index].tolist()  # (an empty request's, clamped, is never read)
+        placeholders = image_mask.nonzero()[:, 0].tolist()
+        for key, start, end, first_position in zip(request_keys, starts, ends, first_positions, strict=True):
             if end == start:
                 continue
-            chunk_images = int(image_mask[start:end].sum())
+            chunk_images = bisect.bisect_left(placeholders, end) - bisect.bisect_left(placeholders, start)
             sizes = image_sizes[image_index : image_index + chunk_images]
             rows = slice(offsets[image_index], offsets[image_index + chunk_images])
-            windows, continues = self._windows_of(key, int(positions[start]))
+            windows, continues = self._windows_of(key, first_position)
             chunk_image_mask = image_mask[None, start:end]
             markers = images.marker_mask[None, start:end] if images.marker_mask is not None else None
             casa_windows = None

@@ -42,7 +42,7 @@ def window_markers(config: object) -> frozenset[int] | None:
     any other model (nothing to keep together)."""
     if not isinstance(config, CasaConfig) or config.casa_window_images != "consecutive":
         return None
-    return frozenset(i for i in (config.vision_start_token_id, config.vision_end_token_id) if i is not None)
+    return frozenset(config.vision_marker_ids)
 
 
 def keep_image_runs_whole() -> None:
