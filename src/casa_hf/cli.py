@@ -380,6 +380,13 @@ def _add_train_smollm2_parser(commands) -> None:
         help="CASA beside self-attention (the paper's block) or after it (default: the recipe's, a new run's "
         "'sequential'; the same weights load into either)",
     )
+    smol.add_argument(
+        "--window-images",
+        choices=("each", "consecutive"),
+        default=None,
+        help="every image opens a CASA window, or a run of images shares one, the processor grouping a turn's "
+        "images before its text (default: the recipe's, a new run's 'each')",
+    )
     smol.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
     smol.add_argument(
         "--stop-after", type=_positive_int, default=None, help="stop after this many steps of the schedule"

@@ -56,6 +56,10 @@ class CasaSmolLM2Recipe:
     # block input, each through its own norm, their outputs summed into the residual). The same parameters and
     # names: a run's weights load into either.
     placement: str = "sequential"
+    # `CasaConfig.casa_window_images`: "each" (every image opens a window; the shipped weights' and that of a
+    # recipe.json written before the field) or "consecutive" (the paper's: a run of images shares one window, and
+    # the processor puts a user turn's images before its text, so "what changed" reads both frames through CASA)
+    window_images: str = "each"
 
     def vision_config(self, out_hidden_size: int) -> dict:
         return dict(
@@ -72,30 +76,35 @@ class CasaSmolLM2Recipe:
         )
 
 
-def build_processor(tokenizer, image_size: int) -> CasaProcessor:
-    """SmolLM2's tokenizer (+ the image tokens) and fixed square frames of `image_size` pixels."""
+def build_processor(tokenizer, image_size: int, group_images: bool = False) -> CasaProcessor:
+    """SmolLM2's tokenizer (+ the image tokens) and fixed square frames of `image_size` pixels; `group_images` for
+    consecutive-image windows (without it, chats render as written: the shipped weights' two-frame question has
+    text between its frames)."""
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     add_missing_tokens(tokenizer)  # the image tokens: SmolLM2 has the chat tokens
     area = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(min_pixels=area, max_pixels=area)
-    # the shipped weights learnt from chats rendered as written (a two-frame question's text between its frames)
     return CasaProcessor(
-        image_processor, tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, image_size=image_size, group_images=False
+        image_processor,
+        tokenizer,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+        image_size=image_size,
+        group_images=group_images,
     )
 
 
 def build_casa_smollm2(recipe: CasaSmolLM2Recipe, seed: int = 0) -> tuple[CasaForConditionalGeneration, CasaProcessor]:
     """SmolLM2 with new CASA sub-layers, vision tower and projector, computing exactly SmolLM2 on text."""
     llm, tokenizer = load_gguf_llm(smollm2_gguf())
-    processor = build_processor(tokenizer, recipe.image_size)
+    processor = build_processor(tokenizer, recipe.image_size, group_images=recipe.window_images == "consecutive")
     text = {**llm.config.to_dict(), "vocab_size": len(tokenizer)}
     config = CasaConfig(
         text_config=text,
         vision_config=recipe.vision_config(llm.config.hidden_size),
         casa_layers=list(recipe.casa_layers),
         casa_placement=recipe.placement,  # the block the weights were trained in (the shipped ones: "parallel")
-        casa_window_images="each",  # and the windows they were trained with: every image opened its own
+        casa_window_images=recipe.window_images,  # and the windows they were trained with
         casa_image_positions="raster",
         casa_attention=recipe.casa_attention,
         casa_image_centering=recipe.image_centering,

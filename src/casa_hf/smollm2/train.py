@@ -252,8 +252,9 @@ def train_casa_smollm2(config: SmolLM2TrainConfig):
     plain, processor = build_casa_smollm2(config.recipe, config.seed)
     model = with_sa_lora(plain, config.recipe) if config.recipe.sa_lora_rank else plain
     if config.init_from:
-        # the placement moves no weight (the same names in either block): the run's weights all load
-        initial = replace(recipe_from_file(Path(config.init_from, "recipe.json")), placement=config.recipe.placement)
+        # neither the placement nor the window rule moves a weight (the same names): the run's weights all load
+        layout = {"placement": config.recipe.placement, "window_images": config.recipe.window_images}
+        initial = replace(recipe_from_file(Path(config.init_from, "recipe.json")), **layout)
         partial = initial != config.recipe
         fresh = load_added_weights(model, Path(config.init_from, "added.safetensors"), partial=partial)
         if fresh:
@@ -353,6 +354,8 @@ def run_train_smollm2(args) -> None:
         recipe.sa_lora_rank = args.sa_lora_rank
     if args.placement:
         recipe.placement = args.placement
+    if args.window_images:
+        recipe.window_images = args.window_images
     config = SmolLM2TrainConfig(
         args.output_dir,
         args.steps,
