@@ -173,11 +173,13 @@ def test_the_assembled_folder_follows_the_recipe_with_its_defaults(tmp_path):
     assert folders[0] == folders[1] != folders[2]
 
 
-def test_a_sequential_run_from_the_shipped_weights_reloads_as_sequential(monkeypatch, tmp_path):
-    """`train-smollm2 --init-from <weights> --placement sequential`: the shipped weights (parallel) all load into the
-    sequential block (the same names), the run's recipe.json says sequential, and the run loaded as `casa-hf evaluate
-    --model RUN` loads it (`resolve_model`: assembled with SmolLM2) is that sequential model: the logits of the model
-    in memory after training, not those of the same weights in the parallel block."""
+def test_a_run_reloads_in_its_block_and_windows(monkeypatch, tmp_path):
+    """`train-smollm2 --init-from <weights> --placement sequential --window-images consecutive`: the shipped weights
+    (parallel, a window per image) all load into the sequential block with consecutive-image windows (the same
+    names), the run's recipe.json says so, and the run loaded as `casa-hf evaluate --model RUN` loads it
+    (`resolve_model`: assembled with SmolLM2) is that model, its processor grouping a turn's frames: on a two-frame
+    question, the logits of the model in memory after training, not those of the same weights in the parallel block
+    or with a window per frame."""
     import casa_hf.smollm2.train as smollm2_training
     from casa_hf.builtin_models import resolve_model
 
@@ -190,25 +192,33 @@ def test_a_sequential_run_from_the_shipped_weights_reloads_as_sequential(monkeyp
     run = tmp_path / "run"
     # fmt: off
     main(["train-smollm2", "--output-dir", str(run), "--init-from", str(SHIPPED_WEIGHTS), "--placement", "sequential",
-          "--freeze-vision", "--steps", "2", "--stop-after", "1", "--batch-size", "2", "--kinds", "colour,change"])
+          "--window-images", "consecutive", "--freeze-vision", "--steps", "2", "--stop-after", "1", "--batch-size",
+          "2", "--kinds", "colour,change"])
     # fmt: on
     model, processor = trained[0]
-    assert recipe_from_file(run / "recipe.json").placement == "sequential"
-    reloaded = AutoModel.from_pretrained(resolve_model(str(run))).eval()
-    assert model.config.casa_placement == reloaded.config.casa_placement == "sequential"
+    recipe = recipe_from_file(run / "recipe.json")
+    assert (recipe.placement, recipe.window_images) == ("sequential", "consecutive")
+    folder = resolve_model(str(run))
+    reloaded = AutoModel.from_pretrained(folder).eval()
+    assert (reloaded.config.casa_placement, reloaded.config.casa_window_images) == ("sequential", "consecutive")
     rng = np.random.default_rng(7)
-    image = render(random_scene(rng, count=1), processor.image_size, rng)
-    messages = [
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What shape is it?"}]}
-    ]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    first, second = (render(random_scene(rng, count=1), processor.image_size, rng) for _ in range(2))
+    content = [{"type": "image", "image": first}, {"type": "text", "text": "First frame."}]
+    content += [{"type": "image", "image": second}, {"type": "text", "text": "What changed?"}]
+    inputs = AutoProcessor.from_pretrained(folder).apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     )
+    text = processor.tokenizer.decode(inputs["input_ids"][0])
+    assert "<|vision_end|><|vision_start|>" in text  # the frames rendered together, then the text
     with torch.no_grad():
         logits, reference = reloaded(**inputs).logits, model(**inputs).logits
-        model.config.casa_placement = "parallel"  # the same weights in the other block compute something else
-        for layer in model.model.language_model.layers:
-            layer.casa_placement = "parallel"
-        parallel = model(**inputs).logits
+        others = [  # the same weights laid out otherwise compute something else
+            AutoModel.from_pretrained(folder, **layout).eval()(**inputs).logits
+            for layout in ({"casa_placement": "parallel"}, {"casa_window_images": "each"})
+        ]
     torch.testing.assert_close(logits, reference, atol=1e-3, rtol=0)
-    assert (parallel - reference).abs().max() > 0.1
+    assert all((other - reference).abs().max() > 0.1 for other in others)

@@ -192,9 +192,15 @@ def test_train_smollm2_command_passes_every_option_to_the_training_config(monkey
     main(["train-smollm2", "--output-dir", str(tmp_path / "set"), "--steps", "7", "--batch-size", "3",
           "--learning-rate", "5e-4", "--casa-layers", "28,29", "--vision-depth", "2", "--vision-steps", "5",
           "--seed", "4", "--stop-after", "6", "--kinds", "colour,prose", "--text-only-windows", "attend",
-          "--freeze-vision", "--placement", "parallel"])
+          "--freeze-vision", "--placement", "parallel", "--window-images", "consecutive"])
     # fmt: on
-    recipe = CasaSmolLM2Recipe(casa_layers=(28, 29), vision_depth=2, text_only_windows="attend", placement="parallel")
+    recipe = CasaSmolLM2Recipe(
+        casa_layers=(28, 29),
+        vision_depth=2,
+        text_only_windows="attend",
+        placement="parallel",
+        window_images="consecutive",
+    )
     assert seen[-1] == smollm2_training.SmolLM2TrainConfig(
         str(tmp_path / "set"),
         7,
@@ -220,7 +226,8 @@ def test_train_smollm2_goes_on_from_a_run_with_its_recipe(monkeypatch, tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     recipe = CasaSmolLM2Recipe(casa_layers=(27, 28, 29), vision_depth=2)
-    legacy = {name: value for name, value in asdict(recipe).items() if name != "placement"}  # written before it
+    # written before the placement and the window rule
+    legacy = {name: value for name, value in asdict(recipe).items() if name not in ("placement", "window_images")}
     (run / "recipe.json").write_text(json.dumps({"recipe": legacy}))
     seen, train = [], smollm2_training.train_casa_smollm2
     monkeypatch.setattr(smollm2_training, "train_casa_smollm2", lambda config: seen.append(config) or (None, None))
@@ -228,15 +235,18 @@ def test_train_smollm2_goes_on_from_a_run_with_its_recipe(monkeypatch, tmp_path)
     (tmp_path / "more").mkdir()
     main(["train-smollm2", "--output-dir", str(tmp_path / "more"), "--init-from", str(run), "--steps", "3"])
     assert seen[-1].recipe == recipe and seen[-1].init_from == str(run) and seen[-1].steps == 3
-    # the run's block unless asked for another; a recipe.json from before the placement existed is sequential
-    assert seen[-1].recipe.placement == "sequential"
-    main(["train-smollm2", "--output-dir", str(tmp_path / "more"), "--init-from", str(run), "--placement", "parallel"])
-    assert seen[-1].recipe == replace(recipe, placement="parallel")
+    # the run's block and windows unless asked for others; a recipe.json from before them: sequential, each
+    assert (seen[-1].recipe.placement, seen[-1].recipe.window_images) == ("sequential", "each")
+    # fmt: off
+    main(["train-smollm2", "--output-dir", str(tmp_path / "more"), "--init-from", str(run), "--placement", "parallel",
+          "--window-images", "consecutive"])
+    # fmt: on
+    assert seen[-1].recipe == replace(recipe, placement="parallel", window_images="consecutive")
     parallel = tmp_path / "parallel"
     parallel.mkdir()
     (parallel / "recipe.json").write_text(json.dumps({"recipe": asdict(seen[-1].recipe)}))
     main(["train-smollm2", "--output-dir", str(tmp_path / "more"), "--init-from", str(parallel)])
-    assert seen[-1].recipe.placement == "parallel"
+    assert (seen[-1].recipe.placement, seen[-1].recipe.window_images) == ("parallel", "consecutive")
     # a trained tower is not trained again from its first stage
     config = smollm2_training.SmolLM2TrainConfig(str(tmp_path / "x"), init_from=str(run), vision_steps=5)
     with pytest.raises(ValueError, match="init_from starts from a trained vision tower; vision_steps"):
