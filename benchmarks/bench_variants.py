@@ -87,7 +87,8 @@ QUICK = dict(layers=2, image_size=56, samples=2, steps=1, frames=3, new_tokens=2
 def smollm2_variant(variant: dict, args):
     """A CASA variant of SmolLM2 (its first `--layers` blocks): SmolLM2's and CASA-SmolLM2's vision tower's weights
     from the built-in CASA-SmolLM2, new CASA sub-layers, CASA-SmolLM2's other settings (image centring, raster image
-    positions, no CASA update before the first image); and its processor for `--image-size` images."""
+    positions, no CASA update before the first image) but the paper's windows (a run of images shares one); and its
+    processor for `--image-size` images, putting a turn's images before its text."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import casa_hf
@@ -96,7 +97,7 @@ def smollm2_variant(variant: dict, args):
 
     folder = resolve_model("casa-smollm2")
     source = AutoModelForImageTextToText.from_pretrained(folder)
-    processor = build_processor(AutoProcessor.from_pretrained(folder).tokenizer, args.image_size)
+    processor = build_processor(AutoProcessor.from_pretrained(folder).tokenizer, args.image_size, group_images=True)
     fields = source.config.to_dict()
     text = {**fields["text_config"], "num_hidden_layers": args.layers}
     text.pop("layer_types", None)  # one per block: rebuilt for the blocks kept
@@ -109,6 +110,7 @@ def smollm2_variant(variant: dict, args):
             "vision_config": {**fields["vision_config"], "window_size": args.image_size},
             "casa_layers": casa_hf.every_nth_block(args.layers, every) if every else None,  # None: every block
             "casa_cross_attention_rope": False,  # the paper's cross-attention (A.2); CASA always rotates
+            "casa_window_images": "consecutive",
         }
     )
     torch.manual_seed(0)

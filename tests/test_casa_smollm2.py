@@ -53,7 +53,7 @@ def test_export_is_a_standard_checkpoint(exported, loaded):
     assert recipe_from_file(SHIPPED_WEIGHTS / "recipe.json").placement == "parallel"
     assert json.loads((exported / "config.json").read_text())["casa_placement"] == "parallel"
     # and with its windows (every image opens one) and chats rendered as written (two frames with text between)
-    assert model.config.casa_window_images == "each"
+    assert model.config.casa_window_images == "each" and "each image opens its own window" in card
     assert json.loads((exported / "processor_config.json").read_text())["group_images"] is False
 
 

@@ -95,9 +95,11 @@ of the sentence).
 
 
 def _placement_words(recipe: CasaSmolLM2Recipe) -> str:
-    if recipe.placement == "parallel":
-        return "beside self-attention, the paper's parallel block"
-    return "after self-attention"
+    parallel = recipe.placement == "parallel"
+    block = "beside self-attention, the paper's parallel block" if parallel else "after self-attention"
+    if recipe.window_images == "consecutive":
+        return f"{block}; consecutive images share one window, as in the paper"
+    return f"{block}; each image opens its own window"
 
 
 def _sa_sentence(recipe: CasaSmolLM2Recipe) -> str:
