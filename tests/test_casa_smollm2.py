@@ -200,7 +200,8 @@ def test_a_run_reloads_in_its_block_and_windows(monkeypatch, tmp_path):
     assert (recipe.placement, recipe.window_images) == ("sequential", "consecutive")
     folder = resolve_model(str(run))
     reloaded = AutoModel.from_pretrained(folder).eval()
-    assert (reloaded.config.casa_placement, reloaded.config.casa_window_images) == ("sequential", "consecutive")
+    for config in (model.config, reloaded.config):  # the trained model in memory and the run as reloaded
+        assert (config.casa_placement, config.casa_window_images) == ("sequential", "consecutive")
     rng = np.random.default_rng(7)
     first, second = (render(random_scene(rng, count=1), processor.image_size, rng) for _ in range(2))
     content = [{"type": "image", "image": first}, {"type": "text", "text": "First frame."}]
