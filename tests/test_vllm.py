@@ -91,6 +91,37 @@ def chat_requests(folder: Path, question: str, answer: str, images: Path) -> lis
     return requests
 
 
+def interleaved_chat(folder: Path, images: Path) -> tuple[list[dict], list[int], int]:
+    """A user turn with text before, between and after two images, as OpenAI messages for vLLM's `LLM.chat` (the
+    images inline), the prompt ids casa_hf's processor renders it to (its `group_images`: images first or not) and
+    the image placeholder's id."""
+    paths = [draw("red", 0, images), draw("blue", 4, images)]
+    words = ["what colour ", "is the ", "shape ?"]
+    inline = [
+        {
+            "type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()},
+        }
+        for path in paths
+    ]
+    pictures = [Image.open(path).convert("RGB") for path in paths]
+    openai_turn = [{"type": "text", "text": words[0]}, inline[0], {"type": "text", "text": words[1]}, inline[1]]
+    openai_turn.append({"type": "text", "text": words[2]})
+    turn = [
+        {"type": "text", "text": words[0]},
+        {"type": "image"},
+        {"type": "text", "text": words[1]},
+        {"type": "image"},
+    ]
+    turn.append({"type": "text", "text": words[2]})
+    processor = AutoProcessor.from_pretrained(folder)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": turn}], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = processor(text=prompt, images=pictures, return_tensors="pt")["input_ids"][0].tolist()
+    return [{"role": "user", "content": openai_turn}], prompt_ids, processor.image_token_id
+
+
 def add_casa_hf_answers(folder: Path, requests: list[dict], max_new_tokens: int) -> None:
     """casa_hf's greedy tokens for each request, with their log-probabilities (over the vocabulary without the image
     placeholder, which neither generates)."""
@@ -180,12 +211,20 @@ def runs(tmp_path_factory):
         "smollm2": chat_requests(smollm2, *ENGLISH_CHAT, images),
     }
     max_tokens = {"tiny": 8, "parallel": 8, "smollm2": 12}
+    chats = {name: interleaved_chat(folders[name], images) for name in ("tiny", "parallel")}
     engines = [
         # prefix caching asked for: the plugin turns it off (a cached prefix would skip the windows its images open)
-        dict(engine("tiny", tiny, requests["tiny"], 8, enable_prefix_caching=True), count_windows=True),
+        dict(
+            engine("tiny", tiny, requests["tiny"], 8, enable_prefix_caching=True),
+            count_windows=True,
+            chats=[chats["tiny"][0]],
+        ),
         # chunks of 5 tokens: windows are split across steps, and a chunk would end between two images of one window
         # (`<|vision_start|><|image_pad|><|vision_end|>` twice), which the plugin's scheduler moves back to the first
-        engine("parallel_chunked", parallel, requests["parallel"], 8, max_num_batched_tokens=5, max_num_seqs=4),
+        dict(
+            engine("parallel_chunked", parallel, requests["parallel"], 8, max_num_batched_tokens=5, max_num_seqs=4),
+            chats=[chats["parallel"][0]],
+        ),
         engine("smollm2_chunked", smollm2, requests["smollm2"], 12, max_num_batched_tokens=32, max_num_seqs=8),
         dict(engine("shared", shared_model_folder(folder / "shared"), [], 1), refused=True),  # last: it stops
     ]
@@ -207,6 +246,9 @@ def runs(tmp_path_factory):
         "parallel_tp2": "parallel",
         "shared": "tiny",
     }
+    for name, source in sources.items():
+        if source in chats and name in results:
+            results[name]["chat_expected_ids"], results[name]["image_token_id"] = chats[source][1:]
     return {name: (requests[sources[name]], results[name]) for name in results}
 
 
@@ -235,6 +277,20 @@ def test_the_answers_depend_on_the_images(runs):
     """The questions about a red, a green and a blue image get three different answers (CASA reads the images)."""
     expected, _ = runs["smollm2_chunked"]
     assert len({tuple(request["tokens"]) for request in expected[1:4]}) == 3
+
+
+@pytest.mark.parametrize("name, grouped", [("tiny", False), ("parallel_chunked", True)])
+def test_llm_chat_renders_as_the_processor(runs, name, grouped):
+    """vLLM's `LLM.chat` renders a turn with text between its images (OpenAI parts, images inline) to casa_hf's
+    prompt: images first, in one window, for a processor that groups them (new ones), as written for one saved
+    without (the tiny model's)."""
+    _, result = runs[name]
+    expected = result["chat_expected_ids"]
+    assert result["chat_prompt_ids"] == [expected]
+    placeholders = [index for index, token in enumerate(expected) if token == result["image_token_id"]]
+    assert len(placeholders) == 2
+    # grouped: `<|vision_start|><|image_pad|><|vision_end|>` twice in a row; as written: the words between them
+    assert (placeholders[1] - placeholders[0] == 3) == grouped
 
 
 def test_chunked_prefill_splits_windows(runs):

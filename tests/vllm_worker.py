@@ -3,7 +3,8 @@
 SPEC lists engines, each a model folder, `LLM(...)` keyword arguments and requests (a prompt, images as PNG paths).
 Each engine gets all of its requests in one `generate` call (vLLM batches them continuously) and greedy-decodes
 them; OUT gets, per engine, each request's prompt ids, generated ids and their log-probabilities, and the config
-vLLM ended up with; an engine marked `refused` gets the error it stopped with instead. Engines run one after another
+vLLM ended up with; an engine's `chats` (OpenAI messages) go through `LLM.chat`, which renders them itself: OUT gets
+their prompt ids; an engine marked `refused` gets the error it stopped with instead. Engines run one after another
 in this process (vLLM's engine core in process, which halves the start-up).
 """
 
@@ -32,6 +33,8 @@ def run_engine(engine: dict) -> dict:
         requests.append(prompt)
     params = SamplingParams(max_tokens=engine["max_tokens"], temperature=0.0, logprobs=0)
     outputs = llm.generate(requests, params, use_tqdm=False)
+    chats = engine.get("chats", [])
+    chat_outputs = llm.chat(chats, SamplingParams(max_tokens=1), use_tqdm=False) if chats else []
     config = llm.llm_engine.vllm_config
     windows_held = None
     if engine.get("count_windows"):
@@ -48,6 +51,7 @@ def run_engine(engine: dict) -> dict:
             ]
             for output in outputs
         ],
+        "chat_prompt_ids": [list(output.prompt_token_ids) for output in chat_outputs],
         "prefix_caching": config.cache_config.enable_prefix_caching,
         "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
         "tensor_parallel_size": config.parallel_config.tensor_parallel_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import PIL.Image
@@ -182,7 +183,7 @@ class CasaProcessor(ProcessorMixin):
         and in order, then its text: consecutive images share a CASA window, so the text sees them all."""
         conversation = _expand_videos(conversation)
         if self.group_images if group_images is None else group_images:
-            conversation = _group_images(conversation)
+            conversation = put_images_first(conversation)
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     @property
@@ -197,18 +198,23 @@ def _flatten(images: Any) -> list:
     return [images]
 
 
-def _group_images(conversation: Any) -> Any:
-    """Each user message's image items first, in order, then its other items, in order."""
+def _is_image_item(item: dict) -> bool:
+    return item.get("type") == "image"
+
+
+def put_images_first(conversation: Any, is_image: Callable[[dict], bool] = _is_image_item) -> Any:
+    """Each user message's image items (`is_image`) first, in order, then its other items, in order. Also serves
+    vLLM's chat rendering (`casa_hf.vllm.chat`), whose messages carry OpenAI's image parts."""
     if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
-        return [_group_images(chat) for chat in conversation]
+        return [put_images_first(chat, is_image) for chat in conversation]
     grouped = []
     for message in conversation:
         content = message.get("content")
         if message.get("role") != "user" or not isinstance(content, list):
             grouped.append(message)
             continue
-        images = [item for item in content if item.get("type") == "image"]
-        others = [item for item in content if item.get("type") != "image"]
+        images = [item for item in content if is_image(item)]
+        others = [item for item in content if not is_image(item)]
         grouped.append({**message, "content": images + others})
     return grouped
 
@@ -239,4 +245,4 @@ def _expand_videos(conversation: Any) -> Any:
     return expanded
 
 
-__all__ = ["CasaProcessor", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["CasaProcessor", "DEFAULT_CHAT_TEMPLATE", "put_images_first"]

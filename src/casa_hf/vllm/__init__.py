@@ -6,7 +6,9 @@
 - turns prefix caching off for it (a cached prefix would skip its images' encoders and the windows they open, which
   live outside vLLM's KV cache) and runs it eagerly (its CASA layers loop over requests in Python);
 - has vLLM's model runner release a finished request's CASA windows (`_on_request_state_removed`, the runner's hook
-  for request-scoped side caches), and its scheduler keep the images of one window in one step (`scheduling.py`).
+  for request-scoped side caches), and its scheduler keep the images of one window in one step (`scheduling.py`);
+- has vLLM's chat rendering put a user message's images first when the model's processor groups them (`chat.py`), as
+  `CasaProcessor.apply_chat_template` does.
 
 How CASA maps onto vLLM, and what works: docs/vllm.md.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+from .chat import group_chat_images
 from .scheduling import keep_image_runs_whole
 
 ARCHITECTURE = "CasaForConditionalGeneration"
@@ -80,6 +83,7 @@ def register() -> None:
     MODELS_CONFIG_MAP[ARCHITECTURE] = CasaVllmConfig
     _release_windows_of_finished_requests()
     keep_image_runs_whole()
+    group_chat_images()
 
 
 __all__ = ["ARCHITECTURE", "register"]
