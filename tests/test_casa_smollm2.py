@@ -22,7 +22,7 @@ from casa_hf.training.synthetic_vqa import random_scene, render
 
 pytestmark = pytest.mark.slow  # the real SmolLM2, CASA-SmolLM2 assembled
 
-# KL(SmolLM2 || model) of the next token at any position of a text-only chat, in nats (measured 0.038 at most)
+# KL(SmolLM2 || model) of the next token at any position of a text-only chat, in nats (measured 0.067 at most)
 LORA_TEXT_KL = 0.1
 
 
@@ -52,9 +52,9 @@ def test_export_is_a_standard_checkpoint(exported, loaded):
     # shipped in the paper's parallel block (its recipe.json says so), built so explicitly (the saved key)
     assert recipe_from_file(SHIPPED_WEIGHTS / "recipe.json").placement == "parallel"
     assert json.loads((exported / "config.json").read_text())["casa_placement"] == "parallel"
-    # and with its windows (every image opens one) and chats rendered as written (two frames with text between)
-    assert model.config.casa_window_images == "each" and "each image opens its own window" in card
-    assert json.loads((exported / "processor_config.json").read_text())["group_images"] is False
+    # and with the paper's windows (consecutive images share one) and a user turn's images rendered first, together
+    assert model.config.casa_window_images == "consecutive" and "consecutive images share one window" in card
+    assert json.loads((exported / "processor_config.json").read_text())["group_images"] is True
 
 
 def test_pipeline_answers_in_a_sentence(exported):

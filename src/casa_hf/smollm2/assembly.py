@@ -107,9 +107,9 @@ def _sa_sentence(recipe: CasaSmolLM2Recipe) -> str:
         return "SmolLM2's weights are unchanged: on text the model is SmolLM2."
     blocks = f"{min(recipe.casa_layers) + 1}-29"
     return (
-        f"SmolLM2's self-attention in blocks {blocks} carries a merged rank-{recipe.sa_lora_rank} LoRA (so that a "
-        "question after a second image can read what was seen in the first), trained to leave its text predictions "
-        "as they were (distilled from SmolLM2); its other weights are SmolLM2's."
+        f"SmolLM2's self-attention in blocks {blocks} carries a merged rank-{recipe.sa_lora_rank} LoRA, trained with "
+        "the CASA sub-layers and distilled from SmolLM2 to leave its text predictions as they were; its other "
+        "weights are SmolLM2's."
     )
 
 
