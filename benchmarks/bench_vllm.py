@@ -6,7 +6,7 @@
   (vllm_stream.py, in vLLM's environment) and as a `casa-hf serve` live session; each frame's latency against its
   index, which stays flat for both: neither recomputes earlier frames, and CASA's windows keep one image.
 
-    python benchmarks/bench_vllm.py --model casa-smollm2 --out results/vllm_cpu      # about 8 minutes on 2 cores
+    python benchmarks/bench_vllm.py --model casa-smollm2 --out results/vllm_cpu      # about 4 minutes on 2 cores
 
 vLLM runs from `CASA_VLLM_PYTHON` (scripts/setup_vllm_cpu.sh), with this checkout's `src` first on its path. Prints
 two tables, writes JSON and a PNG.
