@@ -56,9 +56,10 @@ class CasaSmolLM2Recipe:
     # block input, each through its own norm, their outputs summed into the residual). The same parameters and
     # names: a run's weights load into either.
     placement: str = "sequential"
-    # `CasaConfig.casa_window_images`: "each" (every image opens a window; the shipped weights' and that of a
-    # recipe.json written before the field) or "consecutive" (the paper's: a run of images shares one window, and
-    # the processor puts a user turn's images before its text, so "what changed" reads both frames through CASA)
+    # `CasaConfig.casa_window_images`: "each" (every image opens a window; a new run's and that of a recipe.json
+    # written before the field) or "consecutive" (the paper's, the shipped weights': a run of images shares one
+    # window, and the processor puts a user turn's images before its text, so "what changed" reads both frames
+    # through CASA)
     window_images: str = "each"
 
     def vision_config(self, out_hidden_size: int) -> dict:
@@ -78,8 +79,8 @@ class CasaSmolLM2Recipe:
 
 def build_processor(tokenizer, image_size: int, group_images: bool = False) -> CasaProcessor:
     """SmolLM2's tokenizer (+ the image tokens) and fixed square frames of `image_size` pixels; `group_images` for
-    consecutive-image windows (without it, chats render as written: the shipped weights' two-frame question has
-    text between its frames)."""
+    consecutive-image windows (without it, chats render as written: with a window per image the two-frame question
+    has text between its frames)."""
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     add_missing_tokens(tokenizer)  # the image tokens: SmolLM2 has the chat tokens
