@@ -340,11 +340,13 @@ def free_port() -> int:
 
 
 def test_openai_server_answers_an_image_chat(tmp_path):
-    """`python -m vllm.entrypoints.openai.api_server --model <tiny>` answers an image chat completion, sent through
-    the openai client with the image inline, as casa_hf answers the same chat."""
+    """`python -m vllm.entrypoints.openai.api_server --model <folder>` (a model in the paper's layout, whose processor
+    groups images) answers an image chat completion, sent through the openai client with the image inline, as
+    casa_hf answers the same chat; a turn with text between two images is rendered (vLLM's async path) to the
+    processor's prompt ids, images first."""
     from openai import OpenAI
 
-    folder = resolve_model("tiny")
+    folder = parallel_model_folder(tmp_path / "parallel")
     path = draw("green", 0, tmp_path)
     question = {"type": "text", "text": TINY_CHAT[0]}
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
@@ -363,7 +365,7 @@ def test_openai_server_answers_an_image_chat(tmp_path):
     port = free_port()
     command = [
         str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
-        "--enforce-eager", "--dtype", "float32", "--max-model-len", "512", "--served-model-name", "tiny",
+        "--enforce-eager", "--dtype", "float32", "--max-model-len", "512", "--served-model-name", "parallel",
     ]  # fmt: skip
     log = tmp_path / "server.log"
     with open(log, "w") as log_file:
@@ -384,8 +386,13 @@ def test_openai_server_answers_an_image_chat(tmp_path):
         chat = [{"role": "user", "content": [image, question]}]
         # twice: the second finds the image in vLLM's multimodal processor cache
         for _ in range(2):
-            reply = client.chat.completions.create(model="tiny", messages=chat, max_tokens=8, temperature=0)
+            reply = client.chat.completions.create(model="parallel", messages=chat, max_tokens=8, temperature=0)
             assert reply.choices[0].message.content.strip() == expected.strip(), log.read_text()[-3000:]
+        interleaved, prompt_ids, _ = interleaved_chat(folder, tmp_path)
+        reply = client.chat.completions.create(
+            model="parallel", messages=interleaved, max_tokens=1, extra_body={"return_token_ids": True}
+        )
+        assert reply.prompt_token_ids == prompt_ids, log.read_text()[-3000:]
     finally:
         server.terminate()
         server.wait(timeout=60)
