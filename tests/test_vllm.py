@@ -96,24 +96,12 @@ def interleaved_chat(folder: Path, images: Path) -> tuple[list[dict], list[int],
     images inline), the prompt ids casa_hf's processor renders it to (its `group_images`: images first or not) and
     the image placeholder's id."""
     paths = [draw("red", 0, images), draw("blue", 4, images)]
-    words = ["what colour ", "is the ", "shape ?"]
-    inline = [
-        {
-            "type": "image_url",
-            "image_url": {"url": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()},
-        }
-        for path in paths
-    ]
     pictures = [Image.open(path).convert("RGB") for path in paths]
-    openai_turn = [{"type": "text", "text": words[0]}, inline[0], {"type": "text", "text": words[1]}, inline[1]]
-    openai_turn.append({"type": "text", "text": words[2]})
-    turn = [
-        {"type": "text", "text": words[0]},
-        {"type": "image"},
-        {"type": "text", "text": words[1]},
-        {"type": "image"},
-    ]
-    turn.append({"type": "text", "text": words[2]})
+    data_urls = ["data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() for path in paths]
+    inline = [{"type": "image_url", "image_url": {"url": url}} for url in data_urls]
+    words = [{"type": "text", "text": text} for text in ("what colour ", "is the ", "shape ?")]
+    turn = [words[0], {"type": "image"}, words[1], {"type": "image"}, words[2]]
+    openai_turn = [words[0], inline[0], words[1], inline[1], words[2]]
     processor = AutoProcessor.from_pretrained(folder)
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": turn}], add_generation_prompt=True, tokenize=False

@@ -40,13 +40,14 @@ def group_chat_images() -> None:
         return
     render, render_async = HfRenderer.render_messages, HfRenderer.render_messages_async
 
+    def ordered(renderer, messages: list) -> list:
+        return group_image_parts(messages) if renders_images_first(renderer) else messages
+
     def render_messages(self, messages, params):
-        return render(self, group_image_parts(messages) if renders_images_first(self) else messages, params)
+        return render(self, ordered(self, messages), params)
 
     async def render_messages_async(self, messages, params):
-        return await render_async(
-            self, group_image_parts(messages) if renders_images_first(self) else messages, params
-        )
+        return await render_async(self, ordered(self, messages), params)
 
     render_messages.groups_casa_images = render_messages_async.groups_casa_images = True
     HfRenderer.render_messages, HfRenderer.render_messages_async = render_messages, render_messages_async
